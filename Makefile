@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when it is missing
+# and install the pinned CPU stack (requirements/cpu.txt) and this package into it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup bench clean
+
+$(STAMP): requirements/cpu.txt setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements/cpu.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install everything
+
+demo: $(STAMP)  ## run the CPU demo on 2 gloo ranks
+	$(VENV)/bin/torchrun --nproc-per-node 2 examples/toy/parallel_smoke.py
+
+test: $(STAMP)  ## run the test suite
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## run the benchmarks (slow; prints figures and ratios)
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

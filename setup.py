@@ -1,0 +1,39 @@
+"""megatron-gopd: Generalized On-Policy Distillation on Megatron-Core.
+
+CPU development stack (tests, demo): ``pip install -r requirements/cpu.txt && pip install -e .[test]``
+(``make test`` does both). GPU: install torch for your CUDA first, then ``pip install -e .[gpu]``.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-gopd",
+    version="0.1.0",
+    description="Generalized On-Policy Distillation (G-OPD / ExOPD) for Megatron-Core models",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_gopd", "megatron_gopd.*"]),
+    install_requires=[
+        # torch is deliberately unpinned here: CPU setups pin it in requirements/cpu.txt, GPU setups
+        # bring the build that matches their CUDA.
+        "torch>=2.4",
+        "megatron-core>=0.15,<0.17",
+        "transformers>=4.51",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "numpy",
+        "psutil",
+        "PyYAML",
+        "tqdm",
+        "math-verify>=0.7",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "vllm", "apex"],
+        "test": ["pytest>=8", "pytest-timeout"],
+        "plots": ["matplotlib", "tensorboard"],
+    },
+    entry_points={
+        "console_scripts": [],
+    },
+)
