@@ -34,6 +34,8 @@ setup(
         "plots": ["matplotlib", "tensorboard"],
     },
     entry_points={
-        "console_scripts": [],
+        "console_scripts": [
+            "gopd-convert=megatron_gopd.cli:convert_main",
+        ],
     },
 )

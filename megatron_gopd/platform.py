@@ -173,16 +173,40 @@ def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int
     if (world // pp) % (ep * etp) != 0:
         raise ValueError(f"expert_parallel ({ep}) x expert_tensor_parallel ({etp}) does not divide "
                          f"world / pipeline_parallel = {world // pp}")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp,
-        create_gloo_process_groups=not cpu_mode(),  # in CPU mode every group already is gloo
-    )
+    destroy_model_parallel()
+    with _recording_new_groups() as created:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+            create_gloo_process_groups=not cpu_mode(),  # in CPU mode every group already is gloo
+        )
+    _MEGATRON_GROUPS.extend(created)
     seed_everything(seed)
+
+
+# Process groups created by the last `init_model_parallel`. Megatron's own destroy_model_parallel
+# only forgets them; each live gloo group keeps threads, so re-initialising (tests, conversion at
+# several layouts) would pile them up.
+_MEGATRON_GROUPS: list = []
+
+
+@contextlib.contextmanager
+def _recording_new_groups():
+    created: list = []
+    new_group = dist.new_group
+
+    def recording_new_group(*args, **kwargs):
+        group = new_group(*args, **kwargs)
+        created.append(group)
+        return group
+
+    dist.new_group = recording_new_group
+    try:
+        yield created
+    finally:
+        dist.new_group = new_group
 
 
 def destroy_model_parallel() -> None:
@@ -191,6 +215,10 @@ def destroy_model_parallel() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    while _MEGATRON_GROUPS:
+        group = _MEGATRON_GROUPS.pop()
+        if isinstance(group, dist.ProcessGroup) and dist.is_initialized():
+            dist.destroy_process_group(group)
     from megatron.core.tensor_parallel import random as mpu_random
 
     mpu_random.get_cuda_rng_tracker().reset()

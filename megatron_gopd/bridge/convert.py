@@ -1,0 +1,150 @@
+"""Checkpoint conversion: HF directory -> Megatron distributed checkpoint, and back.
+
+Both run as one SPMD job (every rank calls the same function) after `platform.init_distributed()`;
+the world must hold the requested TP x PP (EP is carved out of data parallelism, as in Megatron).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from megatron_gopd import platform
+from megatron_gopd.bridge.safetensors_io import (
+    CheckpointError, SafetensorsReader, ShardedSafetensorsWriter, check_output_dir, copy_side_files,
+)
+from megatron_gopd.bridge.weights import check_hf_checkpoint, export_hf_weights, load_hf_weights
+from megatron_gopd.checkpointing import (
+    HF_SUBDIR, atomic_directory_write, load_model_checkpoint, read_checkpoint_meta, save_model_checkpoint,
+)
+from megatron_gopd.models import ModelArchitecture, ParallelLayout, build_gpt_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What a conversion did, for progress output and the benchmark."""
+
+    seconds: float
+    bytes: int
+    """Weight bytes read (hf-to-mcore, this rank) or written (mcore-to-hf, rank 0)."""
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / max(self.seconds, 1e-9)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _check_world(layout: ParallelLayout) -> None:
+    if _world() % (layout.tp * layout.pp):
+        raise ValueError(f"this job has {_world()} ranks but tp x pp = {layout.tp * layout.pp}; launch "
+                         f"with torchrun --nproc-per-node {layout.tp * layout.pp * layout.ep}")
+
+
+def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout,
+                dtype: Optional[str] = None) -> ConversionReport:
+    """Convert a HF checkpoint into a Megatron distributed checkpoint at `layout` (collective).
+
+    Everything is checked before any model is built: the architecture, the split, the presence and
+    shapes of every tensor, and that `out_dir` is new or empty. The model is built without random
+    initialisation, in the checkpoint's dtype unless `dtype` says otherwise.
+    """
+    start = time.perf_counter()
+    arch = ModelArchitecture.from_pretrained(hf_dir)
+    arch.validate_parallel(layout.tp, layout.pp, layout.ep, layout.etp)
+    _check_world(layout)
+    check_output_dir(out_dir)
+    check_hf_checkpoint(arch, SafetensorsReader(hf_dir))
+    dtype = dtype or _supported_dtype(arch.torch_dtype)
+    platform.init_model_parallel(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp)
+    model = build_gpt_model(arch, layout, dtype=dtype, perform_initialization=False)
+    logger.info("loading %s (%s, %d layers) at tp=%d pp=%d ep=%d in %s", hf_dir, arch.hf_architecture,
+                arch.num_layers, layout.tp, layout.pp, layout.ep, dtype)
+    bytes_read = load_hf_weights(model, arch, hf_dir)
+    meta = {"family": arch.family, "hf_architecture": arch.hf_architecture, "dtype": dtype,
+            "saved_layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep}}
+    logger.info("writing distributed checkpoint to %s", out_dir)
+    save_model_checkpoint(model, out_dir, hf_source_dir=hf_dir, meta=meta)
+    report = ConversionReport(time.perf_counter() - start, bytes_read)
+    logger.info("hf-to-mcore done in %.1fs (%.3f GB/s read on rank 0)", report.seconds, report.gb_per_s)
+    return report
+
+
+def load_converted_model(ckpt_dir: str | Path, layout: ParallelLayout, dtype: Optional[str] = None,
+                         pg_collection=None):
+    """Build a model for `layout` and load a converted checkpoint into it; returns (model, arch).
+
+    Megatron's parallel state (or `pg_collection`) must already describe `layout`.
+    """
+    meta = read_checkpoint_meta(ckpt_dir)
+    arch = ModelArchitecture.from_pretrained(Path(ckpt_dir) / HF_SUBDIR)
+    arch.validate_parallel(layout.tp, layout.pp, layout.ep, layout.etp)
+    model = build_gpt_model(arch, layout, dtype=dtype or meta.get("dtype", "float32"),
+                            pg_collection=pg_collection, perform_initialization=False)
+    load_model_checkpoint(model, ckpt_dir)
+    return model, arch
+
+
+def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, layout: Optional[ParallelLayout] = None,
+                max_shard_bytes: int = 5 * 1024**3) -> ConversionReport:
+    """Export a Megatron checkpoint to a HF directory: sharded safetensors, index, config, tokenizer.
+
+    Runs on any world that fits `layout` (default: TP=PP=EP=1, i.e. every rank loads everything);
+    rank 0 writes. The output appears under `out_dir` only once complete.
+    """
+    start = time.perf_counter()
+    layout = layout or ParallelLayout()
+    read_checkpoint_meta(ckpt_dir)
+    _check_world(layout)
+    check_output_dir(out_dir)
+    platform.init_model_parallel(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp)
+    model, arch = load_converted_model(ckpt_dir, layout)
+    written = [0]
+
+    def write(tmp: Path) -> None:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes) if _rank0() else None
+        for count, (name, tensor) in enumerate(export_hf_weights(model, arch), start=1):
+            if writer is not None:
+                writer.add(name, tensor)
+                if count % 50 == 0:
+                    logger.info("exported %d tensors (%.2f GB)", count, writer.total_bytes / 1e9)
+        if writer is not None:
+            writer.finish()
+            written[0] = writer.total_bytes
+            copy_side_files(Path(ckpt_dir) / HF_SUBDIR, tmp)
+            _set_config_dtype(tmp / "config.json", model)
+
+    atomic_directory_write(out_dir, write)
+    report = ConversionReport(time.perf_counter() - start, written[0])
+    logger.info("mcore-to-hf done in %.1fs (%.3f GB/s written)", report.seconds, report.gb_per_s)
+    return report
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _supported_dtype(name: str) -> str:
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _set_config_dtype(config_path: Path, model) -> None:
+    """Record the exported tensors' dtype in config.json (transformers reads ``dtype``)."""
+    if not config_path.is_file():
+        raise CheckpointError(f"checkpoint has no {HF_SUBDIR}/config.json to export")
+    config = json.loads(config_path.read_text())
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = dtype
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))

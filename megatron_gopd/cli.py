@@ -1,0 +1,121 @@
+"""Console entry points: ``gopd-convert`` (more join as their features land).
+
+Each command parses and checks its arguments, starts the distributed job (re-launching itself under
+torchrun when it needs more ranks than it was started with), and calls the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+logger = logging.getLogger("megatron_gopd.cli")
+
+_RELAUNCHED_ENV = "GOPD_RELAUNCHED"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_world_size(ranks: int, command: str, argv: Sequence[str], script: Optional[str] = None
+                      ) -> Optional[int]:
+    """Re-run this command under torchrun with `ranks` local processes when started without it.
+
+    `command` names a console command of this module; a tool passes its own `script` path instead.
+    Returns the child's exit code when it re-launched, None when the current process should go on
+    (already inside a distributed launch, or one rank is enough).
+    """
+    launched = "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ
+    if ranks <= 1 or launched or os.environ.get(_RELAUNCHED_ENV):
+        return None
+    logger.info("starting %d local ranks with torchrun", ranks)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           *([script] if script else ["-m", "megatron_gopd.cli", command]), *argv]
+    return subprocess.call(cmd, env={**os.environ, _RELAUNCHED_ENV: "1"})
+
+
+# ----------------------------------------------------------------------------------------------
+# gopd-convert
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gopd-convert",
+        description="Convert checkpoints between Hugging Face and Megatron (torch_dist) formats. "
+                    "Runs on CPU (gloo) or GPU; started without torchrun it launches tp*pp*ep local "
+                    "ranks itself.")
+    sub = parser.add_subparsers(dest="direction", required=True)
+    to_mcore = sub.add_parser("hf-to-mcore", help="HF directory -> Megatron distributed checkpoint",
+                              description="Read a HF model directory (config.json + safetensors) and "
+                                          "write a Megatron torch_dist checkpoint that any TP/PP/EP "
+                                          "layout can load, plus the HF config and tokenizer files.")
+    to_mcore.add_argument("--hf-dir", required=True, help="HF model directory (config.json, *.safetensors)")
+    to_mcore.add_argument("--out", required=True, help="new (or empty) checkpoint directory")
+    to_hf = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF directory",
+                           description="Write sharded safetensors, model.safetensors.index.json, "
+                                       "config.json and tokenizer files loadable by transformers.")
+    to_hf.add_argument("--ckpt", required=True, help="checkpoint written by hf-to-mcore or gopd-train")
+    to_hf.add_argument("--out", required=True, help="new (or empty) HF output directory")
+    to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (GB)")
+    for p in (to_mcore, to_hf):
+        p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the job")
+        p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the job")
+        p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+        p.add_argument("--log-level", default="INFO")
+    to_mcore.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                          help="parameter dtype of the checkpoint (default: the HF checkpoint's)")
+    return parser
+
+
+def convert_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``gopd-convert {hf-to-mcore,mcore-to-hf} ...``; see ``gopd-convert --help``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _convert_parser().parse_args(argv)
+    from megatron_gopd.log import setup_logging
+
+    setup_logging(args.log_level)
+    relaunched = ensure_world_size(args.tp * args.pp * args.ep, "gopd-convert", argv)
+    if relaunched is not None:
+        return relaunched
+
+    from megatron_gopd import platform
+    from megatron_gopd.bridge.convert import hf_to_mcore, mcore_to_hf
+    from megatron_gopd.models import ParallelLayout
+
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
+    platform.init_distributed()
+    try:
+        if args.direction == "hf-to-mcore":
+            hf_to_mcore(args.hf_dir, args.out, layout, dtype=args.dtype)
+        else:
+            mcore_to_hf(args.ckpt, args.out, layout, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    finally:
+        platform.shutdown_distributed()
+    return 0
+
+
+_COMMANDS = {"gopd-convert": convert_main}
+
+
+def main() -> int:
+    """``python -m megatron_gopd.cli COMMAND ...`` (used by the torchrun re-launch)."""
+    if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:
+        print(f"usage: python -m megatron_gopd.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)
+        return 2
+    return _COMMANDS[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
