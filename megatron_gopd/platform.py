@@ -273,10 +273,18 @@ def _is_cuda_device(value: Any) -> bool:
 
 
 class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
-    """Rewrites ``device="cuda"`` in any torch call to the CPU (megatron-core's literal devices)."""
+    """Makes CPU tensors pass for the device's tensors in megatron-core.
+
+    Rewrites ``device="cuda"`` in any torch call to the CPU, and makes ``tensor.type()`` (no
+    arguments) answer ``torch.cuda.FloatTensor`` for a CPU float tensor: Megatron's optimizers and
+    gradient clipping select their code paths by those names.
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
         if func in (torch.Tensor.to, torch.Tensor.cuda) and args:

@@ -30,11 +30,14 @@ class CheckpointError(ValueError):
 class SafetensorsReader:
     """Lazy access to the tensors of a HF checkpoint directory, one slice at a time.
 
-    Opens shard files on first use; `read(name, rows, cols)` reads only the requested slice
+    Opens shard files on first use; `read(name, index)` reads only the requested slice
     (``safe_open(...).get_slice``), so a rank never holds more than its own share plus one slice.
+    safetensors memory-maps its files and every page read stays resident (and counted in the
+    process's RSS) while the file is open, so the handles are dropped after every
+    `remap_every_bytes` read.
     """
 
-    def __init__(self, hf_dir: str | Path) -> None:
+    def __init__(self, hf_dir: str | Path, remap_every_bytes: int = 256 * 1024**2) -> None:
         self.dir = Path(hf_dir)
         index = self.dir / INDEX_FILE
         if index.is_file():
@@ -52,6 +55,8 @@ class SafetensorsReader:
                                   f"{', '.join(missing_files)}")
         self.weight_map = weight_map
         self._handles: dict[str, object] = {}
+        self._remap_every_bytes = remap_every_bytes
+        self._bytes_since_remap = 0
 
     @staticmethod
     def _keys(path: Path) -> list[str]:
@@ -82,12 +87,17 @@ class SafetensorsReader:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.dir} has no tensor {name!r}")
         try:
-            return self._handle(name).get_slice(name)[index]
+            tensor = self._handle(name).get_slice(name)[index]
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"cannot read {name!r} from {self.dir / self.weight_map[name]} "
                                   f"(truncated file?): {err}") from err
+        self._bytes_since_remap += tensor.numel() * tensor.element_size()
+        if self._bytes_since_remap > self._remap_every_bytes:
+            self._handles.clear()  # unmaps the files: their pages leave this process's RSS
+            self._bytes_since_remap = 0
+        return tensor
 
 
 class ShardedSafetensorsWriter:
