@@ -117,5 +117,8 @@ def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
     from megatron.core import dist_checkpointing
 
     read_checkpoint_meta(ckpt_dir)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    # Replica ids must come from the model's own data-parallel group: a teacher laid out unlike the
+    # student would otherwise be described with the student's replicas and fail validation.
+    sharded = model.sharded_state_dict(metadata={"dp_cp_group": model.pg_collection.dp_cp})
+    state = dist_checkpointing.load(sharded, str(ckpt_dir))
     model.load_state_dict(state)
