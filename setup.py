@@ -36,6 +36,7 @@ setup(
     entry_points={
         "console_scripts": [
             "gopd-convert=megatron_gopd.cli:convert_main",
+            "gopd-train=megatron_gopd.cli:train_main",
         ],
     },
 )

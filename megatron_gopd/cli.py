@@ -106,7 +106,71 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-_COMMANDS = {"gopd-convert": convert_main}
+# ----------------------------------------------------------------------------------------------
+# gopd-train
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gopd-train",
+        description="Train a student by generalized on-policy distillation. Writes "
+                    "<output_dir>/metrics.jsonl (one JSON object per step), TensorBoard events, "
+                    "checkpoints under <output_dir>/checkpoints/ (a restarted run resumes from the "
+                    "latest automatically) and the final student as a HF directory <output_dir>/hf.",
+        epilog="Launch with torchrun (or srun) for several ranks, or pass --nproc N to start N local "
+               "ranks. Example: gopd-train --config examples/configs/tiny_multi_teacher.yaml "
+               "steps=2 optim.lr=1e-4")
+    parser.add_argument("--config", required=True, help="YAML file with the job's TrainConfig")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="dotted overrides of config fields, e.g. optim.lr=1e-5 rollout.n=4")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="start this many local ranks with torchrun when not already launched")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``gopd-train --config FILE [key.sub=value ...]``; see ``gopd-train --help``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _train_parser().parse_args(argv)
+    from megatron_gopd.log import setup_logging
+
+    setup_logging(args.log_level)
+    from megatron_gopd.config import load_config
+    from megatron_gopd.trainer import TrainConfig, check_train_config
+
+    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", args.nproc)))
+    try:  # a bad config fails here, before any rank starts or any model is built
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        check_train_config(cfg, world_size)
+    except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+        logger.error("%s", err)
+        return 2
+    child_argv = [a for i, a in enumerate(argv)  # the children are launched already: drop --nproc
+                  if not a.startswith("--nproc") and not (i and argv[i - 1] == "--nproc")]
+    relaunched = ensure_world_size(args.nproc, "gopd-train", child_argv)
+    if relaunched is not None:
+        return relaunched
+
+    from megatron_gopd import platform
+    from megatron_gopd.trainer import Trainer
+
+    platform.init_distributed()
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        trainer.run()
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        platform.shutdown_distributed()
+    return 0
+
+
+_COMMANDS = {"gopd-convert": convert_main, "gopd-train": train_main}
 
 
 def main() -> int:

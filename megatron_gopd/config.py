@@ -202,6 +202,12 @@ def _convert(tp: Any, value: Any, key: str, source: str, overridden: set[str]) -
             raise fail("an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `3e-3` as a string; it only knows `3.0e-3` as a float.
+            try:
+                return float(value)
+            except ValueError:
+                raise fail("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         return float(value)

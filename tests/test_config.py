@@ -53,8 +53,8 @@ teachers:
   math: {path: /ckpt/math, lam: 1.25, reference: /ckpt/base}
 """)
     cfg = load_config(JobConfig, path, ["optim.warmup_steps=10", "teachers.code.path=/ckpt/code",
-                                        "stop_token_ids=[1, 2]", "offload=true", "optim.lr=2"])
-    assert cfg.seed == 7 and cfg.optim.lr == 2.0 and isinstance(cfg.optim.lr, float)
+                                        "stop_token_ids=[1, 2]", "offload=true", "optim.lr=2e-5"])
+    assert cfg.seed == 7 and cfg.optim.lr == 2e-5 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_steps == 10
     assert cfg.teachers["math"] == TeacherConfig("/ckpt/math", 1.25, "/ckpt/base")
     assert cfg.teachers["code"] == TeacherConfig("/ckpt/code")

@@ -1,0 +1,201 @@
+"""`gopd-train` end to end on tiny models: multi-teacher run, learning, exact resume, bad input.
+
+The tiny assets (models, converted checkpoints, prompts) are built once per session; every run is
+a real `gopd-train` launch with local gloo ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_gopd.config import load_config
+from megatron_gopd.trainer import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "examples" / "configs" / "tiny_multi_teacher.yaml"
+# Timings differ between runs; everything else must not.
+NONDETERMINISTIC = ("time/", "tokens_per_s")
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_assets")
+    subprocess.run([sys.executable, str(REPO / "examples" / "toy" / "make_tiny_assets.py"), "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    return out
+
+
+def _asset_overrides(assets: Path) -> list[str]:
+    """Point the tiny example config at this session's assets."""
+    text = TINY_CONFIG.read_text().replace("outputs/tiny_assets", str(assets))
+    cfg = load_config(TrainConfig, _write(assets.parent / "tiny.yaml", text))
+    return [f"student.checkpoint={cfg.student.checkpoint}",
+            f"scoring.teachers.math.model.checkpoint={cfg.scoring.teachers['math'].model.checkpoint}",
+            f"scoring.teachers.code.model.checkpoint={cfg.scoring.teachers['code'].model.checkpoint}",
+            f"scoring.references.math_base.checkpoint={cfg.scoring.references['math_base'].checkpoint}",
+            f"data.sources=[{{path: {assets}/data/math.jsonl, share: 1.0}}, "
+            f"{{path: {assets}/data/code.jsonl, share: 1.0}}]"]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def gopd_train(assets: Path, output_dir: Path, *overrides: str, nproc: int = 4,
+               config: Path = TINY_CONFIG) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "megatron_gopd.cli", "gopd-train", "--config", str(config),
+           "--nproc", str(nproc), f"output_dir={output_dir}", *_asset_overrides(assets), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"gopd-train failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def test_multi_teacher_run_on_four_ranks(tiny_assets, tmp_path):
+    """Student TP=1 x DP=4; math teacher TP=2/PP=2 with its base as reference; code teacher TP=2."""
+    out = tmp_path / "run"
+    _ok(gopd_train(tiny_assets, out, "steps=3", "save_every=0"))
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        for name, value in m.items():
+            assert math.isfinite(value), (name, value)
+        assert m["response_length/mean"] > 0 and m["grad_norm"] > 0
+    # both domains were routed to their own teacher, and reward correction produced an implicit reward
+    seen = {k for m in metrics for k in m}
+    assert {"reverse_kl/math", "reverse_kl/code", "implicit_reward/math", "implicit_reward/code"} <= seen
+    assert (out / "checkpoints" / "step_000003" / "trainer_state.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "hf")  # the exported student loads
+
+
+TWO_RANKS = ("scoring.teachers.math.model.pp=1",)  # the tiny config's TP2 x PP2 teacher needs 4 ranks
+
+
+def test_reverse_kl_to_the_teachers_falls(tiny_assets, tmp_path):
+    """Plain OPD (lam = 1): the student moves towards both teachers."""
+    out = tmp_path / "opd"
+    _ok(gopd_train(tiny_assets, out, "steps=16", "save_every=0", "export_hf=false", "optim.lr=3e-3",
+                   "optim.warmup_steps=0", "prompts_per_step=16", "scoring.teachers.math.lam=1.0",
+                   "scoring.teachers.code.lam=1.0", *TWO_RANKS, nproc=2))
+    metrics = read_metrics(out)
+    kl = [(m["reverse_kl/math"] + m["reverse_kl/code"]) / 2 for m in metrics]
+    first, last = sum(kl[:4]) / 4, sum(kl[-4:]) / 4
+    assert last < 0.85 * first, kl
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_assets, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("save_every=2", "export_hf=false", *TWO_RANKS)
+    _ok(gopd_train(tiny_assets, straight, "steps=4", *common, nproc=2))
+    _ok(gopd_train(tiny_assets, resumed, "steps=2", *common, nproc=2))
+    # a save that was killed mid-write leaves only a hidden temporary directory: it must be ignored
+    junk = resumed / "checkpoints" / ".step_000003.tmp-killed"
+    junk.mkdir()
+    (junk / "half_written.distcp").write_bytes(b"\0" * 10)
+    result = gopd_train(tiny_assets, resumed, "steps=4", *common, nproc=2)
+    _ok(result)
+    assert "resumed from" in result.stderr and "step_000002" in result.stderr
+
+    def comparable(metrics):
+        return [{k: v for k, v in m.items() if not k.startswith(NONDETERMINISTIC)} for m in metrics]
+
+    assert comparable(read_metrics(resumed)) == comparable(read_metrics(straight))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lrr=1"], "unknown key (did you mean 'optim.lr'?)"),
+    (["steps=two"], "'steps' (command-line override): expected an integer"),
+    (["student.checkpoint=/does/not/exist"], "is not a megatron-gopd checkpoint"),
+    (["student.tp=3"], "num_attention_heads=4 is not divisible by tensor_parallel=3"),
+    (["scoring.teachers.math.model.tp=3"], "tp x pp = 3 x 2 = 6 does not divide the world size 4"),
+    (["scoring.teachers.math.domains=[]"], "math"),
+])
+def test_bad_input_fails_fast_without_output(tiny_assets, tmp_path, overrides, message):
+    out = tmp_path / "never"
+    result = gopd_train(tiny_assets, out, *overrides)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr, result.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_empty_dataset_is_rejected(tiny_assets, tmp_path):
+    empty = _write(tmp_path / "empty.jsonl", "")
+    out = tmp_path / "never"
+    result = gopd_train(tiny_assets, out, f"data.sources=[{{path: {empty}}}]")
+    assert result.returncode == 2 and "empty" in result.stderr.lower(), result.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_stop_signal_checkpoints_and_the_same_command_resumes(tiny_assets, tmp_path):
+    """What a Slurm time limit does: SIGUSR1 to the workers -> checkpoint, exit 0; rerun -> resume."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "signalled"
+    args = ("steps=30", "save_every=0", "export_hf=false", *TWO_RANKS)
+    cmd = [sys.executable, "-m", "megatron_gopd.cli", "gopd-train", "--config", str(TINY_CONFIG), "--nproc", "2",
+           f"output_dir={out}", *_asset_overrides(tiny_assets), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    launcher = [c for c in psutil.Process(proc.pid).children() if "torch.distributed.run" in " ".join(c.cmdline())]
+    for worker in launcher[0].children():
+        worker.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    stopped_at = len(read_metrics(out))
+    assert 2 <= stopped_at < 30 and "stop signal received" in output
+    assert (out / "checkpoints" / f"step_{stopped_at:06d}" / "trainer_state.json").is_file()
+    _ok(gopd_train(tiny_assets, out, "steps=" + str(stopped_at + 2), *args[1:], nproc=2))
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, stopped_at + 3))
+
+
+def test_two_node_loopback_run_equals_a_single_node_run(tiny_assets, tmp_path):
+    """examples/launch: two torchrun agents on loopback (1 rank each) vs one agent with 2 ranks."""
+    import socket
+
+    args = [*_asset_overrides(tiny_assets), "steps=2", "save_every=0", "export_hf=false", *TWO_RANKS]
+    env = {**os.environ, "CONFIG": str(TINY_CONFIG), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    launch = REPO / "examples" / "launch"
+    single = tmp_path / "single"
+    _ok(subprocess.run(["bash", str(launch / "torchrun_single_node.sh"), *args, f"output_dir={single}"],
+                       env={**env, "NPROC_PER_NODE": "2"}, capture_output=True, text=True, timeout=600, cwd=REPO))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    multi = tmp_path / "multi"
+    nodes = [subprocess.Popen(["bash", str(launch / "torchrun_multi_node.sh"), *args, f"output_dir={multi}"],
+                              env={**env, "NNODES": "2", "NODE_RANK": str(rank), "NPROC_PER_NODE": "1",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+             for rank in (0, 1)]
+    for node in nodes:
+        output, _ = node.communicate(timeout=600)
+        assert node.returncode == 0, output[-3000:]
+
+    def comparable(metrics):
+        return [{k: v for k, v in m.items() if not k.startswith(NONDETERMINISTIC)} for m in metrics]
+
+    assert comparable(read_metrics(multi)) == comparable(read_metrics(single))
