@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup bench clean slurm-check
 
 $(STAMP): requirements/cpu.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(STAMP)  ## run the test suite
 
 bench: $(STAMP)  ## run the benchmarks (slow; prints figures and ratios)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+slurm-check: $(STAMP)  ## run the sbatch templates end to end on a one-node Slurm here (root; installs slurm-wlm)
+	tools/slurm_check.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
