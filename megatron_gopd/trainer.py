@@ -36,7 +36,7 @@ from megatron_gopd.checkpointing import HF_SUBDIR, atomic_directory_write, read_
 from megatron_gopd.config import dump_yaml, to_dict
 from megatron_gopd.data import DataConfig, PromptRecord, build_prompt_sampler, shard_for_rank
 from megatron_gopd.logprobs import token_logprobs_from_logits
-from megatron_gopd.loss import gopd_advantages_detailed, loss_normaliser, masked_mean, policy_loss
+from megatron_gopd.loss import aggregate_loss, gopd_advantages_detailed, loss_normaliser, masked_mean, policy_loss
 from megatron_gopd.models import ModelArchitecture, ParallelLayout, build_gpt_model
 from megatron_gopd.rollout import MegatronRolloutEngine, SamplingParams
 from megatron_gopd.scoring import ScoreRequest, ScoringConfig, ScoringPool
@@ -44,6 +44,7 @@ from megatron_gopd.scoring import ScoreRequest, ScoringConfig, ScoringPool
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
+SFT_RESPONSE_FIELD = "response"
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
@@ -132,6 +133,10 @@ class TrainConfig:
 
     output_dir: str = "outputs/run"
     """metrics.jsonl, TensorBoard events, checkpoints/ and the final HF export go here."""
+    mode: Literal["gopd", "sft"] = "gopd"
+    """``gopd``: on-policy distillation (rollouts scored by teachers). ``sft``: the paper's off-policy
+    baseline, cross-entropy on teacher-generated responses read from each record's ``response``
+    field (no rollouts, no teachers)."""
     seed: int = 1234
     steps: int = 50
     prompts_per_step: int = 1024
@@ -155,9 +160,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.prompts_per_step < 1 or self.micro_batch_tokens < 2:
             raise ValueError("steps, prompts_per_step must be >= 1 and micro_batch_tokens >= 2")
-        if not self.reward.only and not self.scoring.teachers:
+        if self.mode == "gopd" and not self.reward.only and not self.scoring.teachers:
             raise ValueError("no teachers configured (scoring.teachers); set reward.only=true to "
-                             "train on a verifier reward alone")
+                             "train on a verifier reward alone, or mode=sft for the SFT baseline")
+
+    @property
+    def needs_teachers(self) -> bool:
+        return self.mode == "gopd" and not self.reward.only
 
 
 def check_train_config(cfg: TrainConfig, world_size: int) -> tuple[ModelArchitecture, ParallelLayout]:
@@ -181,7 +190,9 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> tuple[ModelArchitec
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the student's "
                          f"data-parallel size {dp_size}")
     cfg.data.validate()
-    if not cfg.reward.only:
+    if cfg.mode == "sft":
+        _check_sft_responses(cfg.data)
+    if cfg.needs_teachers:
         validate_scoring_config(cfg.scoring, student_checkpoint=cfg.student.checkpoint,
                                 student_layout=layout, world_size=world_size)
         missing = sorted(data_domains(cfg.data) - set(cfg.scoring.routing()))
@@ -189,6 +200,16 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> tuple[ModelArchitec
             raise ValueError(f"prompt domain(s) {missing} have no teacher; the teachers cover "
                              f"{sorted(cfg.scoring.routing())} (set scoring.teachers.<name>.domains)")
     return arch, layout
+
+
+def _check_sft_responses(data: DataConfig) -> None:
+    from megatron_gopd.data import load_records
+
+    for source in data.sources:
+        if not source.excluded and SFT_RESPONSE_FIELD not in load_records(source.path, source.split,
+                                                                         data.cache_dir).column_names:
+            raise ValueError(f"mode=sft trains on teacher responses, but {source.path} has no "
+                             f"{SFT_RESPONSE_FIELD!r} field")
 
 
 def data_domains(data: DataConfig) -> set[str]:
@@ -238,11 +259,11 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(Path(cfg.student.checkpoint) / HF_SUBDIR)
         self.sampler = build_prompt_sampler(cfg.data, self.tokenizer)
         self.pool = ScoringPool(cfg.scoring, student_checkpoint=cfg.student.checkpoint,
-                                student_layout=self.layout) if not cfg.reward.only else None
+                                student_layout=self.layout) if cfg.needs_teachers else None
         self._build_student()
         self.engine = MegatronRolloutEngine(self.model.module, self.arch,
                                             eos_token_ids=_eos_ids(self.tokenizer),
-                                            max_batch_size=cfg.rollout.max_batch_size)
+                                            max_batch_size=cfg.rollout.max_batch_size) if cfg.mode == "gopd" else None
         self.start_step = self._maybe_resume()
         if dist.get_rank() == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +306,8 @@ class Trainer:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         records = shard_for_rank(self.sampler.next_batch(self.cfg.prompts_per_step), self.dp_rank, self.dp_size)
+        if self.cfg.mode == "sft":
+            return self._sft_step(records)
 
         self.model.eval()
         with torch.no_grad():
@@ -316,6 +339,25 @@ class Trainer:
             "tokens_per_s": total_tokens / max(sum(timings.values()), 1e-9),
             **timings,
         })
+        return metrics
+
+    def _sft_step(self, records: list[PromptRecord]) -> dict[str, float]:
+        """Off-policy baseline: cross-entropy on the records' teacher-written responses."""
+        start = time.perf_counter()
+        samples = []
+        for record in records:
+            response = self.tokenizer(str(record.extra[SFT_RESPONSE_FIELD]), add_special_tokens=False).input_ids
+            response = response + [self.tokenizer.eos_token_id]
+            zeros = [0.0] * len(response)
+            samples.append(TrainSample(prompt_ids=list(record.input_ids), response_ids=response,
+                                       sampler_logprobs=zeros, teacher_logprobs=zeros, ref_logprobs=None,
+                                       teacher="sft"))
+        self.model.train()
+        metrics = self._optimize(samples)
+        metrics["time/train_s"] = time.perf_counter() - start
+        lengths = torch.tensor([sum(len(s.response_ids) for s in samples), len(samples)], dtype=torch.float64)
+        _all_reduce_dp(lengths, self.dp_group)
+        metrics["response_length/mean"] = lengths[0].item() / max(lengths[1].item(), 1)
         return metrics
 
     def _sampling(self, step: int) -> SamplingParams:
@@ -401,10 +443,14 @@ class Trainer:
             logp, entropy = token_logprobs_from_logits(logits, mb.targets.t(), tp_group=self.tp_group,
                                                        vocab_size=self.arch.vocab_size, with_entropy=True)
             logp, entropy = logp.t(), entropy.t()  # [b, s]
-            advantages, stats = self._advantages(mb, logp.detach())
-            loss, loss_metrics = policy_loss(logp, advantages, mb.loss_mask, sampler_logp=mb.sampler_logprobs,
-                                             tis_cap=cfg.loss.tis_cap, clip_eps=cfg.loss.clip_eps,
-                                             agg=cfg.loss.agg, num_tokens=1)
+            if cfg.mode == "sft":  # cross-entropy on the given responses
+                stats, loss_metrics = {}, {}
+                loss = aggregate_loss(-logp, mb.loss_mask, cfg.loss.agg, num_tokens=1)
+            else:
+                advantages, stats = self._advantages(mb, logp.detach())
+                loss, loss_metrics = policy_loss(logp, advantages, mb.loss_mask, sampler_logp=mb.sampler_logprobs,
+                                                 tis_cap=cfg.loss.tis_cap, clip_eps=cfg.loss.clip_eps,
+                                                 agg=cfg.loss.agg, num_tokens=1)
             tokens = mb.loss_mask.sum()
             stats.update({k: v * tokens for k, v in loss_metrics.items()})
             stats["entropy"] = masked_mean(entropy.detach(), mb.loss_mask) * tokens
@@ -444,7 +490,7 @@ class Trainer:
             rows = torch.tensor([t == teacher for t in mb.teachers], device=student_logp.device)
             mask = mb.loss_mask[rows]
             lam, has_ref = self._teacher_lam(teacher)
-            if teacher == "outcome":
+            if teacher in ("outcome", "sft"):
                 continue
             detail = gopd_advantages_detailed(student_logp[rows], mb.teacher_logprobs[rows],
                                               mb.ref_logprobs[rows] if has_ref else None, lam)
@@ -459,7 +505,7 @@ class Trainer:
         return advantages * mb.loss_mask, stats
 
     def _teacher_lam(self, teacher: str) -> tuple[float, bool]:
-        if teacher == "outcome" or self.pool is None:
+        if teacher in ("outcome", "sft") or self.pool is None:
             return 1.0, False
         t = self.cfg.scoring.teachers[teacher]
         return t.lam, t.scored_reference is not None

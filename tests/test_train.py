@@ -199,3 +199,20 @@ def test_two_node_loopback_run_equals_a_single_node_run(tiny_assets, tmp_path):
         return [{k: v for k, v in m.items() if not k.startswith(NONDETERMINISTIC)} for m in metrics]
 
     assert comparable(read_metrics(multi)) == comparable(read_metrics(single))
+
+
+def test_sft_baseline_fits_teacher_responses(tiny_assets, tmp_path):
+    """mode=sft: cross-entropy on the records' responses; the loss (NLL per token) falls."""
+    out = tmp_path / "sft"
+    _ok(gopd_train(tiny_assets, out, "mode=sft", "steps=8", "save_every=0", "export_hf=false",
+                   "optim.lr=3e-3", "optim.warmup_steps=0",
+                   f"data.sources=[{{path: {tiny_assets}/data/math_sft.jsonl}}]", *TWO_RANKS, nproc=2))
+    losses = [m["loss"] for m in read_metrics(out)]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
+
+
+def test_sft_needs_responses(tiny_assets, tmp_path):
+    result = gopd_train(tiny_assets, tmp_path / "never", "mode=sft",
+                        f"data.sources=[{{path: {tiny_assets}/data/math.jsonl}}]")
+    assert result.returncode == 2 and "has no 'response' field" in result.stderr, result.stderr[-2000:]

@@ -5,6 +5,7 @@
     <out>/hf/{student,math_teacher,code_teacher,math_base}/   tiny random Qwen3 models + tokenizer
     <out>/ckpt/{student,math_teacher,code_teacher,math_base}/ the same, converted (gopd-convert)
     <out>/data/{math,code}.jsonl                                prompts with answers
+    <out>/data/math_sft.jsonl                                   the same math prompts with responses
 
 The examples/configs/*tiny*.yaml files point at ``outputs/tiny_assets`` (the default `out_dir`).
 Conversion needs torch.distributed: call this after `platform.init_distributed()` (a world of one
@@ -43,10 +44,12 @@ def tiny_qwen3_config(**overrides):
 def _write_prompts(data_dir: Path, seed: int = 0, count: int = 64) -> None:
     rng = random.Random(seed)
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / "math.jsonl", "w") as f:
+    with open(data_dir / "math.jsonl", "w") as f, open(data_dir / "math_sft.jsonl", "w") as sft:
         for _ in range(count):
             a, b = rng.randint(1, 99), rng.randint(1, 99)
-            f.write(json.dumps({"prompt": f"{a}+{b}=", "domain": "math", "answer": str(a + b)}) + "\n")
+            record = {"prompt": f"{a}+{b}=", "domain": "math", "answer": str(a + b)}
+            f.write(json.dumps(record) + "\n")
+            sft.write(json.dumps({**record, "response": f"\\boxed{{{a + b}}}"}) + "\n")
     with open(data_dir / "code.jsonl", "w") as f:
         for _ in range(count):
             n = rng.randint(1, 9)
@@ -76,6 +79,6 @@ def build_tiny_assets(out_dir: str | Path = DEFAULT_DIR, seed: int = 0) -> Path:
         ckpt = out / "ckpt" / name
         if not (ckpt / "gopd_checkpoint.json").is_file():
             hf_to_mcore(hf_dir, ckpt, ParallelLayout())
-    if not (out / "data" / "code.jsonl").is_file():
+    if not (out / "data" / "math_sft.jsonl").is_file():
         _write_prompts(out / "data", seed)
     return out
