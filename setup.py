@@ -37,6 +37,7 @@ setup(
         "console_scripts": [
             "gopd-convert=megatron_gopd.cli:convert_main",
             "gopd-train=megatron_gopd.cli:train_main",
+            "gopd-eval=megatron_gopd.cli:eval_main",
         ],
     },
 )

@@ -170,7 +170,75 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-_COMMANDS = {"gopd-convert": convert_main, "gopd-train": train_main}
+# ----------------------------------------------------------------------------------------------
+# gopd-eval
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gopd-eval",
+        description="avg@k (and pass@k) of a model on a prompt file, per domain, with the dataset's "
+                    "verifiers (math answers, sandboxed code tests). Prints a table and writes JSON.",
+        epilog="Example: gopd-eval --model outputs/run/hf --data data/math_test.jsonl --k 8 "
+               "--temperature 1.0 --max-new-tokens 4096 --out results.json")
+    parser.add_argument("--model", required=True,
+                        help="a HF model directory or a Megatron checkpoint (gopd-convert / gopd-train)")
+    parser.add_argument("--data", required=True, help="prompt file (.jsonl, .parquet or a saved dataset)")
+    parser.add_argument("--k", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--max-prompt-length", type=int, default=None,
+                        help="drop (and count) longer prompts")
+    parser.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
+    parser.add_argument("--enable-thinking", choices=["true", "false"], default=None,
+                        help="passed to the chat template (Qwen3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="start this many local ranks with torchrun when not already launched")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="most samples decoded at once")
+    parser.add_argument("--out", default=None, help="write the report as JSON here")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``gopd-eval --model PATH --data FILE [--k N ...]``; see ``gopd-eval --help``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _eval_parser().parse_args(argv)
+    from megatron_gopd.log import setup_logging
+
+    setup_logging(args.log_level)
+    if args.k < 1:
+        logger.error("--k must be >= 1, got %d", args.k)
+        return 2
+    for path, what in ((args.model, "--model"), (args.data, "--data")):
+        if not os.path.exists(path):
+            logger.error("%s %s does not exist", what, path)
+            return 2
+    child_argv = [a for i, a in enumerate(argv)
+                  if not a.startswith("--nproc") and not (i and argv[i - 1] == "--nproc")]
+    relaunched = ensure_world_size(args.nproc, "gopd-eval", child_argv)
+    if relaunched is not None:
+        return relaunched
+
+    from megatron_gopd import platform
+    from megatron_gopd.evaluation.eval_job import run_eval
+
+    platform.init_distributed()
+    try:
+        run_eval(args)
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    finally:
+        platform.shutdown_distributed()
+    return 0
+
+
+_COMMANDS = {"gopd-convert": convert_main, "gopd-train": train_main, "gopd-eval": eval_main}
 
 
 def main() -> int:

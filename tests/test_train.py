@@ -24,14 +24,6 @@ TINY_CONFIG = REPO / "examples" / "configs" / "tiny_multi_teacher.yaml"
 NONDETERMINISTIC = ("time/", "tokens_per_s")
 
 
-@pytest.fixture(scope="session")
-def tiny_assets(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_assets")
-    subprocess.run([sys.executable, str(REPO / "examples" / "toy" / "make_tiny_assets.py"), "--out", str(out)],
-                   check=True, capture_output=True, timeout=300)
-    return out
-
-
 def _asset_overrides(assets: Path) -> list[str]:
     """Point the tiny example config at this session's assets."""
     text = TINY_CONFIG.read_text().replace("outputs/tiny_assets", str(assets))
