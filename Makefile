@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup bench clean slurm-check
+.PHONY: demo smoke test setup bench clean slurm-check
 
 $(STAMP): requirements/cpu.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(STAMP): requirements/cpu.txt setup.py
 
 setup: $(STAMP)  ## create .venv and install everything
 
-demo: $(STAMP)  ## run the CPU demo on 2 gloo ranks
+demo: $(STAMP)  ## tiny models -> gopd-train (4 CPU ranks, two teachers, ExOPD) -> gopd-eval
+	$(PY) examples/toy/make_tiny_assets.py
+	$(VENV)/bin/gopd-train --config examples/configs/tiny_multi_teacher.yaml --nproc 4
+	$(VENV)/bin/gopd-eval --model outputs/tiny_multi_teacher/hf --data outputs/tiny_assets/data/math.jsonl \
+		--k 2 --max-prompts 16 --max-new-tokens 16 --nproc 2 --out outputs/tiny_multi_teacher/eval_math.json
+
+smoke: $(STAMP)  ## one tiny Qwen3 at TP=2 and PP=2 against TP=1 on 2 CPU ranks
 	$(VENV)/bin/torchrun --nproc-per-node 2 examples/toy/parallel_smoke.py
 
 test: $(STAMP)  ## run the test suite
