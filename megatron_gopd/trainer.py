@@ -280,6 +280,9 @@ class Trainer:
         module = build_gpt_model(self.arch, self.layout, dtype=cfg.student.dtype, recompute=cfg.student.recompute,
                                  perform_initialization=False, calculate_per_token_loss=True)
         module.load_state_dict(dist_checkpointing.load(module.sharded_state_dict(), cfg.student.checkpoint))
+        # Micro-batches are packed by token count, so their shapes differ: pipeline stages must
+        # exchange shapes before activations.
+        module.config.variable_seq_lengths = self.layout.pp > 1
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
@@ -324,18 +327,16 @@ class Trainer:
         timings["time/train_s"] = time.perf_counter() - start
 
         lengths = [len(s) for s in rollouts]
-        rollout_stats = torch.tensor([sum(lengths), len(lengths), float(max(lengths, default=0)),
-                                      sum(s.finish_reason == "length" for s in rollouts)], dtype=torch.float64)
-        _all_reduce_dp(rollout_stats[:2], self.dp_group)
-        _all_reduce_dp(rollout_stats[3:], self.dp_group)
-        max_len = rollout_stats[2:3].clone()
-        if dist.is_initialized() and dist.get_world_size(self.dp_group) > 1:
-            dist.all_reduce(max_len, op=dist.ReduceOp.MAX, group=self.dp_group)
-        total_tokens, count = rollout_stats[0].item(), max(rollout_stats[1].item(), 1)
+        totals = torch.tensor([sum(lengths), len(lengths), sum(s.finish_reason == "length" for s in rollouts)],
+                              dtype=torch.float64)  # [tokens, responses, truncated] over the DP group
+        longest = torch.tensor([max(lengths, default=0)], dtype=torch.float64)
+        _all_reduce_dp(totals, self.dp_group)
+        _all_reduce_dp(longest, self.dp_group, op=dist.ReduceOp.MAX)
+        total_tokens, count = totals[0].item(), max(totals[1].item(), 1)
         metrics.update({
             "response_length/mean": total_tokens / count,
-            "response_length/max": max_len.item(),
-            "response/truncated_frac": rollout_stats[3].item() / count,
+            "response_length/max": longest.item(),
+            "response/truncated_frac": totals[2].item() / count,
             "tokens_per_s": total_tokens / max(sum(timings.values()), 1e-9),
             **timings,
         })
@@ -752,9 +753,9 @@ def _eos_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _all_reduce_dp(tensor: torch.Tensor, group) -> None:
+def _all_reduce_dp(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
+        dist.all_reduce(tensor, op=op, group=group)
 
 
 def _first(metrics: dict[str, float], prefix: str) -> str:

@@ -208,3 +208,15 @@ def test_sft_needs_responses(tiny_assets, tmp_path):
     result = gopd_train(tiny_assets, tmp_path / "never", "mode=sft",
                         f"data.sources=[{{path: {tiny_assets}/data/math.jsonl}}]")
     assert result.returncode == 2 and "has no 'response' field" in result.stderr, result.stderr[-2000:]
+
+
+def test_pipelined_tensor_parallel_student(tiny_assets, tmp_path):
+    """The student itself at TP=2 x PP=2 (micro-batches of different shapes through the pipeline)."""
+    out = tmp_path / "tp2pp2"
+    _ok(gopd_train(tiny_assets, out, "steps=2", "save_every=0", "student.tp=2", "student.pp=2",
+                   "micro_batch_tokens=64"))
+    metrics = read_metrics(out)
+    assert len(metrics) == 2 and all(math.isfinite(v) for m in metrics for v in m.values())
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "hf")
