@@ -43,6 +43,12 @@ def ensure_world_size(ranks: int, command: str, argv: Sequence[str], script: Opt
     return subprocess.call(cmd, env={**os.environ, _RELAUNCHED_ENV: "1"})
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """`argv` minus ``--nproc N`` / ``--nproc=N``: the re-launched ranks are launched already."""
+    return [a for i, a in enumerate(argv)
+            if not a.startswith("--nproc") and not (i and argv[i - 1] == "--nproc")]
+
+
 # ----------------------------------------------------------------------------------------------
 # gopd-convert
 
@@ -146,9 +152,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         logger.error("%s", err)
         return 2
-    child_argv = [a for i, a in enumerate(argv)  # the children are launched already: drop --nproc
-                  if not a.startswith("--nproc") and not (i and argv[i - 1] == "--nproc")]
-    relaunched = ensure_world_size(args.nproc, "gopd-train", child_argv)
+    relaunched = ensure_world_size(args.nproc, "gopd-train", _without_nproc(argv))
     if relaunched is not None:
         return relaunched
 
@@ -218,9 +222,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         if not os.path.exists(path):
             logger.error("%s %s does not exist", what, path)
             return 2
-    child_argv = [a for i, a in enumerate(argv)
-                  if not a.startswith("--nproc") and not (i and argv[i - 1] == "--nproc")]
-    relaunched = ensure_world_size(args.nproc, "gopd-eval", child_argv)
+    relaunched = ensure_world_size(args.nproc, "gopd-eval", _without_nproc(argv))
     if relaunched is not None:
         return relaunched
 
