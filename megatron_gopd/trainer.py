@@ -35,7 +35,7 @@ from megatron_gopd.batching import MicroBatch, TrainSample, agree_on_micro_batch
 from megatron_gopd.checkpointing import HF_SUBDIR, atomic_directory_write, read_checkpoint_meta
 from megatron_gopd.config import dump_yaml, to_dict
 from megatron_gopd.data import DataConfig, PromptRecord, build_prompt_sampler, shard_for_rank
-from megatron_gopd.logprobs import token_logprobs_from_logits
+from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits
 from megatron_gopd.loss import aggregate_loss, gopd_advantages_detailed, loss_normaliser, masked_mean, policy_loss
 from megatron_gopd.models import ModelArchitecture, ParallelLayout, build_gpt_model
 from megatron_gopd.rollout import MegatronRolloutEngine, SamplingParams
@@ -94,6 +94,10 @@ class LossConfig:
     """Truncated importance-sampling cap C (the paper: 5); null disables the correction."""
     clip_eps: Optional[float] = None
     """PPO-style clipping; only meaningful when a batch is reused."""
+    logprobs_from_hidden: bool = True
+    """Compute the student's log-probs from the final hidden states and the output weight chunk by
+    chunk, so full-vocabulary logits never exist (the memory path for long responses and a 152k
+    vocabulary); false takes them from GPTModel's logits."""
 
 
 @dataclasses.dataclass
@@ -439,10 +443,17 @@ class Trainer:
         collected: list[dict[str, torch.Tensor]] = []
         cfg = self.cfg
 
+        head = _OutputHead(self.model.module) if cfg.loss.logprobs_from_hidden else None
+
         def loss_func(mb: MicroBatch, output: torch.Tensor):
-            logits = output.transpose(0, 1)  # [s, b, v/tp]
-            logp, entropy = token_logprobs_from_logits(logits, mb.targets.t(), tp_group=self.tp_group,
-                                                       vocab_size=self.arch.vocab_size, with_entropy=True)
+            if head is not None:  # output: the final hidden states [b, s, h]
+                logp, entropy = token_logprobs_from_hidden(
+                    output.transpose(0, 1), head.weight, mb.targets.t(), tp_group=self.tp_group,
+                    vocab_size=self.arch.vocab_size, with_entropy=True)
+            else:  # output: vocab-parallel logits [b, s, v/tp]
+                logp, entropy = token_logprobs_from_logits(
+                    output.transpose(0, 1), mb.targets.t(), tp_group=self.tp_group,
+                    vocab_size=self.arch.vocab_size, with_entropy=True)
             logp, entropy = logp.t(), entropy.t()  # [b, s]
             if cfg.mode == "sft":  # cross-entropy on the given responses
                 stats, loss_metrics = {}, {}
@@ -465,7 +476,11 @@ class Trainer:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = model(mb.tokens, mb.position_ids, None)
+            if head is None:
+                output = model(mb.tokens, mb.position_ids, None)
+            else:
+                with head.returning_hidden_states():
+                    output = model(mb.tokens, mb.position_ids, None)
             return output, lambda out: loss_func(mb, out)
 
         self.model.zero_grad_buffer()
@@ -746,6 +761,50 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
+
+class _OutputHead:
+    """Lets GPTModel return its final hidden states instead of logits, and keeps the head's weight.
+
+    Within `returning_hidden_states()` the output layer passes its input through (gathered over
+    the sequence under sequence parallelism) and records the weight it would have used (the
+    embedding when tied), so the loss can compute log-probs chunk by chunk from both
+    (`token_logprobs_from_hidden`). Only the last pipeline stage has an output layer.
+    """
+
+    def __init__(self, model) -> None:
+        self.layer = getattr(model, "output_layer", None)
+        self.weight: Optional[torch.Tensor] = None
+
+    def returning_hidden_states(self):
+        import contextlib
+
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        layer = self.layer
+
+        @contextlib.contextmanager
+        def patched():
+            if layer is None:
+                yield
+                return
+
+            def pass_through(hidden, weight=None, runtime_gather_output=None):
+                self.weight = layer.weight if weight is None else weight
+                if layer.sequence_parallel:
+                    # The log-prob kernel all-reduces the hidden gradient over TP itself, so the
+                    # gather's backward must only split it (not reduce-scatter it again).
+                    hidden = gather_from_sequence_parallel_region(
+                        hidden, tensor_parallel_output_grad=False, group=layer.tp_group)
+                return hidden, None
+
+            layer.forward = pass_through
+            try:
+                yield
+            finally:
+                del layer.forward  # back to the class's forward
+        return patched()
+
 
 
 def _eos_ids(tokenizer) -> list[int]:

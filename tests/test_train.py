@@ -220,3 +220,17 @@ def test_pipelined_tensor_parallel_student(tiny_assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "hf")
+
+
+def test_hidden_state_logprob_path_equals_the_logits_path(tiny_assets, tmp_path):
+    """loss.logprobs_from_hidden (no full-vocabulary logits) trains exactly like GPTModel's logits, TP=2."""
+    runs = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        _ok(gopd_train(tiny_assets, out, "steps=2", "save_every=0", "export_hf=false", "student.tp=2",
+                       f"loss.logprobs_from_hidden={flag}", *TWO_RANKS, nproc=2))
+        runs[flag] = read_metrics(out)
+    for hidden, logits in zip(runs["true"], runs["false"]):
+        for name in ("loss", "grad_norm", "entropy", "reverse_kl/math", "reverse_kl/code"):
+            if name in logits:
+                assert hidden[name] == pytest.approx(logits[name], rel=1e-4, abs=1e-5), name
