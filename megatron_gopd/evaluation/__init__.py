@@ -1,4 +1,4 @@
-"""Evaluation: outcome verifiers (math answers, sandboxed code) and the ExPO baseline.
+"""Evaluation: outcome verifiers (math answers, sandboxed code), avg@k, and the ExPO baseline.
 
 Modules:
     result          VerifierResult and the status vocabulary
@@ -6,8 +6,10 @@ Modules:
     code_sandbox    resource-limited subprocess runs of untrusted Python
     code_verifier   program extraction + stdin/stdout or assert tests, via the sandbox
     verifiers       the registry: verifier per sample (``verifier``/``domain``), score, score_batch
-    expo            theta_base + alpha * (theta_teacher - theta_base) over HF checkpoints (imports
-                    torch, so it is not imported here)
+    expo            theta_base + alpha * (theta_teacher - theta_base) over HF checkpoints
+    avg_at_k        avg@k / pass@k aggregation and the sampling + verification loop
+    eval_job        the `gopd-eval` job (model loading, data, report)
+(expo, avg_at_k and eval_job import torch or megatron-core, so they are not imported here.)
 
 Importing this package is cheap (standard library only).
 """
