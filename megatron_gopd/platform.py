@@ -134,7 +134,8 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     if cpu_mode():
         install_cpu_compat()
     else:
-        torch.cuda.set_device(env.local_rank)
+        # modulo: under `srun --gpus-per-task=1` every task sees only its own GPU (device 0)
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
