@@ -12,7 +12,7 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 logger = logging.getLogger("megatron_gopd.cli")
 
@@ -41,6 +41,23 @@ def ensure_world_size(ranks: int, command: str, argv: Sequence[str], script: Opt
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            *([script] if script else ["-m", "megatron_gopd.cli", command]), *argv]
     return subprocess.call(cmd, env={**os.environ, _RELAUNCHED_ENV: "1"})
+
+
+def _run_distributed(job: Callable[[], None], cleanup: Optional[Callable[[], object]] = None) -> int:
+    """Start torch.distributed, run `job`, tear down; a ValueError / FileNotFoundError is exit 2."""
+    from megatron_gopd import platform
+
+    platform.init_distributed()
+    try:
+        job()
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    finally:
+        if cleanup is not None:
+            cleanup()
+        platform.shutdown_distributed()
+    return 0
 
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
@@ -93,23 +110,18 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     if relaunched is not None:
         return relaunched
 
-    from megatron_gopd import platform
     from megatron_gopd.bridge.convert import hf_to_mcore, mcore_to_hf
     from megatron_gopd.models import ParallelLayout
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
-    platform.init_distributed()
-    try:
+
+    def convert() -> None:
         if args.direction == "hf-to-mcore":
             hf_to_mcore(args.hf_dir, args.out, layout, dtype=args.dtype)
         else:
             mcore_to_hf(args.ckpt, args.out, layout, max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    except (ValueError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
-    finally:
-        platform.shutdown_distributed()
-    return 0
+
+    return _run_distributed(convert)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,22 +168,15 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     if relaunched is not None:
         return relaunched
 
-    from megatron_gopd import platform
     from megatron_gopd.trainer import Trainer
 
-    platform.init_distributed()
-    trainer = None
-    try:
-        trainer = Trainer(cfg)
-        trainer.run()
-    except (ValueError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
-    finally:
-        if trainer is not None:
-            trainer.close()
-        platform.shutdown_distributed()
-    return 0
+    trainers: list = []
+
+    def train() -> None:
+        trainers.append(Trainer(cfg))
+        trainers[0].run()
+
+    return _run_distributed(train, cleanup=lambda: [t.close() for t in trainers])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,18 +231,9 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     if relaunched is not None:
         return relaunched
 
-    from megatron_gopd import platform
     from megatron_gopd.evaluation.eval_job import run_eval
 
-    platform.init_distributed()
-    try:
-        run_eval(args)
-    except (ValueError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
-    finally:
-        platform.shutdown_distributed()
-    return 0
+    return _run_distributed(lambda: run_eval(args))
 
 
 _COMMANDS = {"gopd-convert": convert_main, "gopd-train": train_main, "gopd-eval": eval_main}
