@@ -47,11 +47,12 @@ def _broadcast_str(value: Optional[str]) -> str:
     return box[0]
 
 
-def atomic_directory_write(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_directory_write(out_dir: str | Path, write: Callable[[Path], None], replace: bool = False) -> Path:
     """Run ``write(tmp_dir)`` on every rank, then rename ``tmp_dir`` to `out_dir` (collective).
 
-    `out_dir` must not exist or be empty. If `write` fails on any rank the temporary directory is
-    removed and nothing appears under `out_dir`.
+    `out_dir` must not exist or be empty, unless `replace`: then an existing `out_dir` is swapped
+    out only once the new one is complete. If `write` fails on any rank the temporary directory is
+    removed and `out_dir` is left as it was.
     """
     out = Path(out_dir).resolve()
     tmp: Optional[str] = None
@@ -74,9 +75,15 @@ def atomic_directory_write(out_dir: str | Path, write: Callable[[Path], None]) -
             status = gathered
         if _rank() == 0:
             if all(status):
-                if out.exists():
+                old = None
+                if out.exists() and replace:
+                    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+                    os.replace(out, old)
+                elif out.exists():
                     out.rmdir()  # empty: checked by the caller before any work
                 os.replace(tmp_path, out)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
             else:
                 shutil.rmtree(tmp_path, ignore_errors=True)
         _barrier()

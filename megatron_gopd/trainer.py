@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megatron_gopd import platform
 from megatron_gopd.batching import MicroBatch, TrainSample, agree_on_micro_batch_count, collate, pack_micro_batches
+from megatron_gopd.bridge.safetensors_io import copy_side_files
 from megatron_gopd.checkpointing import HF_SUBDIR, atomic_directory_write, read_checkpoint_meta
 from megatron_gopd.config import dump_yaml, to_dict
 from megatron_gopd.data import DataConfig, PromptRecord, build_prompt_sampler, shard_for_rank
@@ -648,8 +649,7 @@ class Trainer:
                             saved_layout=dataclasses.asdict(self.layout))
                 (tmp / "gopd_checkpoint.json").write_text(json.dumps(meta, indent=2))
                 (tmp / HF_SUBDIR).mkdir()
-                for f in (Path(self.cfg.student.checkpoint) / HF_SUBDIR).iterdir():
-                    (tmp / HF_SUBDIR / f.name).write_bytes(f.read_bytes())
+                copy_side_files(Path(self.cfg.student.checkpoint) / HF_SUBDIR, tmp / HF_SUBDIR)
                 state = {"step": step, "scheduler": self.scheduler.state_dict(),
                          "data": self.sampler.state_dict(), "adam_step": adam_step}
                 (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -730,28 +730,13 @@ class Trainer:
         return int(trainer_state["step"])
 
     def export_hf(self) -> None:
-        """The trained student as a HF directory under ``<output_dir>/hf`` (streamed, atomic)."""
-        from megatron_gopd.bridge import ShardedSafetensorsWriter, export_hf_weights
-        from megatron_gopd.bridge.safetensors_io import copy_side_files
+        """The trained student as a HF directory under ``<output_dir>/hf`` (streamed, atomic;
+        a previous export is replaced only once the new one is complete)."""
+        from megatron_gopd.bridge.convert import write_hf_directory
 
         out = self.output_dir / "hf"
-        if out.exists():
-            import shutil
-
-            if dist.get_rank() == 0:
-                shutil.rmtree(out)
-            dist.barrier()
-
-        def write(tmp: Path) -> None:
-            writer = ShardedSafetensorsWriter(tmp) if dist.get_rank() == 0 else None
-            for name, tensor in export_hf_weights(self.model.module, self.arch):
-                if writer is not None:
-                    writer.add(name, tensor)
-            if writer is not None:
-                writer.finish()
-                copy_side_files(Path(self.cfg.student.checkpoint) / HF_SUBDIR, tmp)
-
-        atomic_directory_write(out, write)
+        write_hf_directory(self.model.module, self.arch, out, Path(self.cfg.student.checkpoint) / HF_SUBDIR,
+                           replace=True)
         logger.info("exported the student to %s", out)
 
     def close(self) -> None:

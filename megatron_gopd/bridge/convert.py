@@ -109,6 +109,20 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, layout: Optional[Para
     check_output_dir(out_dir)
     platform.init_model_parallel(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp)
     model, arch = load_converted_model(ckpt_dir, layout)
+    written = write_hf_directory(model, arch, out_dir, Path(ckpt_dir) / HF_SUBDIR, max_shard_bytes)
+    report = ConversionReport(time.perf_counter() - start, written)
+    logger.info("mcore-to-hf done in %.1fs (%.3f GB/s written)", report.seconds, report.gb_per_s)
+    return report
+
+
+def write_hf_directory(model, arch: ModelArchitecture, out_dir: str | Path, hf_source_dir: str | Path,
+                       max_shard_bytes: int = 5 * 1024**3, replace: bool = False) -> int:
+    """Stream `model`'s weights into a HF directory (collective; rank 0 writes); return its bytes.
+
+    Sharded safetensors + index, the config (with the exported dtype) and tokenizer files from
+    `hf_source_dir`, written to a temporary directory and renamed into place when complete
+    (`replace` swaps out an existing `out_dir` only then).
+    """
     written = [0]
 
     def write(tmp: Path) -> None:
@@ -121,13 +135,11 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, layout: Optional[Para
         if writer is not None:
             writer.finish()
             written[0] = writer.total_bytes
-            copy_side_files(Path(ckpt_dir) / HF_SUBDIR, tmp)
+            copy_side_files(hf_source_dir, tmp)
             _set_config_dtype(tmp / "config.json", model)
 
-    atomic_directory_write(out_dir, write)
-    report = ConversionReport(time.perf_counter() - start, written[0])
-    logger.info("mcore-to-hf done in %.1fs (%.3f GB/s written)", report.seconds, report.gb_per_s)
-    return report
+    atomic_directory_write(out_dir, write, replace=replace)
+    return written[0]
 
 
 def _rank0() -> bool:
