@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo smoke test setup bench clean slurm-check
+.PHONY: demo demo-smoke multi-teacher smoke test setup bench clean slurm-check
 
 $(STAMP): requirements/cpu.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(STAMP): requirements/cpu.txt setup.py
 
 setup: $(STAMP)  ## create .venv and install everything
 
-demo: $(STAMP)  ## tiny models -> gopd-train (4 CPU ranks, two teachers, ExOPD) -> gopd-eval
+demo: $(STAMP)  ## the paper's finding in miniature: base -> RL teacher -> SFT / OPD / ExOPD / ExPO students -> table
+	$(PY) examples/toy/demo.py $(DEMO_ARGS)
+
+demo-smoke: $(STAMP)  ## every demo stage for 2 steps (plumbing check, ~4 min)
+	$(PY) examples/toy/demo.py --smoke
+
+multi-teacher: $(STAMP)  ## tiny random models -> gopd-train (4 CPU ranks, two teachers with their own TP/PP) -> gopd-eval
 	$(PY) examples/toy/make_tiny_assets.py
 	$(VENV)/bin/gopd-train --config examples/configs/tiny_multi_teacher.yaml --nproc 4
 	$(VENV)/bin/gopd-eval --model outputs/tiny_multi_teacher/hf --data outputs/tiny_assets/data/math.jsonl \

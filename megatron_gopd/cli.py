@@ -209,6 +209,9 @@ def _eval_parser() -> argparse.ArgumentParser:
                         help="start this many local ranks with torchrun when not already launched")
     parser.add_argument("--max-batch-size", type=int, default=None, help="most samples decoded at once")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
+    parser.add_argument("--samples-out", default=None,
+                        help="also write every sample (prompt fields + response, verdict) as JSON lines; "
+                             "the file trains `gopd-train mode=sft` on these responses")
     parser.add_argument("--log-level", default="INFO")
     return parser
 

@@ -332,8 +332,10 @@ class Trainer:
         timings["time/train_s"] = time.perf_counter() - start
 
         lengths = [len(s) for s in rollouts]
-        totals = torch.tensor([sum(lengths), len(lengths), sum(s.finish_reason == "length" for s in rollouts)],
-                              dtype=torch.float64)  # [tokens, responses, truncated] over the DP group
+        rewards = [r for r in self._last_rewards if r is not None]
+        # [tokens, responses, truncated, verifier reward sum, verified responses] over the DP group
+        totals = torch.tensor([sum(lengths), len(lengths), sum(s.finish_reason == "length" for s in rollouts),
+                               sum(rewards), len(rewards)], dtype=torch.float64)
         longest = torch.tensor([max(lengths, default=0)], dtype=torch.float64)
         _all_reduce_dp(totals, self.dp_group)
         _all_reduce_dp(longest, self.dp_group, op=dist.ReduceOp.MAX)
@@ -342,6 +344,7 @@ class Trainer:
             "response_length/mean": total_tokens / count,
             "response_length/max": longest.item(),
             "response/truncated_frac": totals[2].item() / count,
+            **({"reward/mean": totals[3].item() / max(totals[4].item(), 1)} if self._uses_reward else {}),
             "tokens_per_s": total_tokens / max(sum(timings.values()), 1e-9),
             **timings,
         })
@@ -402,7 +405,8 @@ class Trainer:
         the group statistics; they keep their dense reward.
         """
         weight = 1.0 if self.cfg.reward.only else self.cfg.reward.weight
-        if weight == 0.0:
+        self._last_rewards: list[Optional[float]] = []
+        if not self._uses_reward:
             return [0.0] * len(rollouts)
         from megatron_gopd.evaluation.verifiers import default_registry
 
@@ -416,6 +420,7 @@ class Trainer:
             text = self.tokenizer.decode(rollout.token_ids, skip_special_tokens=True)
             sample = {"domain": record.domain, "answer": record.answer, "tests": record.tests, **record.extra}
             rewards.append(registry.score(sample, text).reward)
+        self._last_rewards = rewards
         groups: dict[int, list[float]] = {}
         for rollout, reward in zip(rollouts, rewards):
             if reward is not None:
@@ -430,6 +435,10 @@ class Trainer:
             std = math.sqrt(sum((g - mean) ** 2 for g in group) / len(group))
             out.append(weight * (reward - mean) / (std + 1e-6))
         return out
+
+    @property
+    def _uses_reward(self) -> bool:
+        return self.cfg.reward.only or self.cfg.reward.weight != 0.0
 
     def _optimize(self, samples: list[TrainSample]) -> dict[str, float]:
         """Forward/backward over packed micro-batches and one optimizer step."""

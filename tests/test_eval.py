@@ -40,15 +40,24 @@ def _gopd_eval(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("which", ["hf", "ckpt"])
 def test_gopd_eval_runs_on_hf_and_megatron_models(tiny_assets, tmp_path, which):
-    out = tmp_path / "report.json"
+    out, samples_out = tmp_path / "report.json", tmp_path / "samples.jsonl"
     result = _gopd_eval("--model", str(tiny_assets / which / "student"), "--data",
                         str(tiny_assets / "data" / "math.jsonl"), "--k", "2", "--max-prompts", "5",
-                        "--max-new-tokens", "6", "--nproc", "2", "--out", str(out))
+                        "--max-new-tokens", "6", "--nproc", "2", "--out", str(out), "--samples-out", str(samples_out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["k"] == 2 and report["overall"]["prompts"] == 5 and report["overall"]["samples"] == 10
     assert 0.0 <= report["domains"]["math"]["avg_at_k"] <= 1.0
     assert "avg@2" in result.stdout
+    # every sample, in prompt order, with the record's fields: a prompt file for `gopd-train mode=sft`
+    rows = [json.loads(line) for line in samples_out.read_text().splitlines()]
+    sources = [json.loads(line) for line in (tiny_assets / "data" / "math.jsonl").read_text().splitlines()]
+    assert [r["prompt_index"] for r in rows] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    for row in rows:
+        source = sources[row["prompt_index"]]
+        assert row["prompt"] == [{"role": "user", "content": source["prompt"]}] and row["answer"] == source["answer"]
+        assert isinstance(row["response"], str) and isinstance(row["correct"], bool) and row["response_tokens"] <= 6
+    assert sum(r["correct"] for r in rows) / 10 == pytest.approx(report["overall"]["avg_at_k"])
 
 
 def test_gopd_eval_bad_input(tmp_path):

@@ -1,6 +1,6 @@
 """avg@k / pass@k evaluation: k samples per prompt from the rollout engine, scored by the verifiers.
 
-    report = evaluate(model, arch, tokenizer, records, sampling, dp_rank, dp_size, dp_group)
+    report, verdicts = evaluate(engine, tokenizer, records, sampling, dp_rank=r, dp_size=n)
 
 Every data-parallel replica generates for its own slice of the prompts; verdicts are gathered so
 that every rank returns the same `EvalReport`. avg@k is the mean over prompts of the fraction of
@@ -63,6 +63,8 @@ class SampleVerdict:
     correct: bool
     response_tokens: int
     truncated: bool
+    response: Optional[str] = None
+    """The decoded response, kept only when `evaluate` is asked to return the samples."""
 
 
 def aggregate(verdicts: Sequence[SampleVerdict], k: int) -> EvalReport:
@@ -89,7 +91,8 @@ def aggregate(verdicts: Sequence[SampleVerdict], k: int) -> EvalReport:
 
 
 def evaluate(engine, tokenizer, records: Sequence, sampling, *, dp_rank: int = 0, dp_size: int = 1,
-             registry=None, scoring_rank: bool = True) -> EvalReport:
+             registry=None, scoring_rank: bool = True,
+             keep_samples: bool = False) -> tuple[EvalReport, list[SampleVerdict]]:
     """Generate ``sampling.n`` samples for this replica's slice of `records`, verify, gather.
 
     Args:
@@ -101,6 +104,10 @@ def evaluate(engine, tokenizer, records: Sequence, sampling, *, dp_rank: int = 0
             r, r + dp_size, ...
         registry: a `VerifierRegistry` (default: math and code verifiers at default limits).
         scoring_rank: whether this rank verifies its replica's samples (one rank per replica should).
+        keep_samples: also return every sample's decoded text (in the verdicts).
+
+    Returns:
+        The report and every sample's verdict (all replicas'), identical on every rank.
     """
     from megatron_gopd.evaluation.verifiers import default_registry
 
@@ -115,9 +122,11 @@ def evaluate(engine, tokenizer, records: Sequence, sampling, *, dp_rank: int = 0
             fields = {"domain": record.domain, "answer": record.answer, "tests": record.tests, **record.extra}
             result = registry.score(fields, text)
             verdicts.append(SampleVerdict(record.index, record.domain, bool(result.correct),
-                                          len(sample.token_ids), sample.finish_reason == "length"))
+                                          len(sample.token_ids), sample.finish_reason == "length",
+                                          response=text if keep_samples else None))
     gathered: list[Optional[list[SampleVerdict]]] = [verdicts]
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, verdicts)
-    return aggregate([v for part in gathered for v in (part or [])], sampling.n)
+    everything = [v for part in gathered for v in (part or [])]
+    return aggregate(everything, sampling.n), everything

@@ -62,8 +62,9 @@ def run_eval(args: Any) -> dict:
                               max_new_tokens=args.max_new_tokens, seed=args.seed * 1009 + dp_rank)
     scoring_rank = (parallel_state.is_pipeline_last_stage()
                     and parallel_state.get_tensor_model_parallel_rank() == 0)
-    report = evaluate(engine, tokenizer, records, sampling, dp_rank=dp_rank,
-                      dp_size=parallel_state.get_data_parallel_world_size(), scoring_rank=scoring_rank)
+    report, verdicts = evaluate(engine, tokenizer, records, sampling, dp_rank=dp_rank,
+                                dp_size=parallel_state.get_data_parallel_world_size(),
+                                scoring_rank=scoring_rank, keep_samples=bool(args.samples_out))
     result = {"model": str(args.model), "data": str(args.data), "temperature": args.temperature,
               "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
               **report.to_dict()}
@@ -74,4 +75,25 @@ def run_eval(args: Any) -> dict:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(tmp).write_text(json.dumps(result, indent=2))
             os.replace(tmp, args.out)
+        if args.samples_out:
+            write_samples(args.samples_out, records, verdicts)
     return result
+
+
+def write_samples(path: str, records: list, verdicts: list) -> None:
+    """Every sample as one JSON line: the prompt record's fields plus ``prompt_index``, ``response``,
+    ``correct``, ``truncated`` and ``response_tokens``, in prompt order. The file is itself a prompt file whose
+    ``response`` field `gopd-train mode=sft` trains on (the paper's SFT-on-teacher-samples baseline).
+    """
+    by_index = {record.index: record for record in records}
+    tmp = f"{path}.tmp"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w") as f:
+        for verdict in sorted(verdicts, key=lambda v: v.prompt_index):
+            record = by_index[verdict.prompt_index]
+            row = {"prompt_index": record.index, "prompt": record.messages, "domain": record.domain, "answer": record.answer,
+                   "tests": record.tests, **record.extra, "response": verdict.response,
+                   "correct": verdict.correct, "truncated": verdict.truncated,
+                   "response_tokens": verdict.response_tokens}
+            f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
+    os.replace(tmp, path)
