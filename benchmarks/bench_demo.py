@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Wall time of every stage of the toy demo, against the cost of starting one command.
 
-    python benchmarks/bench_demo.py                    # runs the demo into a fresh directory (~15 min)
+    python benchmarks/bench_demo.py                    # runs the demo into a fresh directory (~20 min)
     python benchmarks/bench_demo.py --out outputs/demo # reports a finished demo's timings.json
 
 Every demo stage is a separate `gopd-*` command on 2 CPU ranks, and each start-up (torch and

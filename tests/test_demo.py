@@ -68,7 +68,7 @@ def test_every_stage_runs_and_a_second_run_skips_them(tmp_path):
         assert (out / plot).stat().st_size > 1000
     assert "| ExOPD (lam=1.5) | lam=1.5 |" in (out / "results.md").read_text()
     # the SFT student trained on the teacher's samples; the OPD students were scored by the teacher
-    samples = [json.loads(line) for line in (out / "teacher_samples" / "train_samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (out / "teacher_samples" / "train_samples_512.jsonl").read_text().splitlines()]
     assert samples and all("response" in s and "correct" in s for s in samples)
     metrics = [json.loads(line) for line in (out / "students/seed1/exopd_lam1.5/metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and "reverse_kl/arith" in metrics[-1]
@@ -80,3 +80,17 @@ def test_every_stage_runs_and_a_second_run_skips_them(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "..." not in second.stdout  # nothing ran again
     assert second.stdout.count("skipped") == len(results["timings_s"])
+
+
+def test_carry_noise_only_drops_carries(tmp_path):
+    settings = demo.DemoSettings(out=tmp_path, sft_examples=3000, eval_prompts=100, noise=0.4, noise_kind="carry")
+    demo.write_data(settings, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "base_sft.jsonl").read_text().splitlines()]
+    carrying = [r for r in rows if sum(int(x) % 10 for x in r["prompt"][:-1].split("+")) >= 10]
+    for row in rows:
+        given = int(row["response"][len("\\boxed{"):-1])
+        assert given in (int(row["answer"]), int(row["answer"]) - 10)
+        if row not in carrying:
+            assert given == int(row["answer"])
+    dropped = sum(int(r["response"][len("\\boxed{"):-1]) != int(r["answer"]) for r in carrying) / len(carrying)
+    assert 0.35 < dropped < 0.45

@@ -2,7 +2,7 @@
 """The paper's finding in miniature, on CPU: a student distilled with reward extrapolation (ExOPD,
 lam > 1) beats its teacher; plain on-policy distillation (OPD, lam = 1) only matches it.
 
-    python examples/toy/demo.py                 # what `make demo` runs (about 15 minutes on 2 cores)
+    python examples/toy/demo.py                 # what `make demo` runs (about 20 minutes on 2 cores)
     python examples/toy/demo.py --seeds 1 2 3   # students with several training seeds, mean +- spread
     python examples/toy/demo.py --smoke         # every stage for 2 steps (what the tests run)
 
@@ -67,7 +67,10 @@ class DemoSettings:
     nproc: int = 2
     """CPU ranks per command (data-parallel; the models are too small to split)."""
     noise: float = 0.3
-    """Share of wrong answers in the base model's SFT data."""
+    """Share of wrong answers in the base model's SFT data (of the carrying sums with ``carry``)."""
+    noise_kind: str = "slips"
+    """``slips``: a wrong answer is a dropped carry or a digit off by one (`wrong_answer`);
+    ``carry``: only sums with a carry are corrupted, always by dropping it (one systematic error)."""
     sft_examples: int = 6000
     eval_prompts: int = 256
     eval_k: int = 8
@@ -77,6 +80,14 @@ class DemoSettings:
     """Steps per training stage (``base``, ``teacher``, ``student``); empty: the YAML's."""
     hidden_size: int = 128
     num_layers: int = 4
+    custom_student_steps: bool = False
+    """Set by `--student-steps`: student runs get a ``_steps<N>`` suffix."""
+
+    @property
+    def student_tag(self) -> str:
+        """Suffix of student run names when `--student-steps` overrides the recipe (so runs of
+        different lengths sit side by side)."""
+        return f"_steps{self.steps['student']}" if self.custom_student_steps else ""
 
     @classmethod
     def smoke(cls, out: Path) -> "DemoSettings":
@@ -122,7 +133,12 @@ def write_data(settings: DemoSettings, data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     sft = []
     for a, b in (rng.choice(pool) for _ in range(settings.sft_examples)):
-        answer = wrong_answer(a, b, rng) if rng.random() < settings.noise else a + b
+        answer = a + b
+        if settings.noise_kind == "carry":
+            if a % 10 + b % 10 >= 10 and rng.random() < settings.noise:
+                answer -= 10  # the units' carry never reaches the tens
+        elif rng.random() < settings.noise:
+            answer = wrong_answer(a, b, rng)
         sft.append({**record(a, b), "response": f"\\boxed{{{answer}}}"})
     write(data_dir / "train.jsonl", [record(a, b) for a, b in pool])
     write(data_dir / "base_sft.jsonl", sft)
@@ -340,36 +356,36 @@ class Demo:
         teacher_ckpt = out / "teacher_mcore"
         self._convert("teacher/convert", teacher_run / "hf", teacher_ckpt)
 
-        samples = out / "teacher_samples" / "train_samples.jsonl"
         # as many teacher samples as the SFT student sees prompts
         sft_prompts = self._total_steps("student_sft.yaml", "student") * _recipe_value("student_sft.yaml",
                                                                                        "prompts_per_step")
+        samples = out / "teacher_samples" / f"train_samples_{sft_prompts}.jsonl"
         r.stage("teacher_samples", samples, lambda: r.cli(
             "teacher_samples", "gopd-eval",
             ["--model", teacher_run / "hf", "--data", self.data / "train.jsonl", "--k", "1",
              "--temperature", "1.0", "--max-new-tokens", str(s.max_new_tokens), "--seed", "7",
              "--enable-thinking", "false",
              "--max-prompts", str(sft_prompts), *self._nproc(),
-             "--out", samples.with_name("train_eval.json"), "--samples-out", samples]),
+             "--out", samples.with_suffix(".eval.json"), "--samples-out", samples]),
             what="gopd-eval --samples-out")
 
         entries = [ModelEntry("Base (noisy SFT)", "base", base_run / "hf", run_dir=base_run),
                    ModelEntry("Teacher (RL)", "teacher", teacher_run / "hf", run_dir=teacher_run)]
         for seed in s.seeds:
-            run = out / "students" / f"seed{seed}"
-            self._train(f"students/seed{seed}/sft", "student_sft.yaml", "student", run / "sft", [
+            run = out / "students" / f"seed{seed}{s.student_tag}"
+            self._train(f"students/seed{seed}{s.student_tag}/sft", "student_sft.yaml", "student", run / "sft", [
                 f"seed={seed}", f"student.checkpoint={base_ckpt}", f"data.sources=[{{path: {samples}}}]"])
-            entries.append(ModelEntry("SFT on teacher samples", f"sft_seed{seed}", run / "sft" / "hf",
+            entries.append(ModelEntry("SFT on teacher samples", f"sft_seed{seed}{s.student_tag}", run / "sft" / "hf",
                                       seed=seed, run_dir=run / "sft"))
             for lam in OPD_LAMS:
                 key = f"{'opd' if lam == 1.0 else 'exopd'}_lam{lam:g}"
-                self._train(f"students/seed{seed}/{key}", "student_opd.yaml", "student", run / key, [
+                self._train(f"students/seed{seed}{s.student_tag}/{key}", "student_opd.yaml", "student", run / key, [
                     f"seed={seed}", f"student.checkpoint={base_ckpt}",
                     f"scoring.teachers.arith.model.checkpoint={teacher_ckpt}",
                     f"scoring.teachers.arith.lam={lam}",
                     f"data.sources=[{{path: {self.data / 'train.jsonl'}}}]"])
                 label = "OPD (lam=1)" if lam == 1.0 else f"ExOPD (lam={lam:g})"
-                entries.append(ModelEntry(label, f"{key}_seed{seed}", run / key / "hf", seed=seed, lam=lam,
+                entries.append(ModelEntry(label, f"{key}_seed{seed}{s.student_tag}", run / key / "hf", seed=seed, lam=lam,
                                           run_dir=run / key))
         for alpha in EXPO_ALPHAS:
             expo_dir = out / "expo" / f"alpha{alpha:g}"
@@ -407,6 +423,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoSettings:
                                                                "outputs/demo_smoke with --smoke)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="student training seeds (default 1)")
     parser.add_argument("--nproc", type=int, default=None, help="CPU ranks per command (default 2)")
+    parser.add_argument("--noise", type=float, default=None,
+                        help="share of wrong answers in the base's SFT data (default 0.3)")
+    parser.add_argument("--noise-kind", choices=["slips", "carry"], default=None,
+                        help="slips: dropped carries and off-by-one digits (default); carry: only dropped carries")
+    parser.add_argument("--student-steps", type=int, default=None,
+                        help="training steps of every student (default: examples/toy/configs/student_*.yaml); "
+                             "students of different step counts need different --out directories")
     parser.add_argument("--smoke", action="store_true", help="2 steps per stage on tiny data")
     args = parser.parse_args(argv)
     settings = (DemoSettings.smoke(args.out or REPO / "outputs" / "demo_smoke") if args.smoke
@@ -415,6 +438,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoSettings:
         settings.seeds = tuple(args.seeds)
     if args.nproc:
         settings.nproc = args.nproc
+    if args.noise is not None:
+        settings.noise = args.noise
+    if args.noise_kind:
+        settings.noise_kind = args.noise_kind
+    if args.student_steps:
+        settings.steps["student"] = args.student_steps
+        settings.custom_student_steps = True
     settings.out = settings.out.resolve()
     return settings
 
