@@ -581,6 +581,11 @@ class PromptRecord:
     epoch: int = 0
     """Epoch of the sampler this draw belongs to."""
 
+    def verifier_fields(self) -> dict[str, Any]:
+        """What a verifier reads (``domain``, ``answer``, ``tests`` and the other fields), as a
+        record of the source file had them."""
+        return {DOMAIN_FIELD: self.domain, ANSWER_FIELD: self.answer, TESTS_FIELD: self.tests, **self.extra}
+
 
 class PromptDataset:
     """All sources of a `DataConfig`, rendered, filtered and tokenised, with their per-epoch counts.

@@ -323,7 +323,8 @@ class Trainer:
         timings["time/rollout_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        samples = self._score(records, rollouts)
+        rewards = self._verifier_rewards(records, rollouts)
+        samples = self._score(records, rollouts, self._outcome_advantages(rollouts, rewards))
         timings["time/scoring_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -332,7 +333,7 @@ class Trainer:
         timings["time/train_s"] = time.perf_counter() - start
 
         lengths = [len(s) for s in rollouts]
-        rewards = [r for r in self._last_rewards if r is not None]
+        rewards = [r for r in rewards if r is not None]
         # [tokens, responses, truncated, verifier reward sum, verified responses] over the DP group
         totals = torch.tensor([sum(lengths), len(lengths), sum(s.finish_reason == "length" for s in rollouts),
                                sum(rewards), len(rewards)], dtype=torch.float64)
@@ -376,12 +377,11 @@ class Trainer:
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_new_tokens=r.max_new_tokens, n=r.n, seed=seed)
 
-    def _score(self, records: list[PromptRecord], rollouts) -> list[TrainSample]:
-        """Teacher / reference log-probs (and the outcome advantage) for every rollout of this rank."""
+    def _score(self, records: list[PromptRecord], rollouts, outcome: list[float]) -> list[TrainSample]:
+        """Teacher / reference log-probs for every rollout of this rank, with its `outcome` advantage."""
         requests = [ScoreRequest(domain=records[s.prompt_index].domain, prompt_ids=list(records[s.prompt_index].input_ids),
                                  response_ids=list(s.token_ids), messages=records[s.prompt_index].messages)
                     for s in rollouts]
-        outcome = self._outcome_advantages(records, rollouts)
         if self.pool is None:  # outcome reward alone: the "teacher" term is the student's own
             scores = [None] * len(requests)
         else:
@@ -398,29 +398,30 @@ class Trainer:
                 outcome_advantage=adv))
         return samples
 
-    def _outcome_advantages(self, records: list[PromptRecord], rollouts) -> list[float]:
-        """Verifier reward, normalised within each prompt's group of n responses (0 when unused).
-
-        Truncated responses get no outcome reward (their answer is incomplete) and are left out of
-        the group statistics; they keep their dense reward.
-        """
-        weight = 1.0 if self.cfg.reward.only else self.cfg.reward.weight
-        self._last_rewards: list[Optional[float]] = []
+    def _verifier_rewards(self, records: list[PromptRecord], rollouts) -> list[Optional[float]]:
+        """Each rollout's verifier reward; None for truncated responses (their answer is incomplete)
+        and for every rollout when the job uses no outcome reward."""
         if not self._uses_reward:
-            return [0.0] * len(rollouts)
+            return [None] * len(rollouts)
         from megatron_gopd.evaluation.verifiers import default_registry
 
         registry = default_registry()
         rewards: list[Optional[float]] = []
         for rollout in rollouts:
-            record = records[rollout.prompt_index]
             if rollout.finish_reason == "length":
                 rewards.append(None)
                 continue
             text = self.tokenizer.decode(rollout.token_ids, skip_special_tokens=True)
-            sample = {"domain": record.domain, "answer": record.answer, "tests": record.tests, **record.extra}
-            rewards.append(registry.score(sample, text).reward)
-        self._last_rewards = rewards
+            rewards.append(registry.score(records[rollout.prompt_index].verifier_fields(), text).reward)
+        return rewards
+
+    def _outcome_advantages(self, rollouts, rewards: list[Optional[float]]) -> list[float]:
+        """Verifier rewards normalised within each prompt's group of n responses (0 when unused).
+
+        Rollouts without a reward (truncated) are left out of the group statistics and keep only
+        their dense reward.
+        """
+        weight = 1.0 if self.cfg.reward.only else self.cfg.reward.weight
         groups: dict[int, list[float]] = {}
         for rollout, reward in zip(rollouts, rewards):
             if reward is not None:

@@ -166,6 +166,7 @@ def write_initial_model(settings: DemoSettings, hf_dir: Path, seed: int = 0) -> 
     torch.manual_seed(seed)
     tmp = hf_dir.with_name(hf_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     Qwen3ForCausalLM(config).save_pretrained(tmp)
     build_tiny_tokenizer(save_dir=str(tmp))
     os.replace(tmp, hf_dir)
@@ -317,15 +318,19 @@ class Demo:
             name, "gopd-convert", ["hf-to-mcore", "--hf-dir", hf_dir, "--out", ckpt]),
             what="gopd-convert hf-to-mcore")
 
+    def _sample(self, name: str, model: Path, data: Path, k: int, seed: int, report: Path, samples: Path,
+                extra: Sequence[str] = ()) -> None:
+        """`gopd-eval` at temperature 1, rendering prompts as training did (no thinking block)."""
+        self.runner.cli(name, "gopd-eval", [
+            "--model", model, "--data", data, "--k", str(k), "--temperature", "1.0",
+            "--max-new-tokens", str(self.s.max_new_tokens), "--seed", str(seed), "--enable-thinking", "false",
+            *extra, *self._nproc(), "--out", report, "--samples-out", samples])
+
     def _evaluate(self, entry: ModelEntry) -> Path:
         result = self.out / "eval" / f"{entry.key}.json"
-        self.runner.stage(f"eval/{entry.key}", result, lambda: self.runner.cli(
-            f"eval_{entry.key}", "gopd-eval",
-            ["--model", entry.hf_dir, "--data", self.data / "eval.jsonl", "--k", str(self.s.eval_k),
-             "--temperature", "1.0", "--max-new-tokens", str(self.s.max_new_tokens),
-             "--seed", str(self.s.eval_seed), "--enable-thinking", "false", *self._nproc(),
-             "--samples-out", result.with_suffix(".samples.jsonl"), "--out", result]),
-            what=f"gopd-eval avg@{self.s.eval_k}")
+        self.runner.stage(f"eval/{entry.key}", result, lambda: self._sample(
+            f"eval_{entry.key}", entry.hf_dir, self.data / "eval.jsonl", self.s.eval_k, self.s.eval_seed,
+            result, result.with_suffix(".samples.jsonl")), what=f"gopd-eval avg@{self.s.eval_k}")
         return result
 
     # -- stages
@@ -339,7 +344,7 @@ class Demo:
 
         r.stage("data", self.data / "eval.jsonl", lambda: write_data(s, self.data), what="arithmetic prompts")
         init_hf = out / "init" / "hf"
-        r.stage("init", init_hf / "config.json", lambda: _mkdir_then(init_hf, write_initial_model, s),
+        r.stage("init", init_hf / "config.json", lambda: write_initial_model(s, init_hf),
                 what="random tiny Qwen3")
         self._convert("init/convert", init_hf, out / "init" / "mcore")
 
@@ -360,14 +365,9 @@ class Demo:
         sft_prompts = self._total_steps("student_sft.yaml", "student") * _recipe_value("student_sft.yaml",
                                                                                        "prompts_per_step")
         samples = out / "teacher_samples" / f"train_samples_{sft_prompts}.jsonl"
-        r.stage("teacher_samples", samples, lambda: r.cli(
-            "teacher_samples", "gopd-eval",
-            ["--model", teacher_run / "hf", "--data", self.data / "train.jsonl", "--k", "1",
-             "--temperature", "1.0", "--max-new-tokens", str(s.max_new_tokens), "--seed", "7",
-             "--enable-thinking", "false",
-             "--max-prompts", str(sft_prompts), *self._nproc(),
-             "--out", samples.with_suffix(".eval.json"), "--samples-out", samples]),
-            what="gopd-eval --samples-out")
+        r.stage("teacher_samples", samples, lambda: self._sample(
+            "teacher_samples", teacher_run / "hf", self.data / "train.jsonl", 1, 7, samples.with_suffix(".eval.json"),
+            samples, extra=["--max-prompts", str(sft_prompts)]), what="gopd-eval --samples-out")
 
         entries = [ModelEntry("Base (noisy SFT)", "base", base_run / "hf", run_dir=base_run),
                    ModelEntry("Teacher (RL)", "teacher", teacher_run / "hf", run_dir=teacher_run)]
@@ -405,11 +405,6 @@ def _recipe_value(config: str, key: str):
     import yaml
 
     return yaml.safe_load((CONFIGS / config).read_text())[key]
-
-
-def _mkdir_then(path: Path, write: Callable, settings: DemoSettings) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write(settings, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -119,8 +119,7 @@ def evaluate(engine, tokenizer, records: Sequence, sampling, *, dp_rank: int = 0
         for sample in batch:
             record = mine[sample.prompt_index]
             text = tokenizer.decode(sample.token_ids, skip_special_tokens=True)
-            fields = {"domain": record.domain, "answer": record.answer, "tests": record.tests, **record.extra}
-            result = registry.score(fields, text)
+            result = registry.score(record.verifier_fields(), text)
             verdicts.append(SampleVerdict(record.index, record.domain, bool(result.correct),
                                           len(sample.token_ids), sample.finish_reason == "length",
                                           response=text if keep_samples else None))

@@ -82,8 +82,9 @@ def run_eval(args: Any) -> dict:
 
 def write_samples(path: str, records: list, verdicts: list) -> None:
     """Every sample as one JSON line: the prompt record's fields plus ``prompt_index``, ``response``,
-    ``correct``, ``truncated`` and ``response_tokens``, in prompt order. The file is itself a prompt file whose
-    ``response`` field `gopd-train mode=sft` trains on (the paper's SFT-on-teacher-samples baseline).
+    ``correct``, ``truncated`` and ``response_tokens``, in prompt order. The file is itself a prompt
+    file whose ``response`` field `gopd-train mode=sft` trains on (the paper's SFT-on-teacher-samples
+    baseline).
     """
     by_index = {record.index: record for record in records}
     tmp = f"{path}.tmp"
@@ -91,9 +92,8 @@ def write_samples(path: str, records: list, verdicts: list) -> None:
     with open(tmp, "w") as f:
         for verdict in sorted(verdicts, key=lambda v: v.prompt_index):
             record = by_index[verdict.prompt_index]
-            row = {"prompt_index": record.index, "prompt": record.messages, "domain": record.domain, "answer": record.answer,
-                   "tests": record.tests, **record.extra, "response": verdict.response,
-                   "correct": verdict.correct, "truncated": verdict.truncated,
+            row = {"prompt_index": record.index, "prompt": record.messages, **record.verifier_fields(),
+                   "response": verdict.response, "correct": verdict.correct, "truncated": verdict.truncated,
                    "response_tokens": verdict.response_tokens}
             f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
     os.replace(tmp, path)
