@@ -52,6 +52,7 @@ __all__ = [
     "token_logprobs_from_logits",
     "token_logprobs_from_hidden",
     "full_vocab_reverse_kl",
+    "topk_logprobs_from_logits",
 ]
 
 ProcessGroup = Optional[dist.ProcessGroup]
@@ -449,6 +450,73 @@ def token_logprobs_from_hidden(
         with_entropy)
     logp = logp if has_k else logp.squeeze(-1)
     return (logp, entropy) if with_entropy else logp
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k of the distribution (a teacher's most likely tokens)
+
+
+@torch.no_grad()
+def topk_logprobs_from_logits(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    tp_group: ProcessGroup = None,
+    temperature: float = 1.0,
+    vocab_size: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` most likely tokens at every position of vocab-parallel logits, and their log-probs.
+
+    Each TP rank takes the top-k of its own shard; one all-gather of ``k`` candidates per rank and a
+    second top-k give the global answer, so no rank ever holds the full vocabulary.
+
+    Args:
+        logits: ``[s, b, V/tp]`` this TP rank's vocabulary shard (any float dtype). Not modified.
+        k: how many tokens per position, ``1 <= k <= vocab_size``.
+        tp_group, temperature, vocab_size, chunk_size: as in `token_logprobs_from_logits`.
+
+    Returns:
+        ``(logprobs, ids)``: fp32 ``[s, b, k]`` full-vocabulary log-softmax values (not renormalised
+        over the k), in decreasing order, and int64 ``[s, b, k]`` global token ids; the same on
+        every TP rank. Ties are broken by the lower shard (deterministic across TP sizes only up to
+        exact ties).
+    """
+    _check_temperature(temperature)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [s, b, V/tp], got {tuple(logits.shape)}")
+    seq_len, batch, local_vocab = logits.shape
+    shard = _VocabShard(local_vocab, tp_group, vocab_size)
+    _, tp_size = _tp_rank_and_size(tp_group)
+    total_vocab = vocab_size if vocab_size is not None else local_vocab * tp_size
+    if not 1 <= k <= total_vocab:
+        raise ValueError(f"k must be in [1, {total_vocab}] (the vocabulary), got {k}")
+    local_k = min(k, shard.valid)
+    step = _chunk_positions(seq_len, batch, local_vocab, chunk_size)
+    values = logits.new_empty((seq_len, batch, k), dtype=torch.float32)
+    ids = torch.empty((seq_len, batch, k), dtype=torch.int64, device=logits.device)
+    for s0 in range(0, seq_len, step):
+        s1 = min(s0 + step, seq_len)
+        z = _scaled_fp32(logits[s0:s1, :, :shard.valid], temperature)  # [n, v_valid]
+        log_norm = _global_log_norm(z, tp_group)  # [n]
+        # Every shard offers exactly k candidates (-inf fillers where it has fewer real rows).
+        cand_values = z.new_full((z.shape[0], k), -math.inf)
+        cand_ids = torch.zeros((z.shape[0], k), dtype=torch.int64, device=z.device)
+        if local_k:
+            top = z.topk(local_k, dim=1)
+            cand_values[:, :local_k] = top.values
+            cand_ids[:, :local_k] = top.indices + shard.start
+        if tp_size > 1:
+            gathered_values = [torch.empty_like(cand_values) for _ in range(tp_size)]
+            gathered_ids = [torch.empty_like(cand_ids) for _ in range(tp_size)]
+            dist.all_gather(gathered_values, cand_values, group=tp_group)
+            dist.all_gather(gathered_ids, cand_ids, group=tp_group)
+            cand_values, cand_ids = torch.cat(gathered_values, dim=1), torch.cat(gathered_ids, dim=1)
+            top = cand_values.topk(k, dim=1)
+            cand_values, cand_ids = top.values, cand_ids.gather(1, top.indices)
+        values[s0:s1] = (cand_values - log_norm[:, None]).view(s1 - s0, batch, k)
+        ids[s0:s1] = cand_ids.view(s1 - s0, batch, k)
+    return values, ids
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ from megatron_gopd import platform
 from megatron_gopd.bridge.safetensors_io import CheckpointError
 from megatron_gopd.checkpointing import HF_SUBDIR, read_checkpoint_meta
 from megatron_gopd.data import check_template_kwargs, render_prompt_ids
-from megatron_gopd.logprobs import token_logprobs_from_logits
+from megatron_gopd.logprobs import token_logprobs_from_logits, topk_logprobs_from_logits
 from megatron_gopd.models import ModelArchitecture, ParallelLayout
 from megatron_gopd.models.builder import torch_dtype
 
@@ -268,6 +268,15 @@ class SampleScores:
     ref_logprobs: Optional[torch.Tensor]
     """``[len(response_ids)]`` fp32 log pi_ref(y_t) from the teacher's reference; None when the
     teacher has none or ``lam == 1`` (the reference then drops out of the advantage)."""
+    teacher_topk_ids: Optional[torch.Tensor] = None
+    """With ``score(..., topk=k)``: ``[len(response_ids), k]`` int64, the teacher's k most likely
+    next tokens at each response position (most likely first); else None."""
+    teacher_topk_logprobs: Optional[torch.Tensor] = None
+    """``[len(response_ids), k]`` fp32 the teacher's log-probs of those tokens (full-vocabulary
+    log-softmax values, not renormalised over the k)."""
+    ref_topk_logprobs: Optional[torch.Tensor] = None
+    """``[len(response_ids), k]`` fp32 the reference's log-probs of the teacher's top-k tokens;
+    None exactly when `ref_logprobs` is."""
 
 
 @dataclass
@@ -630,6 +639,9 @@ class _Sequence:
 
     tokens: list[int]
     prompt_len: int
+    extra_targets: Optional[torch.Tensor] = None
+    """``[response_len, k]`` int64 token ids whose log-probs are wanted at each response position
+    besides the sampled token's (a reference scoring its teacher's top-k), or None."""
 
     @property
     def response_len(self) -> int:
@@ -668,7 +680,9 @@ class _MicroBatch:
     positions: torch.Tensor
     """[b, s] int64 position ids."""
     targets: torch.Tensor
-    """[s, b] int64: the token each position predicts (the next one; 0 past the end)."""
+    """[s, b] int64: the token each position predicts (the next one; 0 past the end); [s, b, 1 + k]
+    when the sequences carry ``extra_targets`` (column 0 the next token, then the extra ids at
+    response positions, 0 elsewhere)."""
     indices: list[int]
     """Which of the replica's sequences each row holds."""
     dummy: bool = False
@@ -687,8 +701,16 @@ def _collate(sequences: Sequence[_Sequence], indices: list[int], multiple: int,
         tokens[row, : len(seq_tokens)] = torch.tensor(seq_tokens, dtype=torch.int64)
     targets = torch.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
+    extra = [sequences[i].extra_targets for i in indices]
+    if not dummy and extra[0] is not None:
+        k = extra[0].shape[1]
+        targets = torch.cat([targets.unsqueeze(-1), targets.new_zeros(targets.shape + (k,))], dim=-1)
+        for row, index in enumerate(indices):
+            seq = sequences[index]
+            start = seq.prompt_len - 1  # position t predicts token t + 1
+            targets[row, start:start + seq.response_len, 1:] = seq.extra_targets
     positions = torch.arange(length, dtype=torch.int64).unsqueeze(0).expand(len(indices), -1)
-    return _MicroBatch(tokens.to(device), positions.to(device), targets.t().contiguous().to(device),
+    return _MicroBatch(tokens.to(device), positions.to(device), targets.transpose(0, 1).contiguous().to(device),
                        [] if dummy else list(indices), dummy)
 
 
@@ -721,23 +743,36 @@ def _all_gather_varlen(flat: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _encode_sequences(sequences: Sequence[_Sequence], device: torch.device) -> torch.Tensor:
-    """[n, then (length, prompt_len) per sequence, then every token] as one int64 tensor."""
-    header = [len(sequences)] + [v for s in sequences for v in (len(s.tokens), s.prompt_len)]
-    tokens = [t for s in sequences for t in s.tokens]
-    return torch.tensor(header + tokens, dtype=torch.int64, device=device)
+    """[n, then (length, prompt_len, k) per sequence, then per sequence its tokens and its
+    ``response_len * k`` extra targets] as one int64 tensor (k = 0 without extra targets)."""
+    header = [len(sequences)]
+    body: list[torch.Tensor] = []
+    for s in sequences:
+        k = 0 if s.extra_targets is None else s.extra_targets.shape[1]
+        header += [len(s.tokens), s.prompt_len, k]
+        body.append(torch.tensor(s.tokens, dtype=torch.int64))
+        if k:
+            body.append(s.extra_targets.reshape(-1).to(torch.int64).cpu())
+    return torch.cat([torch.tensor(header, dtype=torch.int64), *body]).to(device)
 
 
 def _decode_sequences(flat: torch.Tensor) -> list[_Sequence]:
-    values = flat.tolist()
-    if not values:
+    values = flat.cpu()
+    if not values.numel():
         return []
-    count = values[0]
-    pos = 1 + 2 * count
+    count = int(values[0])
+    header = values[1:1 + 3 * count].view(count, 3).tolist()
+    pos = 1 + 3 * count
     sequences = []
-    for i in range(count):
-        length, prompt_len = values[1 + 2 * i], values[2 + 2 * i]
-        sequences.append(_Sequence(values[pos:pos + length], prompt_len))
+    for length, prompt_len, k in header:
+        tokens = values[pos:pos + length].tolist()
         pos += length
+        extra = None
+        if k:
+            response_len = length - prompt_len
+            extra = values[pos:pos + response_len * k].view(response_len, k).clone()
+            pos += response_len * k
+        sequences.append(_Sequence(tokens, prompt_len, extra))
     return sequences
 
 
@@ -927,12 +962,15 @@ class ScoringPool:
                 f"no teacher scores domain {domain!r}; routed domains: {sorted(self._routing)} (add it "
                 "to scoring.teachers.<name>.domains, or set the prompts' domain)") from None
 
-    def score(self, requests: list[ScoreRequest]) -> list[SampleScores]:
+    def score(self, requests: list[ScoreRequest], topk: int = 0) -> list[SampleScores]:
         """Teacher (and reference) log-probs of every request's response tokens (collective).
 
         Args:
             requests: this rank's student data-parallel shard of rollouts; ranks of the same student
                 TP/PP group pass identical lists (as they hold identical rollouts).
+            topk: when > 0, also the teacher's `topk` most likely tokens at every response position
+                with their log-probs, and the reference's log-probs of those same tokens (the inputs
+                of `megatron_gopd.loss.topk_reverse_kl`). At most the vocabulary size.
 
         Returns:
             One `SampleScores` per request, in order; tensors fp32 on this rank's device.
@@ -947,6 +985,9 @@ class ScoringPool:
         inputs: dict[str, list[tuple[int, _Sequence]]] = {}
         error: Optional[BaseException] = None
         try:
+            vocab = min(h.plan.arch.vocab_size for h in self._models.values())
+            if not 0 <= topk <= vocab:
+                raise ValueError(f"topk must be in [0, {vocab}] (the vocabulary size), got {topk}")
             teachers = [self.teacher_for(r.domain) for r in requests]
             inputs = self._model_inputs(requests, teachers)
         except Exception as err:  # noqa: BLE001 - every rank must learn of it, or the others would hang
@@ -954,23 +995,37 @@ class ScoringPool:
         signatures = _agree(error, "preparing scoring requests", _request_signature(requests))
         self._check_identical_within_groups(signatures)
 
-        teacher_logprobs: list[Optional[torch.Tensor]] = [None] * len(requests)
-        ref_logprobs: list[Optional[torch.Tensor]] = [None] * len(requests)
+        # Per request, [response_len, width] from its teacher and from its reference: column 0 the
+        # sampled tokens' log-probs; with topk the teacher adds k top-k log-probs and k ids (as fp32,
+        # exact below 2**24), the reference k log-probs of those ids. Teachers run first (the plans
+        # are ordered so), so their top-k ids are known when the references run.
+        teacher_out: list[Optional[torch.Tensor]] = [None] * len(requests)
+        ref_out: list[Optional[torch.Tensor]] = [None] * len(requests)
         for name, handle in self._models.items():
+            is_teacher = handle.plan.role == "teacher"
             indexed = inputs.get(name, [])
+            if topk and not is_teacher:
+                for index, seq in indexed:
+                    seq.extra_targets = teacher_out[index][:, 1 + topk:].long().cpu()
             start = time.perf_counter()
             with self._on_device(handle):
-                logprobs = self._score_model(handle, [seq for _, seq in indexed])
+                values = self._score_model(handle, [seq for _, seq in indexed], topk if is_teacher else 0,
+                                           width=1 + (2 * topk if is_teacher else topk))
             handle.stats.seconds += time.perf_counter() - start
-            target = teacher_logprobs if handle.plan.role == "teacher" else ref_logprobs
-            for (index, _), values in zip(indexed, logprobs):
-                target[index] = values
+            target = teacher_out if is_teacher else ref_out
+            for (index, _), value in zip(indexed, values):
+                target[index] = value
         results = []
         for index, teacher in enumerate(teachers):
             cfg = self.cfg.teachers[teacher]
+            t_out = teacher_out[index]
+            r_out = ref_out[index] if cfg.scored_reference else None
             results.append(SampleScores(
-                teacher=teacher, lam=cfg.lam, teacher_logprobs=teacher_logprobs[index],
-                ref_logprobs=ref_logprobs[index] if cfg.scored_reference else None))
+                teacher=teacher, lam=cfg.lam, teacher_logprobs=t_out[:, 0].contiguous(),
+                ref_logprobs=None if r_out is None else r_out[:, 0].contiguous(),
+                teacher_topk_ids=t_out[:, 1 + topk:].long() if topk else None,
+                teacher_topk_logprobs=t_out[:, 1:1 + topk].contiguous() if topk else None,
+                ref_topk_logprobs=r_out[:, 1:].contiguous() if topk and r_out is not None else None))
         return results
 
     def close(self) -> None:
@@ -1049,13 +1104,17 @@ class ScoringPool:
             handle.model.to("cpu")
             torch.cuda.empty_cache()
 
-    def _score_model(self, handle: _PoolModel, sequences: list[_Sequence]) -> list[torch.Tensor]:
-        """Log-probs [response_len] of each of this rank's sequences under one model (collective)."""
+    def _score_model(self, handle: _PoolModel, sequences: list[_Sequence], topk: int,
+                     width: int) -> list[torch.Tensor]:
+        """``[response_len, width]`` of each of this rank's sequences under one model (collective):
+        the sampled tokens' log-probs, then those of any extra targets, then `topk` top-k log-probs
+        and ids (see `_forward`)."""
         if handle.shortcut:
-            return self._score_in_place(handle, sequences)
-        return self._score_redistributed(handle, sequences)
+            return self._score_in_place(handle, sequences, topk, width)
+        return self._score_redistributed(handle, sequences, topk, width)
 
-    def _score_in_place(self, handle: _PoolModel, sequences: list[_Sequence]) -> list[torch.Tensor]:
+    def _score_in_place(self, handle: _PoolModel, sequences: list[_Sequence], topk: int,
+                        width: int) -> list[torch.Tensor]:
         """Shortcut: this rank's replica is its student model-parallel group; it scores its shard."""
         grid, device = handle.grid, platform.device()
         micro_batches = _pack_micro_batches([len(s.tokens) for s in sequences], self.cfg.micro_batch_tokens,
@@ -1066,17 +1125,18 @@ class ScoringPool:
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         if counts[0].item() == 0:
             return []
-        logprobs = self._forward(handle, sequences, micro_batches, int(counts[1].item()))
+        logprobs = self._forward(handle, sequences, micro_batches, int(counts[1].item()), topk)
         if handle.plan.layout.pp == 1:
             return logprobs
         # The last stage holds the results; its pipeline peers receive them.
         lengths = [s.response_len for s in sequences]
         flat = (torch.cat(logprobs) if grid.is_last_stage and logprobs
-                else torch.empty(sum(lengths), dtype=torch.float32, device=device))
+                else torch.empty((sum(lengths), width), dtype=torch.float32, device=device))
         dist.broadcast(flat, src=grid.last_stage_in_my_pp_group, group=grid.pg_collection.pp)
         return list(flat.split(lengths))
 
-    def _score_redistributed(self, handle: _PoolModel, sequences: list[_Sequence]) -> list[torch.Tensor]:
+    def _score_redistributed(self, handle: _PoolModel, sequences: list[_Sequence], topk: int,
+                             width: int) -> list[torch.Tensor]:
         """General path: all-gather the batch, score each replica's share, all-gather the results."""
         grid, device, rank = handle.grid, platform.device(), dist.get_rank()
         # 1. One rank per student shard contributes its sequences; every rank learns the whole batch.
@@ -1092,27 +1152,29 @@ class ScoringPool:
         packed = [_pack_micro_batches([lengths[i] for i in share], budget, multiple) for share in assignment]
         my_share = assignment[grid.dp_rank]
         logprobs = self._forward(handle, [batch[i][2] for i in my_share], packed[grid.dp_rank],
-                                 max(len(p) for p in packed))
+                                 max(len(p) for p in packed), topk)
         # 3. Each replica's writer contributes its results; every rank keeps its own shard's.
         is_writer = rank == grid.writer_of_replica[grid.dp_rank]
-        flat = (torch.cat(logprobs) if is_writer and logprobs
+        flat = (torch.cat(logprobs).view(-1) if is_writer and logprobs
                 else torch.empty(0, dtype=torch.float32, device=device))
         gathered = _all_gather_varlen(flat)
         by_source: dict[tuple[int, int], torch.Tensor] = {}
         for replica, share in enumerate(assignment):
             response_lens = [batch[i][2].response_len for i in share]
-            chunks = gathered[grid.writer_of_replica[replica]].split(response_lens)
+            chunks = gathered[grid.writer_of_replica[replica]].view(-1, width).split(response_lens)
             for i, values in zip(share, chunks):
                 by_source[batch[i][:2]] = values
         return [by_source[(self._student_leader, i)] for i in range(len(sequences))]
 
     def _forward(self, handle: _PoolModel, sequences: list[_Sequence], micro_batches: list[list[int]],
-                 min_micro_batches: int) -> list[torch.Tensor]:
+                 min_micro_batches: int, topk: int = 0) -> list[torch.Tensor]:
         """Run this replica's sequences forward-only; their response log-probs on the last stage.
 
         `min_micro_batches` pads the schedule with one-token dummy micro-batches (expert-parallel
-        peers must run the same number of forwards). Returns ``[response_len]`` fp32 tensors on the
-        last pipeline stage (every TP rank), an empty list on the other stages.
+        peers must run the same number of forwards). Returns ``[response_len, w]`` fp32 tensors on
+        the last pipeline stage (every TP rank), an empty list on the other stages. Columns: the
+        sampled token's log-prob; then the log-probs of the sequences' ``extra_targets`` (k
+        columns), if they have them; then, with `topk`, the model's top-k log-probs and ids.
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -1128,9 +1190,15 @@ class ScoringPool:
         results: list[Optional[torch.Tensor]] = [None] * len(sequences)
 
         def loss_func(batch: _MicroBatch, output: torch.Tensor):
-            # output: [b, s, V/tp] this TP rank's vocabulary shard of the logits.
-            logprobs = token_logprobs_from_logits(output.transpose(0, 1), batch.targets, tp_group=pgs.tp,
-                                                  vocab_size=plan.arch.vocab_size)  # [s, b] fp32
+            logits = output.transpose(0, 1)  # [s, b, V/tp] this TP rank's vocabulary shard
+            logprobs = token_logprobs_from_logits(logits, batch.targets, tp_group=pgs.tp,
+                                                  vocab_size=plan.arch.vocab_size)  # [s, b(, 1 + k)] fp32
+            if logprobs.dim() == 2:
+                logprobs = logprobs.unsqueeze(-1)
+            if topk:
+                values, ids = topk_logprobs_from_logits(logits, topk, tp_group=pgs.tp,
+                                                        vocab_size=plan.arch.vocab_size)  # [s, b, k]
+                logprobs = torch.cat([logprobs, values, ids.float()], dim=-1)
             for row, index in enumerate(batch.indices):
                 seq = sequences[index]
                 # Position t predicts token t + 1: the response starts at the model's prompt length.

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 from megatron_gopd.logprobs import (
     full_vocab_reverse_kl,
+    topk_logprobs_from_logits,
     token_logprobs_from_hidden,
     token_logprobs_from_logits,
 )
@@ -325,6 +326,15 @@ def _tp_body(rank: int, world_size: int, real_vocab: int, temperature: float) ->
     got_grad, = torch.autograd.grad((got_kl * upstream[1]).sum(), student_shard)
     diffs["kl/value"] = _max_scaled_diff(got_kl, want_kl)
     diffs["kl/grad"] = _max_abs_diff(got_grad, want_grad[..., shard])
+
+    # A teacher's top-k: 8 of 57 tokens, found shard by shard and merged.
+    want_values, want_ids = topk_logprobs_from_logits(teacher_logits, 8, temperature=temperature,
+                                                      vocab_size=real_vocab, chunk_size=4)
+    got_values, got_ids = topk_logprobs_from_logits(teacher_logits[..., shard], 8, tp_group=group,
+                                                    temperature=temperature, vocab_size=real_vocab,
+                                                    chunk_size=4)
+    diffs["topk/values"] = _max_abs_diff(got_values, want_values)
+    diffs["topk/ids"] = float((got_ids != want_ids).sum())
     return diffs
 
 
@@ -333,6 +343,22 @@ def test_tp2_matches_tp1() -> None:
     # 64 rows over 2 ranks; real vocabulary 57, so rank 1's shard ends in 7 padded rows.
     results = run_distributed(_tp_body, world_size=2, real_vocab=57, temperature=0.8)
     for rank, diffs in enumerate(results):
-        assert len(diffs) == 12
+        assert len(diffs) == 14
         bad = {name: diff for name, diff in diffs.items() if not diff <= 1e-6}
         assert not bad, f"rank {rank}: TP=2 differs from TP=1 by more than 1e-6: {bad}"
+
+
+def test_topk_logprobs_are_the_largest_log_softmax_values_and_skip_padding() -> None:
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 3, 40, generator=gen)
+    logits[..., 37:] = 50.0  # padded rows beyond the real vocabulary must never be picked
+    values, ids = topk_logprobs_from_logits(logits, 5, temperature=0.7, vocab_size=37, chunk_size=4)
+    reference = torch.log_softmax(logits[..., :37] / 0.7, dim=-1)
+    want = reference.topk(5, dim=-1)
+    assert torch.equal(ids, want.indices)
+    torch.testing.assert_close(values, want.values, rtol=0, atol=1e-6)
+    full_values, full_ids = topk_logprobs_from_logits(logits, 37, vocab_size=37)
+    assert torch.allclose(full_values.exp().sum(-1), torch.ones(6, 3), atol=1e-5)
+    assert int(full_ids.max()) < 37
+    with pytest.raises(ValueError, match="k must be in"):
+        topk_logprobs_from_logits(logits, 38, vocab_size=37)

@@ -129,14 +129,19 @@ class _Standalone:
             model, arch = load_converted_model(checkpoints[name], ParallelLayout())
             self.models[name] = (model.eval(), arch)
 
-    def logprobs(self, ckpt_name: str, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
+    def log_softmax(self, ckpt_name: str, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
+        """[len(response_ids), V] the model's next-token log-probs at each response position."""
         model, arch = self.models[ckpt_name]
         tokens = torch.tensor([prompt_ids + response_ids])
         with torch.no_grad():
             logits = model(tokens, torch.arange(tokens.shape[1])[None], None)[0]  # [s, V_padded]
         logp = logits[:, : arch.vocab_size].float().log_softmax(-1)  # real vocabulary only
         start = len(prompt_ids) - 1  # position t predicts token t + 1
-        return logp[start:start + len(response_ids)].gather(1, torch.tensor(response_ids)[:, None])[:, 0]
+        return logp[start:start + len(response_ids)]
+
+    def logprobs(self, ckpt_name: str, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
+        logp = self.log_softmax(ckpt_name, prompt_ids, response_ids)
+        return logp.gather(1, torch.tensor(response_ids)[:, None])[:, 0]
 
 
 def _count_groups():
@@ -177,7 +182,23 @@ def _count_model_loads():
     return loads, lambda: setattr(scoring, "_load_with_groups", original)
 
 
-def _check_scores(scores, requests, expectations, standalone, renderers) -> list[dict]:
+def _check_topk(score, request, expectation, standalone, renderers, topk: int) -> dict:
+    """Top-k fields of one SampleScores against the standalone models' full distributions."""
+    teacher_ckpt, _, ref_ckpt = expectation
+    full = standalone.log_softmax(teacher_ckpt, renderers[teacher_ckpt](request), request["response_ids"])
+    want = full.topk(topk, dim=-1)
+    row = dict(topk_shape=tuple(score.teacher_topk_ids.shape), topk_ids_dtype=str(score.teacher_topk_ids.dtype),
+               topk_value_diff=(score.teacher_topk_logprobs - want.values).abs().max().item(),
+               # ids may differ only where two logits tie exactly (then their values agree anyway)
+               topk_id_diff=(full.gather(1, score.teacher_topk_ids) - want.values).abs().max().item(),
+               ref_topk_none=score.ref_topk_logprobs is None)
+    if ref_ckpt is not None and score.ref_topk_logprobs is not None:
+        ref_full = standalone.log_softmax(ref_ckpt, renderers[ref_ckpt](request), request["response_ids"])
+        row["ref_topk_diff"] = (score.ref_topk_logprobs - ref_full.gather(1, score.teacher_topk_ids)).abs().max().item()
+    return row
+
+
+def _check_scores(scores, requests, expectations, standalone, renderers, topk: int = 0) -> list[dict]:
     """Compare each SampleScores with the standalone models; one row per request for the parent."""
     rows = []
     for request, score in zip(requests, scores):
@@ -197,6 +218,12 @@ def _check_scores(scores, requests, expectations, standalone, renderers) -> list
             row["ref_tokens"] = len(ref_prompt) + len(request["response_ids"])
             # The routing check below is only meaningful if the models visibly disagree.
             row["teacher_vs_ref"] = (expected_teacher - expected_ref).abs().max().item()
+        row["topk"] = topk
+        if topk:
+            row.update(_check_topk(score, request, expectations[request["domain"]], standalone, renderers, topk))
+        else:
+            row["topk_none"] = (score.teacher_topk_ids is None and score.teacher_topk_logprobs is None
+                                and score.ref_topk_logprobs is None)
         rows.append(row)
     return rows
 
@@ -251,6 +278,14 @@ def _pool_body(rank: int, world_size: int, checkpoints: dict[str, str]) -> dict:
     requests = _requests(rank, [3, 1, 0, 2][rank], ["math"], seed=2)
     scores = pool.score([ScoreRequest(**r) for r in requests])
     report["rows"] += _check_scores(scores, requests, expectations, standalone, renderers)
+    # Call 3: every domain with the teachers' top-5 (and the references' log-probs of those ids).
+    requests = _requests(rank, [4, 4, 3, 4][rank], list(expectations), seed=4)
+    scores = pool.score([ScoreRequest(**r) for r in requests], topk=5)
+    report["rows"] += _check_scores(scores, requests, expectations, standalone, renderers, topk=5)
+    try:
+        pool.score([ScoreRequest(**r) for r in requests], topk=TINY_VOCAB_SIZE + 1)
+    except ValueError as err:
+        report["topk_error"] = str(err)
 
     report["teacher_for"] = {d: pool.teacher_for(d) for d in expectations}
     try:
@@ -287,6 +322,7 @@ def _pipeline_student_body(rank: int, world_size: int, checkpoints: dict[str, st
     shard = rank % 2
     requests = _requests(shard, 4, ["math"], seed=3)
     scores = pool.score([ScoreRequest(**r) for r in requests])
+    topk_scores = pool.score([ScoreRequest(**r) for r in requests], topk=TINY_VOCAB_SIZE)  # the whole vocabulary
     redistributed = {name: s.redistributed for name, s in pool.stats.items()}
     # Rank 2 holds shard 0 like rank 0 but passes another list: refused on every rank.
     try:
@@ -300,6 +336,8 @@ def _pipeline_student_body(rank: int, world_size: int, checkpoints: dict[str, st
     standalone = _Standalone(checkpoints, ["student", "math"])
     renderers = {name: (lambda r: r["prompt_ids"]) for name in checkpoints}
     rows = _check_scores(scores, requests, {"math": ("math", 1.5, "student")}, standalone, renderers)
+    rows += _check_scores(topk_scores, requests, {"math": ("math", 1.5, "student")}, standalone, renderers,
+                          topk=TINY_VOCAB_SIZE)
     return {"rows": rows, "redistributed": redistributed, "mismatch_error": mismatch_error}
 
 
@@ -366,6 +404,15 @@ def test_pool_scores_match_standalone_models_and_route_by_domain(checkpoints):
         else:  # reward correction (math_base) or the student's initial weights
             assert not row["ref_none"] and row["ref_diff"] < TOL, row
             assert row["teacher_vs_ref"] > 1e-2, row  # the comparison can tell the models apart
+        if row["topk"]:  # top-k through every layout: ids, values and the reference at those ids
+            assert row["topk_shape"] == (row["n"], 5) and row["topk_ids_dtype"] == "torch.int64", row
+            assert row["topk_value_diff"] < TOL and row["topk_id_diff"] < TOL, row
+            assert row["ref_topk_none"] == row["ref_none"], row
+            if not row["ref_none"]:
+                assert row["ref_topk_diff"] < TOL, row
+        else:
+            assert row["topk_none"], row
+    assert {row["domain"] for row in rows if row["topk"]} == set(expected_teacher)
 
     # Each model ran exactly the sequences routed to it: sum over its distinct replicas.
     stats = [report["stats"] for report in reports]
@@ -394,6 +441,7 @@ def test_pool_scores_match_standalone_models_and_route_by_domain(checkpoints):
         assert report["teacher_for"] == expected_teacher
         assert "no teacher scores domain 'poetry'" in report["teacher_for_error"]
         assert "poetry" in report["score_error"], report["score_error"]
+        assert "topk must be in [0, " in report["topk_error"], report["topk_error"]
         # every process group the pool created was destroyed by close()
         assert report["groups"]["created"] > 0
         assert report["groups"]["created"] == report["groups"]["destroyed"], report["groups"]
@@ -404,9 +452,12 @@ def test_pool_beside_pipelined_student_needs_no_redistribution(checkpoints):
     for rank, report in enumerate(reports):
         assert report["redistributed"] == {"math": False, STUDENT_INIT: False}, rank
         assert "rank 2 passed other requests than rank 0" in report["mismatch_error"], report
-        assert len(report["rows"]) == 4
+        assert len(report["rows"]) == 8
         for row in report["rows"]:
             assert row["teacher_diff"] < TOL and row["ref_diff"] < TOL, (rank, row)
+            if row["topk"]:  # k = the whole vocabulary, broadcast from the last pipeline stage
+                assert row["topk_value_diff"] < TOL and row["topk_id_diff"] < TOL, (rank, row)
+                assert row["ref_topk_diff"] < TOL, (rank, row)
 
 
 def test_bad_setups_fail_before_anything_is_built(checkpoints):
