@@ -11,6 +11,7 @@ with an all-reduce and short ranks get empty micro-batches that contribute nothi
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -33,6 +34,13 @@ class TrainSample:
     """Which teacher scored the sample (its lam and reference come from the scoring config)."""
     outcome_advantage: float = 0.0
     """Group-normalised verifier reward added to every token's advantage (0 when unused)."""
+    teacher_topk_ids: Optional[torch.Tensor] = None
+    """``[len(response_ids), k]`` the teacher's top-k token ids at each response position (top-k
+    loss only; `megatron_gopd.scoring.SampleScores`)."""
+    teacher_topk_logprobs: Optional[torch.Tensor] = None
+    """``[len(response_ids), k]`` the teacher's log-probs of those ids."""
+    ref_topk_logprobs: Optional[torch.Tensor] = None
+    """``[len(response_ids), k]`` the reference's log-probs of those ids; None without a reference."""
 
     @property
     def num_tokens(self) -> int:
@@ -83,23 +91,33 @@ class MicroBatch:
     ref_logprobs: torch.Tensor      # [b, s] fp32 (teacher's where a sample has no reference)
     outcome_advantage: torch.Tensor  # [b, 1] fp32
     teachers: list[str]
+    # Top-k loss only (None otherwise), aligned like the log-probs above; padded positions hold
+    # token 0 with a uniform distribution, finite but masked out.
+    topk_ids: Optional[torch.Tensor] = None               # [b, s, k] long
+    teacher_topk_logprobs: Optional[torch.Tensor] = None  # [b, s, k] fp32
+    ref_topk_logprobs: Optional[torch.Tensor] = None      # [b, s, k] fp32 (teacher's where no reference)
 
     @property
     def num_response_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
 
 
-def collate(samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[torch.device] = None) -> MicroBatch:
+def collate(samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[torch.device] = None,
+            topk: int = 0) -> MicroBatch:
     """Pad `samples` to one ``[b, s]`` micro-batch; an empty list gives a 1-token dummy (mask 0).
 
     The mask comes from each sample's response length, never from comparing with the pad id:
-    Qwen3's pad id is also one of its EOS ids, and the real EOS must be trained on.
+    Qwen3's pad id is also one of its EOS ids, and the real EOS must be trained on. With `topk` > 0
+    the samples' top-k fields (all ``[len(response_ids), topk]``) become ``[b, s, topk]`` tensors.
     """
     if not samples:
         zeros = torch.zeros((1, 2))
-        return MicroBatch(torch.full((1, 2), pad_id, dtype=torch.long), torch.arange(2)[None],
-                          torch.full((1, 2), pad_id, dtype=torch.long), zeros.clone(), zeros.clone(),
-                          zeros.clone(), zeros.clone(), torch.zeros((1, 1)), [])
+        out = MicroBatch(torch.full((1, 2), pad_id, dtype=torch.long), torch.arange(2)[None],
+                         torch.full((1, 2), pad_id, dtype=torch.long), zeros.clone(), zeros.clone(),
+                         zeros.clone(), zeros.clone(), torch.zeros((1, 1)), [])
+        if topk:
+            out.topk_ids, out.teacher_topk_logprobs, out.ref_topk_logprobs = _topk_padding(1, 2, topk)
+        return out if device is None else _on(out, device)
     length = max(s.num_tokens for s in samples)
     batch = len(samples)
     tokens = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -119,9 +137,29 @@ def collate(samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[to
     outcome = torch.tensor([[s.outcome_advantage] for s in samples])
     out = MicroBatch(tokens, positions, targets, mask, sampler, teacher, ref, outcome,
                      [s.teacher for s in samples])
-    if device is not None:
-        out = MicroBatch(**{f.name: _to(getattr(out, f.name), device) for f in dataclasses.fields(out)})
-    return out
+    if topk:
+        ids, teacher_topk, ref_topk = _topk_padding(batch, length, topk)
+        for row, s in enumerate(samples):
+            if s.teacher_topk_ids is None or s.teacher_topk_ids.shape != (len(s.response_ids), topk):
+                raise ValueError(f"sample {row} has no [response_len, {topk}] teacher top-k (scored "
+                                 f"without ScoringPool.score(topk={topk})?)")
+            start, end = len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + len(s.response_ids)
+            ids[row, start:end] = s.teacher_topk_ids.to(torch.long).cpu()
+            teacher_topk[row, start:end] = s.teacher_topk_logprobs.float().cpu()
+            ref_source = s.ref_topk_logprobs if s.ref_topk_logprobs is not None else s.teacher_topk_logprobs
+            ref_topk[row, start:end] = ref_source.float().cpu()
+        out.topk_ids, out.teacher_topk_logprobs, out.ref_topk_logprobs = ids, teacher_topk, ref_topk
+    return out if device is None else _on(out, device)
+
+
+def _topk_padding(batch: int, length: int, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k tensors for positions without a response token: token 0, uniform log-probs."""
+    uniform = torch.full((batch, length, topk), -math.log(topk + 1))
+    return torch.zeros((batch, length, topk), dtype=torch.long), uniform, uniform.clone()
+
+
+def _on(batch: MicroBatch, device: torch.device) -> MicroBatch:
+    return MicroBatch(**{f.name: _to(getattr(batch, f.name), device) for f in dataclasses.fields(batch)})
 
 
 def _to(value, device: torch.device):

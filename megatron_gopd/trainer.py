@@ -37,7 +37,8 @@ from megatron_gopd.checkpointing import HF_SUBDIR, atomic_directory_write, read_
 from megatron_gopd.config import dump_yaml, to_dict
 from megatron_gopd.data import DataConfig, PromptRecord, build_prompt_sampler, shard_for_rank
 from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits
-from megatron_gopd.loss import aggregate_loss, gopd_advantages_detailed, loss_normaliser, masked_mean, policy_loss
+from megatron_gopd.loss import (aggregate_loss, gopd_advantages_detailed, loss_normaliser, masked_mean, policy_loss,
+                                topk_reverse_kl)
 from megatron_gopd.models import ModelArchitecture, ParallelLayout, build_gpt_model
 from megatron_gopd.rollout import MegatronRolloutEngine, SamplingParams
 from megatron_gopd.scoring import ScoreRequest, ScoringConfig, ScoringPool
@@ -88,11 +89,21 @@ class RolloutConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    """The policy loss (megatron_gopd.loss.policy_loss)."""
+    """The training objective at each sampled response position."""
 
+    kind: Literal["sampled", "topk"] = "sampled"
+    """``sampled``: the paper's G-OPD policy gradient, REINFORCE on the sampled token's advantage
+    (`megatron_gopd.loss.policy_loss`). ``topk``: the exact reverse KL from the student to the G-OPD
+    target q ∝ pi_ref^(1-lam) pi*^lam over the teacher's `topk` most likely tokens plus one bucket
+    for the rest (`megatron_gopd.loss.topk_reverse_kl`): the same optimum, no sampling noise in the
+    per-position gradient, at the cost of k log-probs per token from the teacher and reference."""
+    topk: int = 64
+    """k for ``kind: topk``; a value >= the vocabulary size takes the whole vocabulary (then the loss
+    is the exact full-vocabulary reverse KL)."""
     agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     tis_cap: Optional[float] = 5.0
-    """Truncated importance-sampling cap C (the paper: 5); null disables the correction."""
+    """Truncated importance-sampling cap C (the paper: 5); null disables the correction. (The
+    ``topk`` loss sums over tokens instead of sampling one, so it applies only to its outcome term.)"""
     clip_eps: Optional[float] = None
     """PPO-style clipping; only meaningful when a batch is reused."""
     logprobs_from_hidden: bool = True
@@ -165,6 +176,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.prompts_per_step < 1 or self.micro_batch_tokens < 2:
             raise ValueError("steps, prompts_per_step must be >= 1 and micro_batch_tokens >= 2")
+        if self.loss.kind == "topk" and self.loss.topk < 1:
+            raise ValueError(f"loss.topk must be >= 1, got {self.loss.topk}")
+        if self.loss.kind == "topk" and (self.mode == "sft" or self.reward.only):
+            raise ValueError("loss.kind=topk distils the teachers' distributions: it needs mode=gopd "
+                             "with teachers (not mode=sft or reward.only=true)")
         if self.mode == "gopd" and not self.reward.only and not self.scoring.teachers:
             raise ValueError("no teachers configured (scoring.teachers); set reward.only=true to "
                              "train on a verifier reward alone, or mode=sft for the SFT baseline")
@@ -385,7 +401,7 @@ class Trainer:
         if self.pool is None:  # outcome reward alone: the "teacher" term is the student's own
             scores = [None] * len(requests)
         else:
-            scores = self.pool.score(requests)
+            scores = self.pool.score(requests, topk=self._topk)
         samples = []
         for request, rollout, score, adv in zip(requests, rollouts, scores, outcome):
             sampler_logp = rollout.logprobs if rollout.logprobs is not None else rollout.sampler_logprobs
@@ -395,8 +411,18 @@ class Trainer:
                 teacher_logprobs=score.teacher_logprobs.tolist() if score else list(sampler_logp),
                 ref_logprobs=score.ref_logprobs.tolist() if score and score.ref_logprobs is not None else None,
                 teacher=score.teacher if score else "outcome",
-                outcome_advantage=adv))
+                outcome_advantage=adv,
+                teacher_topk_ids=score.teacher_topk_ids if score else None,
+                teacher_topk_logprobs=score.teacher_topk_logprobs if score else None,
+                ref_topk_logprobs=score.ref_topk_logprobs if score else None))
         return samples
+
+    @property
+    def _topk(self) -> int:
+        """k of the top-k loss (capped at the vocabulary), 0 for the sampled-token loss."""
+        if self.cfg.loss.kind != "topk" or self.cfg.mode != "gopd":
+            return 0
+        return min(self.cfg.loss.topk, self.arch.vocab_size)
 
     def _verifier_rewards(self, records: list[PromptRecord], rollouts) -> list[Optional[float]]:
         """Each rollout's verifier reward; None for truncated responses (their answer is incomplete)
@@ -450,25 +476,32 @@ class Trainer:
         count = agree_on_micro_batch_count(len(groups), self.dp_group)
         groups += [[] for _ in range(count - len(groups))]
         pad_id = self.tokenizer.pad_token_id or 0
-        micro_batches = [collate(g, pad_id, platform.device()) for g in groups]
+        micro_batches = [collate(g, pad_id, platform.device(), topk=self._topk) for g in groups]
         collected: list[dict[str, torch.Tensor]] = []
         cfg = self.cfg
 
         head = _OutputHead(self.model.module) if cfg.loss.logprobs_from_hidden else None
 
         def loss_func(mb: MicroBatch, output: torch.Tensor):
+            # The sampled token, then (top-k loss) the teacher's top-k ids: [b, s] or [b, s, 1 + k].
+            targets = mb.targets if mb.topk_ids is None else torch.cat([mb.targets[..., None], mb.topk_ids], -1)
             if head is not None:  # output: the final hidden states [b, s, h]
                 logp, entropy = token_logprobs_from_hidden(
-                    output.transpose(0, 1), head.weight, mb.targets.t(), tp_group=self.tp_group,
+                    output.transpose(0, 1), head.weight, targets.transpose(0, 1), tp_group=self.tp_group,
                     vocab_size=self.arch.vocab_size, with_entropy=True)
             else:  # output: vocab-parallel logits [b, s, v/tp]
                 logp, entropy = token_logprobs_from_logits(
-                    output.transpose(0, 1), mb.targets.t(), tp_group=self.tp_group,
+                    output.transpose(0, 1), targets.transpose(0, 1), tp_group=self.tp_group,
                     vocab_size=self.arch.vocab_size, with_entropy=True)
-            logp, entropy = logp.t(), entropy.t()  # [b, s]
+            logp, entropy = logp.transpose(0, 1), entropy.t()  # [b, s(, 1 + k)], [b, s]
+            student_topk = None
+            if mb.topk_ids is not None:
+                logp, student_topk = logp[..., 0], logp[..., 1:]
             if cfg.mode == "sft":  # cross-entropy on the given responses
                 stats, loss_metrics = {}, {}
                 loss = aggregate_loss(-logp, mb.loss_mask, cfg.loss.agg, num_tokens=1)
+            elif student_topk is not None:
+                loss, stats, loss_metrics = self._topk_loss(mb, logp, student_topk)
             else:
                 advantages, stats = self._advantages(mb, logp.detach())
                 loss, loss_metrics = policy_loss(logp, advantages, mb.loss_mask, sampler_logp=mb.sampler_logprobs,
@@ -531,6 +564,33 @@ class Trainer:
         advantages = advantages + mb.outcome_advantage
         return advantages * mb.loss_mask, stats
 
+    def _topk_loss(self, mb: MicroBatch, logp: torch.Tensor,
+                   student_topk: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        """Top-k reverse KL to each row's G-OPD target, plus the policy-gradient outcome term.
+
+        Returns (loss, stats, loss metrics). The sampled-token advantages are still computed for
+        their metrics (reverse KL to the teacher, implicit reward), not for the gradient.
+        """
+        cfg = self.cfg.loss
+        _, stats = self._advantages(mb, logp.detach())
+        target_kl = torch.zeros_like(logp)  # [b, s]
+        for teacher in sorted(set(mb.teachers)):
+            rows = torch.tensor([t == teacher for t in mb.teachers], device=logp.device)
+            lam, has_ref = self._teacher_lam(teacher)
+            target_kl[rows] = topk_reverse_kl(student_topk[rows], mb.teacher_topk_logprobs[rows],
+                                              mb.ref_topk_logprobs[rows] if has_ref else None, lam)
+            mask = mb.loss_mask[rows]
+            stats[f"target_kl/{teacher}"] = masked_mean(target_kl[rows].detach(), mask) * mask.sum()
+        loss = aggregate_loss(target_kl, mb.loss_mask, cfg.agg, num_tokens=1)
+        loss_metrics: dict[str, torch.Tensor] = {}
+        if self._uses_reward:  # the verifier's group-normalised reward, by policy gradient
+            outcome = mb.outcome_advantage * mb.loss_mask
+            outcome_loss, loss_metrics = policy_loss(logp, outcome, mb.loss_mask, sampler_logp=mb.sampler_logprobs,
+                                                     tis_cap=cfg.tis_cap, clip_eps=cfg.clip_eps, agg=cfg.agg,
+                                                     num_tokens=1)
+            loss = loss + outcome_loss
+        return loss, stats, loss_metrics
+
     def _teacher_lam(self, teacher: str) -> tuple[float, bool]:
         if teacher in ("outcome", "sft") or self.pool is None:
             return 1.0, False
@@ -572,7 +632,8 @@ class Trainer:
         names = ["_tokens", "_normaliser", "loss", "teacher_clamped", "entropy", "advantage_mean", "is_weight_mean",
                  "is_truncated_frac", "sampler_logp_abs_diff", "clip_frac", "ratio_mean"]
         for teacher in sorted(self.cfg.scoring.teachers) if self.pool is not None else []:
-            names += [f"reverse_kl/{teacher}", f"implicit_reward/{teacher}", f"_tokens/{teacher}"]
+            names += [f"reverse_kl/{teacher}", f"implicit_reward/{teacher}", f"target_kl/{teacher}",
+                      f"_tokens/{teacher}"]
         return names
 
     # ------------------------------------------------------------------ the loop

@@ -117,6 +117,8 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_assets, tmp_path):
     (["student.tp=3"], "num_attention_heads=4 is not divisible by tensor_parallel=3"),
     (["scoring.teachers.math.model.tp=3"], "tp x pp = 3 x 2 = 6 does not divide the world size 4"),
     (["scoring.teachers.math.domains=[]"], "math"),
+    (["loss.kind=topk", "reward.only=true"], "loss.kind=topk distils the teachers' distributions"),
+    (["loss.kind=topk", "loss.topk=0"], "loss.topk must be >= 1"),
 ])
 def test_bad_input_fails_fast_without_output(tiny_assets, tmp_path, overrides, message):
     out = tmp_path / "never"
@@ -234,3 +236,35 @@ def test_hidden_state_logprob_path_equals_the_logits_path(tiny_assets, tmp_path)
         for name in ("loss", "grad_norm", "entropy", "reverse_kl/math", "reverse_kl/code"):
             if name in logits:
                 assert hidden[name] == pytest.approx(logits[name], rel=1e-4, abs=1e-5), name
+
+
+def test_topk_loss_is_zero_when_the_target_is_the_student(tiny_assets, tmp_path):
+    """Teacher = reference = the student's own weights: q = pi_student at any lam, so before the first
+    update the top-k KL over the whole vocabulary is 0 exactly when the teacher's top-k ids, the
+    reference's log-probs of them and the student's are aligned position by position (TP=2 student,
+    TP=2 teacher, reference at the student's layout)."""
+    out = tmp_path / "self"
+    student = f"{tiny_assets}/ckpt/student"
+    _ok(gopd_train(tiny_assets, out, "steps=1", "save_every=0", "export_hf=false", "student.tp=2",
+                   "loss.kind=topk", "loss.topk=100000", *TWO_RANKS,
+                   f"scoring.teachers.math.model.checkpoint={student}", "scoring.teachers.math.lam=2.0",
+                   "scoring.teachers.math.reference=student_init",
+                   f"scoring.teachers.code.model.checkpoint={student}", "scoring.teachers.code.lam=1.0",
+                   nproc=2))
+    (metrics,) = read_metrics(out)
+    for teacher in ("math", "code"):
+        assert abs(metrics[f"target_kl/{teacher}"]) < 1e-5, metrics
+        assert abs(metrics[f"reverse_kl/{teacher}"]) < 1e-5, metrics
+    assert metrics["loss"] == pytest.approx(0.0, abs=1e-5) and metrics["grad_norm"] < 1e-3, metrics
+
+
+def test_topk_loss_moves_the_student_towards_the_extrapolated_target(tiny_assets, tmp_path):
+    """loss.kind=topk with k = 8 of the vocabulary (a tail bucket), ExOPD lam = 1.25: the KL falls."""
+    out = tmp_path / "topk"
+    _ok(gopd_train(tiny_assets, out, "steps=12", "save_every=0", "export_hf=false", "optim.lr=3e-3",
+                   "optim.warmup_steps=0", "prompts_per_step=16", "loss.kind=topk", "loss.topk=8",
+                   *TWO_RANKS, nproc=2))
+    metrics = read_metrics(out)
+    assert all(math.isfinite(v) for m in metrics for v in m.values())
+    kl = [(m["target_kl/math"] + m["target_kl/code"]) / 2 for m in metrics]
+    assert sum(kl[-3:]) / 3 < 0.7 * sum(kl[:3]) / 3, kl
