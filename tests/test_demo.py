@@ -94,3 +94,15 @@ def test_carry_noise_only_drops_carries(tmp_path):
             assert given == int(row["answer"])
     dropped = sum(int(r["response"][len("\\boxed{"):-1]) != int(r["answer"]) for r in carrying) / len(carrying)
     assert 0.35 < dropped < 0.45
+
+
+def test_loss_flag_names_runs_apart_and_sets_the_objective(tmp_path):
+    recipe = demo.parse_args(["--out", str(tmp_path)])
+    assert recipe.opd_tag == "" and recipe.opd_overrides == []
+    assert demo._recipe_value("student_opd.yaml", "loss")["kind"] == "topk"
+    same = demo.parse_args(["--out", str(tmp_path), "--loss", "topk"])
+    assert same.opd_tag == "" and same.opd_overrides == ["loss.kind=topk"]
+    sampled = demo.parse_args(["--out", str(tmp_path), "--loss", "sampled", "--student-steps", "160"])
+    # SFT students do not depend on the loss: only OPD / ExOPD runs get the suffix
+    assert sampled.student_tag == "_steps160" and sampled.opd_tag == "_steps160_sampled"
+    assert sampled.opd_overrides == ["loss.kind=sampled", f"optim.lr={demo.SAMPLED_LOSS_LR}"]

@@ -51,6 +51,8 @@ TOOLS = REPO / "tools"
 DOMAIN = "math"
 OPD_LAMS = (1.0, 1.25, 1.5)
 EXPO_ALPHAS = (1.25, 1.5)
+SAMPLED_LOSS_LR = 1e-3
+"""Peak lr of OPD / ExOPD students with ``--loss sampled`` (2e-3 diverges, 5e-4 stalls)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,12 +84,30 @@ class DemoSettings:
     num_layers: int = 4
     custom_student_steps: bool = False
     """Set by `--student-steps`: student runs get a ``_steps<N>`` suffix."""
+    student_loss: Optional[str] = None
+    """``loss.kind`` of the OPD / ExOPD students (``topk`` or ``sampled``); None: the YAML's. A
+    kind other than the YAML's adds a ``_<kind>`` suffix to the student runs."""
 
     @property
     def student_tag(self) -> str:
         """Suffix of student run names when `--student-steps` overrides the recipe (so runs of
         different lengths sit side by side)."""
         return f"_steps{self.steps['student']}" if self.custom_student_steps else ""
+
+    @property
+    def opd_tag(self) -> str:
+        """`student_tag`, plus ``_<kind>`` for OPD / ExOPD students when `--loss` is not the recipe's."""
+        if self.student_loss and self.student_loss != _recipe_value("student_opd.yaml", "loss")["kind"]:
+            return f"{self.student_tag}_{self.student_loss}"
+        return self.student_tag
+
+    @property
+    def opd_overrides(self) -> list[str]:
+        """Overrides of student_opd.yaml for `student_loss`."""
+        if self.student_loss == "sampled":
+            # The sampled-token gradient is noisier: the recipe's peak lr makes it diverge.
+            return ["loss.kind=sampled", f"optim.lr={SAMPLED_LOSS_LR}"]
+        return [f"loss.kind={self.student_loss}"] if self.student_loss else []
 
     @classmethod
     def smoke(cls, out: Path) -> "DemoSettings":
@@ -377,16 +397,17 @@ class Demo:
                 f"seed={seed}", f"student.checkpoint={base_ckpt}", f"data.sources=[{{path: {samples}}}]"])
             entries.append(ModelEntry("SFT on teacher samples", f"sft_seed{seed}{s.student_tag}", run / "sft" / "hf",
                                       seed=seed, run_dir=run / "sft"))
+            opd_run = out / "students" / f"seed{seed}{s.opd_tag}"
             for lam in OPD_LAMS:
                 key = f"{'opd' if lam == 1.0 else 'exopd'}_lam{lam:g}"
-                self._train(f"students/seed{seed}{s.student_tag}/{key}", "student_opd.yaml", "student", run / key, [
+                self._train(f"students/seed{seed}{s.opd_tag}/{key}", "student_opd.yaml", "student", opd_run / key, [
                     f"seed={seed}", f"student.checkpoint={base_ckpt}",
                     f"scoring.teachers.arith.model.checkpoint={teacher_ckpt}",
-                    f"scoring.teachers.arith.lam={lam}",
+                    f"scoring.teachers.arith.lam={lam}", *s.opd_overrides,
                     f"data.sources=[{{path: {self.data / 'train.jsonl'}}}]"])
                 label = "OPD (lam=1)" if lam == 1.0 else f"ExOPD (lam={lam:g})"
-                entries.append(ModelEntry(label, f"{key}_seed{seed}{s.student_tag}", run / key / "hf", seed=seed, lam=lam,
-                                          run_dir=run / key))
+                entries.append(ModelEntry(label, f"{key}_seed{seed}{s.opd_tag}", opd_run / key / "hf", seed=seed,
+                                          lam=lam, run_dir=opd_run / key))
         for alpha in EXPO_ALPHAS:
             expo_dir = out / "expo" / f"alpha{alpha:g}"
             r.stage(f"expo/alpha{alpha:g}", expo_dir / "config.json", lambda expo_dir=expo_dir, alpha=alpha: r.command(
@@ -425,6 +446,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoSettings:
     parser.add_argument("--student-steps", type=int, default=None,
                         help="training steps of every student (default: examples/toy/configs/student_*.yaml); "
                              "students of different step counts need different --out directories")
+    parser.add_argument("--loss", choices=["topk", "sampled"], default=None,
+                        help="objective of the OPD / ExOPD students: topk = exact reverse KL to the G-OPD "
+                             "target over the whole (tiny) vocabulary (the recipe's), sampled = the paper's "
+                             "sampled-token policy gradient")
     parser.add_argument("--smoke", action="store_true", help="2 steps per stage on tiny data")
     args = parser.parse_args(argv)
     settings = (DemoSettings.smoke(args.out or REPO / "outputs" / "demo_smoke") if args.smoke
@@ -437,6 +462,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoSettings:
         settings.noise = args.noise
     if args.noise_kind:
         settings.noise_kind = args.noise_kind
+    if args.loss:
+        settings.student_loss = args.loss
     if args.student_steps:
         settings.steps["student"] = args.student_steps
         settings.custom_student_steps = True
