@@ -18,7 +18,9 @@ missing (delete a stage's directory to redo it). The stages:
 4. ``teacher``  `gopd-train reward.only=true` from the base (GRPO-style RL on the verifier reward);
 5. ``teacher_samples``  `gopd-eval --samples-out` of the teacher on the training pool;
 6. ``students`` from the base, per seed: SFT on the teacher's samples, OPD (lam 1.0), ExOPD (lam 1.25,
-                1.5), all with the same prompts per step and steps;
+                1.5), all with the same prompts per step and steps; OPD / ExOPD minimise the exact
+                reverse KL to their target over the whole vocabulary (``--loss sampled``: the
+                paper's sampled-token estimator);
 7. ``expo``     `tools/expo.py`: base + alpha * (teacher - base), training-free, alpha 1.25 and 1.5;
 8. ``eval``     `gopd-eval` avg@k at temperature 1.0 on the held-out set for every model;
 9. ``report``   ``results.json``, ``results.md`` (the table, also printed), ``plots/*.png`` and
