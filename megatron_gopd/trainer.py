@@ -546,8 +546,7 @@ class Trainer:
         """G-OPD advantages per teacher group of rows, plus the outcome term; and their metrics."""
         advantages = torch.zeros_like(student_logp)
         stats: dict[str, torch.Tensor] = {}
-        for teacher in sorted(set(mb.teachers)):
-            rows = torch.tensor([t == teacher for t in mb.teachers], device=student_logp.device)
+        for teacher, rows in _rows_by_teacher(mb):
             mask = mb.loss_mask[rows]
             lam, has_ref = self._teacher_lam(teacher)
             if teacher in ("outcome", "sft"):
@@ -574,8 +573,7 @@ class Trainer:
         cfg = self.cfg.loss
         _, stats = self._advantages(mb, logp.detach())
         target_kl = torch.zeros_like(logp)  # [b, s]
-        for teacher in sorted(set(mb.teachers)):
-            rows = torch.tensor([t == teacher for t in mb.teachers], device=logp.device)
+        for teacher, rows in _rows_by_teacher(mb):
             lam, has_ref = self._teacher_lam(teacher)
             target_kl[rows] = topk_reverse_kl(student_topk[rows], mb.teacher_topk_logprobs[rows],
                                               mb.ref_topk_logprobs[rows] if has_ref else None, lam)
@@ -861,6 +859,13 @@ class _OutputHead:
                 del layer.forward  # back to the class's forward
         return patched()
 
+
+
+def _rows_by_teacher(mb: MicroBatch) -> list[tuple[str, torch.Tensor]]:
+    """(teacher, boolean row mask [b]) for each teacher with samples in `mb`, in name order."""
+    device = mb.loss_mask.device
+    return [(teacher, torch.tensor([t == teacher for t in mb.teachers], device=device))
+            for teacher in sorted(set(mb.teachers))]
 
 
 def _eos_ids(tokenizer) -> list[int]:

@@ -9,21 +9,18 @@ students do not get to q) from a task problem (q is no better than the teacher):
 
 Uses the demo's HF exports (``<out>/base/hf``, ``<out>/teacher/hf``) with `transformers` and a KV
 cache per model, the held-out prompts ``<out>/data/eval.jsonl`` rendered as training rendered them
-(no thinking block), temperature 1, and the demo's answer check (the ``\\boxed{}`` content equals
-the sum). Prints avg@k per lam.
+(no thinking block), temperature 1, and the verifier `gopd-eval` uses (each record's fields
+through `megatron_gopd.evaluation.verifiers`). Prints avg@k per lam.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
-
-BOXED = re.compile(r"\\boxed\{([^}]*)\}")
 
 
 def load(out: Path):
@@ -75,7 +72,9 @@ def main(argv=None) -> int:
         if not (args.out / name / "hf" / "config.json").is_file():
             print(f"{args.out / name / 'hf'} is missing: run the demo first (make demo)", file=sys.stderr)
             return 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from megatron_gopd.evaluation.verifiers import default_registry
+
+    registry = default_registry()
     tokenizer, models = load(args.out)
     rows = [json.loads(line) for line in (args.out / "data" / "eval.jsonl").read_text().splitlines()]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
@@ -85,13 +84,13 @@ def main(argv=None) -> int:
         print("prompts render to different lengths; this script batches without padding", file=sys.stderr)
         return 2
     prompt_ids = torch.tensor(encoded).repeat_interleave(args.k, dim=0)
-    answers = [str(r["answer"]) for r in rows for _ in range(args.k)]
+    fields = [r for r in rows for _ in range(args.k)]
     print(f"{len(rows)} prompts x {args.k} samples, temperature 1", flush=True)
     for lam in args.lams:
         generator = torch.Generator().manual_seed(args.seed)
         tokens = sample_target(models, prompt_ids, lam, args.max_new_tokens, tokenizer.eos_token_id, generator)
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        correct = sum(bool(m) and m.group(1) == a for m, a in ((BOXED.search(t), a) for t, a in zip(texts, answers)))
+        correct = sum(bool(registry.score(f, text).correct) for f, text in zip(fields, texts))
         print(f"lam={lam:g}: avg@{args.k} {100.0 * correct / len(texts):.1f}%", flush=True)
     return 0
 
