@@ -21,8 +21,13 @@ EOS), in fp32 on the CPU with the same number of threads:
 Each figure is the median of ``--repeats`` timed rounds after one warm-up round; within a round
 the runs alternate, so that load from other processes on a shared machine hits both engines alike.
 
+On a GPU (``--device cuda``, the default where CUDA is available) the same comparison runs there,
+timed by wall-clock after a device synchronisation (CPU time says nothing about GPU work); pass
+``--dtype bfloat16`` and a real model shape (e.g. Qwen3-0.6B's: ``--hidden 1024 --layers 28 --heads
+16 --kv-heads 8 --head-dim 128 --ffn 3072 --vocab 151936``) for figures that mean something there.
+
     .venv/bin/python benchmarks/bench_rollout.py [--hidden 512] [--layers 4] [--vocab 1000]
-        [--batch 8] [--length 64] [--repeats 5] [--threads 1]
+        [--batch 8] [--length 64] [--repeats 5] [--threads 1] [--device auto] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _interleaved_medians(runs: dict[str, Callable[[int], None]], repeats: int
+def _interleaved_medians(runs: dict[str, Callable[[int], None]], repeats: int,
+                         synchronize: Callable[[], None] = lambda: None
                          ) -> tuple[dict[str, float], dict[str, float]]:
     """Median wall-clock and CPU seconds of every ``run(repeat_index)`` over `repeats` rounds.
 
@@ -57,16 +63,20 @@ def _interleaved_medians(runs: dict[str, Callable[[int], None]], repeats: int
     processes on a shared machine falls on all of them alike. CPU time (this process's user +
     system time) is what the work itself costs: with one thread it equals wall-clock on an idle
     machine, and unlike wall-clock it does not grow when other processes take the cores.
+    `synchronize` waits for queued device work before each clock is read.
     """
     wall: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     for repeat in range(-1, repeats):
         for name, run in runs.items():
+            synchronize()
             wall_start, cpu_start = time.perf_counter(), time.process_time()
             run(repeat)
+            synchronize()
             if repeat >= 0:
                 wall[name].append(time.perf_counter() - wall_start)
                 cpu[name].append(time.process_time() - cpu_start)
+        print(f"round {repeat + 2}/{repeats + 1} done" + (" (warm-up)" if repeat < 0 else ""), file=sys.stderr)
     return ({name: statistics.median(v) for name, v in wall.items()},
             {name: statistics.median(v) for name, v in cpu.items()})
 
@@ -76,6 +86,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=1000)
+    parser.add_argument("--heads", type=int, default=0, help="attention heads (default hidden / 64)")
+    parser.add_argument("--kv-heads", type=int, default=0, help="key-value heads (default heads / 2)")
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--ffn", type=int, default=0, help="MLP hidden size (default 4 x hidden)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=64, help="response length L (also timed at 4L)")
     parser.add_argument("--prompt-length", type=int, default=16, help="shortest prompt length")
@@ -83,11 +97,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         help="prompt i has prompt-length + i %% spread tokens (1: all equal)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both engines")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the GPU where CUDA is available, else the CPU")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameter dtype of both models (bfloat16 needs a GPU to be fast)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> None:
     args = _parse(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    if args.device == "cpu":
+        os.environ["GOPD_FORCE_CPU"] = "1"  # megatron_gopd.platform reads it on first use
     os.environ.setdefault("MASTER_PORT", str(_free_port()))  # a world of one; avoid a busy default port
     torch.set_num_threads(args.threads)
 
@@ -96,14 +118,22 @@ def main(argv: list[str]) -> None:
     from megatron_gopd import platform
     from megatron_gopd.bridge import load_hf_weights
     from megatron_gopd.models import ModelArchitecture, ParallelLayout, build_gpt_model
+    from megatron_gopd.models.builder import torch_dtype
     from megatron_gopd.rollout import MegatronRolloutEngine, SamplingParams
 
     platform.init_distributed()
     platform.init_model_parallel(tp=1, pp=1)
-    heads = max(1, args.hidden // 64)
-    config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+    device = platform.device()
+    on_gpu = device.type == "cuda"
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
+    if on_gpu:  # fp32 means fp32 on both sides: no TF32 shortcuts in one of them
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    heads = args.heads or max(1, args.hidden // 64)
+    kv_heads = args.kv_heads or max(1, heads // 2)
+    config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn or 4 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 2), head_dim=64,
+                         num_key_value_heads=kv_heads, head_dim=args.head_dim,
                          max_position_embeddings=args.prompt_length + args.prompt_spread + 4 * args.length,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -111,8 +141,9 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as hf_dir:
         hf_model.save_pretrained(hf_dir)
         arch = ModelArchitecture.from_pretrained(hf_dir)
-        model = build_gpt_model(arch, ParallelLayout(), perform_initialization=False)
+        model = build_gpt_model(arch, ParallelLayout(), dtype=args.dtype, perform_initialization=False)
         load_hf_weights(model, arch, hf_dir)
+    hf_model = hf_model.to(device=device, dtype=torch_dtype(args.dtype))
     engine = MegatronRolloutEngine(model, arch)  # no EOS: every sample runs to its length
 
     generator = torch.Generator().manual_seed(1)
@@ -120,8 +151,8 @@ def main(argv: list[str]) -> None:
     prompts = [torch.randint(0, args.vocab, (n,), generator=generator).tolist() for n in lengths]
     # transformers: left-padded batch with an attention mask (it derives positions from the mask).
     width = max(lengths)
-    hf_input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # [b, width]
-    hf_attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    hf_input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)  # [b, width]
+    hf_attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
 
     def engine_run(new_tokens: int) -> Callable[[int], None]:
         def run(repeat: int) -> None:
@@ -144,7 +175,7 @@ def main(argv: list[str]) -> None:
 
     # The bare models, no engine: a prefill then L one-token forwards with each library's own KV
     # cache, so that the engine's own cost can be told apart from the model forward's.
-    equal_prompts = torch.tensor([p[:min(lengths)] for p in prompts])  # [b, shortest prompt]
+    equal_prompts = torch.tensor([p[:min(lengths)] for p in prompts], device=device)  # [b, shortest prompt]
 
     def megatron_forwards(repeat: int) -> None:
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -153,12 +184,12 @@ def main(argv: list[str]) -> None:
         step = equal_prompts[:, -1:]  # [b, 1]
         model.eval()
         with torch.inference_mode():
-            model(equal_prompts, torch.arange(min(lengths)).expand(args.batch, -1), None,
+            model(equal_prompts, torch.arange(min(lengths), device=device).expand(args.batch, -1), None,
                   inference_context=context, runtime_gather_output=True)
             for position in range(min(lengths), min(lengths) + args.length - 1):
                 context.sequence_len_offset = position
-                model(step, torch.full((args.batch, 1), position), None, inference_context=context,
-                      runtime_gather_output=True)
+                model(step, torch.full((args.batch, 1), position, device=device), None,
+                      inference_context=context, runtime_gather_output=True)
 
     def hf_forwards(repeat: int) -> None:
         from transformers import DynamicCache
@@ -169,32 +200,37 @@ def main(argv: list[str]) -> None:
             hf_model(equal_prompts, past_key_values=cache, use_cache=True)
             for position in range(min(lengths), min(lengths) + args.length - 1):
                 hf_model(step, past_key_values=cache, use_cache=True,
-                         position_ids=torch.full((args.batch, 1), position))
+                         position_ids=torch.full((args.batch, 1), position, device=device))
 
     short, long = args.length, 4 * args.length
     decode_per_token: dict[int, list[float]] = {short: [], long: []}
     wall, cpu = _interleaved_medians({f"engine{n}": engine_run(n) for n in (short, long)}
                                      | {f"hf{n}": hf_run(n) for n in (short, long)}
                                      | {"megatron_forwards": megatron_forwards, "hf_forwards": hf_forwards},
-                                     args.repeats)
+                                     args.repeats, synchronize)
     decode_ms = {n: 1e3 * statistics.median(decode_per_token[n][1:]) for n in (short, long)}  # skip warm-up
+    # CPU time of a GPU run is the host's launching and waiting: only wall-clock means anything there.
+    clocks = (("wall", wall),) if on_gpu else (("wall", wall), ("cpu", cpu))
+    bare_clock, bare = clocks[-1]
+    where = (f"{torch.cuda.get_device_name(device)}" if on_gpu
+             else f"CPU, {args.threads} thread(s)")
 
-    print(f"model: Qwen3 hidden {args.hidden}, {args.layers} layers, {heads} heads, vocab {args.vocab}, fp32; "
-          f"batch {args.batch}, prompts {min(lengths)}-{max(lengths)} tokens, L = {short}; "
-          f"{args.threads} thread(s), median of {args.repeats} rounds")
+    print(f"model: Qwen3 hidden {args.hidden}, {args.layers} layers, {heads}/{kv_heads} heads, vocab {args.vocab}, "
+          f"{args.dtype}; batch {args.batch}, prompts {min(lengths)}-{max(lengths)} tokens, L = {short}; "
+          f"{where}; median of {args.repeats} rounds")
     print()
     print(f"{'':40}{'L = ' + str(short):>12}{'4L = ' + str(long):>12}")
-    for clock, seconds in (("wall", wall), ("cpu", cpu)):
+    for clock, seconds in clocks:
         for who, label in (("engine", "engine"), ("hf", "transformers generate")):
             print(f"{label + ' tokens/s (' + clock + ')':40}"
                   + "".join(f"{args.batch * n / seconds[f'{who}{n}']:12.1f}" for n in (short, long)))
     print(f"{'engine ms / decode step (wall)':40}{decode_ms[short]:12.3f}{decode_ms[long]:12.3f}")
-    print(f"bare model forwards at L (no engine, cpu ms per forward): megatron-core GPTModel + "
-          f"StaticInferenceContext {1e3 * cpu['megatron_forwards'] / short:.2f}, transformers Qwen3 + "
-          f"DynamicCache {1e3 * cpu['hf_forwards'] / short:.2f}")
-    print(f"engine cpu ms per generated step at L (whole call / L): {1e3 * cpu[f'engine{short}'] / short:.2f}")
+    print(f"bare model forwards at L (no engine, {bare_clock} ms per forward): megatron-core GPTModel + "
+          f"StaticInferenceContext {1e3 * bare['megatron_forwards'] / short:.2f}, transformers Qwen3 + "
+          f"DynamicCache {1e3 * bare['hf_forwards'] / short:.2f}")
+    print(f"engine {bare_clock} ms per generated step at L (whole call / L): {1e3 * bare[f'engine{short}'] / short:.2f}")
     print()
-    for clock, seconds in (("wall", wall), ("cpu", cpu)):
+    for clock, seconds in clocks:
         for n in (short, long):
             ratio = seconds[f"hf{n}"] / seconds[f"engine{n}"]
             print(f"throughput engine / transformers at {'L ' if n == short else '4L'} ({clock}): {ratio:5.2f}x"
@@ -203,8 +239,9 @@ def main(argv: list[str]) -> None:
     print(f"engine per-token decode time 4L / L (wall):        {growth:5.2f}    (target <= 1.5: "
           f"{'met' if growth <= 1.5 else 'NOT met'})")
     for who, label in (("engine", "engine"), ("hf", "transformers")):
-        per_token = {n: cpu[f"{who}{n}"] / n for n in (short, long)}
-        print(f"{label + ' per-token time of a call 4L / L (cpu):':51}{per_token[long] / per_token[short]:5.2f}")
+        per_token = {n: bare[f"{who}{n}"] / n for n in (short, long)}
+        print(f"{label + ' per-token time of a call 4L / L (' + bare_clock + '):':51}"
+              f"{per_token[long] / per_token[short]:5.2f}")
     platform.shutdown_distributed()
 
 

@@ -219,7 +219,10 @@ def destroy_model_parallel() -> None:
     while _MEGATRON_GROUPS:
         group = _MEGATRON_GROUPS.pop()
         if isinstance(group, dist.ProcessGroup) and dist.is_initialized():
-            dist.destroy_process_group(group)
+            try:
+                dist.destroy_process_group(group)
+            except ValueError:  # megatron-core already destroyed it (its gloo groups, on GPU)
+                pass
     from megatron.core.tensor_parallel import random as mpu_random
 
     mpu_random.get_cuda_rng_tracker().reset()

@@ -329,6 +329,9 @@ class MegatronRolloutEngine(RolloutEngine):
         self.padded_vocab_size = arch.padded_vocab_size(self.tp_size)
         self.device = platform.device()
         self.last_stats = GenerationStats()
+        # (rows, sampler log-probs [g], temperature-1 log-probs [g] or None) per decode step, on
+        # the sampling rank's device until the batch of samples is done.
+        self._pending_logprobs: list[tuple[list[_Row], torch.Tensor, Optional[torch.Tensor]]] = []
 
     # ------------------------------------------------------------------------------------------
     # Public API
@@ -399,7 +402,9 @@ class MegatronRolloutEngine(RolloutEngine):
         wrapper, logits, prefill_len = self._prefill(rows)
         self.last_stats.prefill_seconds += time.perf_counter() - started
         started = time.perf_counter()
+        self._pending_logprobs = []
         self._decode(rows, wrapper, logits, prefill_len, sampling, streams)
+        self._collect_logprobs()
         self.last_stats.decode_seconds += time.perf_counter() - started
         self._share_logprobs(rows, sampling)
 
@@ -517,15 +522,30 @@ class MegatronRolloutEngine(RolloutEngine):
                                         uniforms[i:i + _SAMPLING_ROWS])
                      for i in range(0, len(rows), _SAMPLING_ROWS)]
             token_ids = torch.cat([p.token_ids for p in parts]).to(self.device)  # [g]
-            # Log-probs stay on the sampling rank until the batch is done (one broadcast, not one per step).
-            sampler_logprobs = torch.cat([p.sampler_logprobs for p in parts]).tolist()
-            for row, sampler_lp in zip(rows, sampler_logprobs):
-                row.sampler_logprobs.append(sampler_lp)
-            if sampling.return_logprobs:
-                for row, lp in zip(rows, torch.cat([p.logprobs for p in parts]).tolist()):
-                    row.logprobs.append(lp)
+            # Log-probs stay on the sampling rank's device until the batch is done: reading them
+            # back every step would add two host synchronisations per token (one broadcast and one
+            # copy per batch instead).
+            self._pending_logprobs.append((
+                rows, torch.cat([p.sampler_logprobs for p in parts]),
+                torch.cat([p.logprobs for p in parts]) if sampling.return_logprobs else None))
         token_ids = self._broadcast_from_sampler(token_ids, (len(rows),), torch.long)
         return token_ids.tolist()
+
+    def _collect_logprobs(self) -> None:
+        """Append the log-probs kept on the device during decoding to their rows (sampling rank)."""
+        pending, self._pending_logprobs = self._pending_logprobs, []
+        if not pending:
+            return
+        sampler_logprobs = torch.cat([sampler for _, sampler, _ in pending]).tolist()
+        logprobs = (torch.cat([lp for _, _, lp in pending]).tolist() if pending[0][2] is not None
+                    else None)
+        offset = 0
+        for rows, _, _ in pending:  # step order: each row's values arrive in token order
+            for k, row in enumerate(rows):
+                row.sampler_logprobs.append(sampler_logprobs[offset + k])
+                if logprobs is not None:
+                    row.logprobs.append(logprobs[offset + k])
+            offset += len(rows)
 
     def _record(self, row: _Row, token: int, sampling: SamplingParams) -> None:
         """Append a sampled token and decide whether the sample has finished."""
