@@ -56,8 +56,13 @@ def device() -> torch.device:
 
 
 def backend() -> str:
-    """The torch.distributed backend for this platform."""
-    return "gloo" if cpu_mode() else "nccl"
+    """The torch.distributed backend for this platform.
+
+    CPU: gloo. GPU: NCCL for CUDA tensors and gloo for CPU tensors, so that host-side bookkeeping
+    (metrics, counts, stop flags, which stay on the CPU to avoid device synchronisations) can use
+    the same process groups as the model's collectives.
+    """
+    return "gloo" if cpu_mode() else "cpu:gloo,cuda:nccl"
 
 
 def have_transformer_engine() -> bool:
