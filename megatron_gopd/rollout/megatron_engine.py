@@ -364,7 +364,7 @@ class MegatronRolloutEngine(RolloutEngine):
 
         was_training = self.model.training
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), platform.device_rewrites_paused():
                 for chunk in self._chunks(rows):
                     self._generate_chunk(chunk, sampling, streams)
         finally:
