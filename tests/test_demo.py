@@ -105,4 +105,5 @@ def test_loss_flag_names_runs_apart_and_sets_the_objective(tmp_path):
     sampled = demo.parse_args(["--out", str(tmp_path), "--loss", "sampled", "--student-steps", "160"])
     # SFT students do not depend on the loss: only OPD / ExOPD runs get the suffix
     assert sampled.student_tag == "_steps160" and sampled.opd_tag == "_steps160_sampled"
-    assert sampled.opd_overrides == ["loss.kind=sampled", f"optim.lr={demo.SAMPLED_LOSS_LR}"]
+    assert sampled.opd_overrides == ["loss.kind=sampled", f"optim.lr={demo.SAMPLED_LOSS_LR}",
+                                     f"optim.warmup_steps={demo.SAMPLED_LOSS_WARMUP}"]
