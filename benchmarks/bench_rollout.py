@@ -183,7 +183,8 @@ def main(argv: list[str]) -> None:
         context = StaticInferenceContext(args.batch, min(lengths) + args.length)
         step = equal_prompts[:, -1:]  # [b, 1]
         model.eval()
-        with torch.inference_mode():
+        # as the engine runs it: without the CPU layer's per-call device rewriting
+        with torch.inference_mode(), platform.device_rewrites_paused():
             model(equal_prompts, torch.arange(min(lengths), device=device).expand(args.batch, -1), None,
                   inference_context=context, runtime_gather_output=True)
             for position in range(min(lengths), min(lengths) + args.length - 1):

@@ -15,9 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +22,6 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("GOPD_FORCE_CPU") == "1",
                                 reason="needs a CUDA GPU")
 
-REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300
 HF_CONFIG = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
@@ -126,31 +122,22 @@ ONE_GPU = ("student.tp=1", "scoring.teachers.math.model.tp=1", "scoring.teachers
            "scoring.references.math_base.pp=1")
 
 
-def _gopd_train(assets: Path, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    from tests.test_train import _asset_overrides
-
-    cmd = [sys.executable, "-m", "megatron_gopd.cli", "gopd-train", "--config",
-           str(REPO / "examples" / "configs" / "tiny_multi_teacher.yaml"), "--nproc", "1",
-           f"output_dir={output_dir}", *_asset_overrides(assets), *ONE_GPU, *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-
-
 @pytest.mark.parametrize("dtype, loss", [("float32", "sampled"), ("bfloat16", "topk")])
 def test_gopd_train_and_eval_on_one_gpu(tiny_assets, tmp_path, dtype, loss):
+    from tests.test_eval import _gopd_eval
+    from tests.test_train import gopd_train, read_metrics
+
     out = tmp_path / f"run_{dtype}"
-    result = _gopd_train(tiny_assets, out, "steps=3", "save_every=0", f"student.dtype={dtype}",
-                         f"loss.kind={loss}", "loss.topk=16")
+    result = gopd_train(tiny_assets, out, *ONE_GPU, "steps=3", "save_every=0", f"student.dtype={dtype}",
+                        f"loss.kind={loss}", "loss.topk=16", nproc=1)
     assert result.returncode == 0, result.stderr[-6000:]
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert all(math.isfinite(v) for v in m.values()), m
         assert m["grad_norm"] > 0
     evaluation = tmp_path / f"eval_{dtype}.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "megatron_gopd.cli", "gopd-eval", "--model", str(out / "hf"), "--data",
-         str(tiny_assets / "data" / "math.jsonl"), "--k", "2", "--max-new-tokens", "8",
-         "--enable-thinking", "false", "--out", str(evaluation)],
-        capture_output=True, text=True, timeout=600, cwd=REPO)
+    result = _gopd_eval("--model", str(out / "hf"), "--data", str(tiny_assets / "data" / "math.jsonl"), "--k", "2",
+                        "--max-new-tokens", "8", "--enable-thinking", "false", "--out", str(evaluation))
     assert result.returncode == 0, result.stderr[-6000:]
     assert json.loads(evaluation.read_text())
