@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -20,18 +20,22 @@ import torch.distributed as dist
 
 @dataclasses.dataclass
 class TrainSample:
-    """One rollout, ready for the loss. Per-token lists have one entry per response token."""
+    """One rollout, ready for the loss. Per-token values (lists or 1-d tensors) have one entry per
+    response token."""
 
     prompt_ids: list[int]
     response_ids: list[int]
-    sampler_logprobs: list[float]
+    sampler_logprobs: Union[list[float], torch.Tensor]
     """The rollout engine's log-prob of each sampled token (for truncated importance sampling)."""
-    teacher_logprobs: list[float]
+    teacher_logprobs: Union[list[float], torch.Tensor]
     """The routed teacher's log-prob of each response token."""
-    ref_logprobs: Optional[list[float]]
+    ref_logprobs: Union[list[float], torch.Tensor, None]
     """The teacher's reference's log-probs; None when the teacher has no reference (lam == 1)."""
-    teacher: str
-    """Which teacher scored the sample (its lam and reference come from the scoring config)."""
+    teacher: Optional[str]
+    """Which teacher scored the sample (metrics are reported per teacher); None when no teacher
+    did (a verifier-only or SFT sample: no dense reward)."""
+    lam: float = 1.0
+    """The teacher's G-OPD reward scale for this sample."""
     outcome_advantage: float = 0.0
     """Group-normalised verifier reward added to every token's advantage (0 when unused)."""
     teacher_topk_ids: Optional[torch.Tensor] = None
@@ -90,7 +94,12 @@ class MicroBatch:
     teacher_logprobs: torch.Tensor  # [b, s] fp32
     ref_logprobs: torch.Tensor      # [b, s] fp32 (teacher's where a sample has no reference)
     outcome_advantage: torch.Tensor  # [b, 1] fp32
-    teachers: list[str]
+    teachers: list[Optional[str]]
+    """Per row: the teacher that scored it, None for rows without a dense reward."""
+    lams: list[float]
+    """Per row: the teacher's lam."""
+    has_reference: list[bool]
+    """Per row: whether `ref_logprobs` holds a reference's log-probs (else the teacher's)."""
     # Top-k loss only (None otherwise), aligned like the log-probs above; padded positions hold
     # token 0 with a uniform distribution, finite but masked out.
     topk_ids: Optional[torch.Tensor] = None               # [b, s, k] long
@@ -114,7 +123,7 @@ def collate(samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[to
         zeros = torch.zeros((1, 2))
         out = MicroBatch(torch.full((1, 2), pad_id, dtype=torch.long), torch.arange(2)[None],
                          torch.full((1, 2), pad_id, dtype=torch.long), zeros.clone(), zeros.clone(),
-                         zeros.clone(), zeros.clone(), torch.zeros((1, 1)), [])
+                         zeros.clone(), zeros.clone(), torch.zeros((1, 1)), [], [], [])
         if topk:
             out.topk_ids, out.teacher_topk_logprobs, out.ref_topk_logprobs = _topk_padding(1, 2, topk)
         return out if device is None else _on(out, device)
@@ -128,15 +137,16 @@ def collate(samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[to
         # response token j is predicted at position len(prompt) - 1 + j
         start, end = len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + len(s.response_ids)
         mask[row, start:end] = 1.0
-        sampler[row, start:end] = torch.tensor(s.sampler_logprobs)
-        teacher[row, start:end] = torch.tensor(s.teacher_logprobs)
-        ref[row, start:end] = torch.tensor(s.ref_logprobs if s.ref_logprobs is not None else s.teacher_logprobs)
+        sampler[row, start:end] = _cpu_fp32(s.sampler_logprobs)
+        teacher[row, start:end] = _cpu_fp32(s.teacher_logprobs)
+        ref[row, start:end] = _cpu_fp32(s.ref_logprobs if s.ref_logprobs is not None else s.teacher_logprobs)
     targets = torch.full_like(tokens, pad_id)
     targets[:, :-1] = tokens[:, 1:]
     positions = torch.arange(length).unsqueeze(0).expand(batch, -1).contiguous()
     outcome = torch.tensor([[s.outcome_advantage] for s in samples])
     out = MicroBatch(tokens, positions, targets, mask, sampler, teacher, ref, outcome,
-                     [s.teacher for s in samples])
+                     [s.teacher for s in samples], [s.lam for s in samples],
+                     [s.ref_logprobs is not None for s in samples])
     if topk:
         ids, teacher_topk, ref_topk = _topk_padding(batch, length, topk)
         for row, s in enumerate(samples):
@@ -150,6 +160,11 @@ def collate(samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[to
             ref_topk[row, start:end] = ref_source.float().cpu()
         out.topk_ids, out.teacher_topk_logprobs, out.ref_topk_logprobs = ids, teacher_topk, ref_topk
     return out if device is None else _on(out, device)
+
+
+def _cpu_fp32(values) -> torch.Tensor:
+    """A per-token list or tensor (on any device) as a CPU fp32 tensor."""
+    return torch.as_tensor(values, dtype=torch.float32, device="cpu")
 
 
 def _topk_padding(batch: int, length: int, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,17 +18,37 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch.distributed as dist
 
-from megatron_gopd.bridge.safetensors_io import CheckpointError, copy_side_files
+from megatron_gopd.models import ParallelLayout
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "gopd_checkpoint.json"
 HF_SUBDIR = "hf"
 FORMAT_VERSION = 1
+
+# Files copied next to converted checkpoints so that a tokenizer and generation defaults travel along.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+              "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or does not match the model; the message says which."""
+
+
+def copy_side_files(src_dir: str | Path, dst_dir: str | Path, names: Iterable[str] = SIDE_FILES) -> list[str]:
+    """Copy the config / tokenizer / generation files that exist in `src_dir`; return their names."""
+    copied = []
+    for name in names:
+        src = Path(src_dir) / name
+        if src.is_file():
+            shutil.copy2(src, Path(dst_dir) / name)
+            copied.append(name)
+    return copied
 
 
 def _rank() -> int:
@@ -90,17 +110,28 @@ def atomic_directory_write(out_dir: str | Path, write: Callable[[Path], None], r
     return out
 
 
-def save_model_checkpoint(model, out_dir: str | Path, *, hf_source_dir: str | Path,
-                          meta: dict[str, Any]) -> Path:
-    """Save `model` (every rank's share) as a distributed checkpoint under `out_dir` (collective)."""
+def save_model_checkpoint(model, out_dir: str | Path, *, hf_source_dir: str | Path, meta: dict[str, Any],
+                          sharded_state_dict: Optional[dict] = None,
+                          write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Save `model` (every rank's share) as a distributed checkpoint under `out_dir` (collective).
+
+    The one checkpoint writer of the project: `gopd-convert` writes a bare model this way, the
+    trainer a training checkpoint, by passing its model + optimizer `sharded_state_dict` and a
+    `write_extra(tmp_dir)` that rank 0 calls to add its own files (trainer state, RNG). `meta` is
+    recorded in the metadata file with the format version; ``hf/`` gets the side files (config,
+    tokenizer) of `hf_source_dir`.
+    """
     from megatron.core import dist_checkpointing
 
     def write(tmp: Path) -> None:
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+        dist_checkpointing.save(model.sharded_state_dict() if sharded_state_dict is None else sharded_state_dict,
+                                str(tmp))
         if _rank() == 0:
             (tmp / HF_SUBDIR).mkdir()
             copy_side_files(hf_source_dir, tmp / HF_SUBDIR)
-            (tmp / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2))
+            (tmp / META_FILE).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION}, indent=2))
+            if write_extra is not None:
+                write_extra(tmp)
         _barrier()
 
     return atomic_directory_write(out_dir, write)
@@ -129,3 +160,24 @@ def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
     sharded = model.sharded_state_dict(metadata={"dp_cp_group": model.pg_collection.dp_cp})
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
     model.load_state_dict(state)
+
+
+def load_model(ckpt_dir: str | Path, layout: ParallelLayout, *, dtype: Optional[str] = None,
+               pg_collection: Any = None, **build_options: Any):
+    """Build this rank's part of a checkpoint's model at `layout` and load it; returns (model, arch).
+
+    The one model loader of the project (student, teachers, references, conversion, evaluation).
+    `dtype` defaults to the one the checkpoint was saved in; Megatron's parallel state (or
+    `pg_collection`, for a model laid out unlike the student) must already describe `layout`.
+    `build_options` go to `models.build_gpt_model` (e.g. ``recompute``). The model is built
+    without random initialisation.
+    """
+    from megatron_gopd.models import ModelArchitecture, build_gpt_model
+
+    meta = read_checkpoint_meta(ckpt_dir)
+    arch = ModelArchitecture.from_pretrained(Path(ckpt_dir) / HF_SUBDIR)
+    arch.validate_parallel(layout.tp, layout.pp, layout.ep, layout.etp)
+    model = build_gpt_model(arch, layout, dtype=dtype or meta.get("dtype", "float32"), pg_collection=pg_collection,
+                            perform_initialization=False, **build_options)
+    load_model_checkpoint(model, ckpt_dir)
+    return model, arch

@@ -57,7 +57,8 @@ def _convert_body(rank: int, world_size: int, hf_dir: str, work_dir: str, layout
 
     from megatron_gopd import platform
     from megatron_gopd.bridge import export_hf_weights
-    from megatron_gopd.bridge.convert import hf_to_mcore, load_converted_model, mcore_to_hf
+    from megatron_gopd.bridge.convert import hf_to_mcore, mcore_to_hf
+    from megatron_gopd.checkpointing import load_model
     from megatron_gopd.models import ParallelLayout
     from tests.megatron_utils import forward_logits
 
@@ -69,7 +70,7 @@ def _convert_body(rank: int, world_size: int, hf_dir: str, work_dir: str, layout
         hf_to_mcore(hf_dir, ckpt, saved_as)
         ltp, lpp, lep = layouts[(i + 1) % len(layouts)]  # load at another layout
         platform.init_model_parallel(tp=ltp, pp=lpp, ep=lep)
-        model, arch = load_converted_model(ckpt, ParallelLayout(tp=ltp, pp=lpp, ep=lep))
+        model, arch = load_model(ckpt, ParallelLayout(tp=ltp, pp=lpp, ep=lep))
         model.eval()
         logits, _ = forward_logits(model, tokens, arch.vocab_size)
         exported = dict(export_hf_weights(model, arch))

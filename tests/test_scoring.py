@@ -120,13 +120,13 @@ class _Standalone:
     """Each model alone at TP=1 (Megatron's global parallel state, which the student's TP=1 sets)."""
 
     def __init__(self, checkpoints: dict[str, str], names: list[str]) -> None:
-        from megatron_gopd.bridge.convert import load_converted_model
+        from megatron_gopd.checkpointing import load_model
         from megatron_gopd.models import ParallelLayout
 
         # Loading is collective: every rank loads every model, in the same order.
         self.models = {}
         for name in names:
-            model, arch = load_converted_model(checkpoints[name], ParallelLayout())
+            model, arch = load_model(checkpoints[name], ParallelLayout())
             self.models[name] = (model.eval(), arch)
 
     def log_softmax(self, ckpt_name: str, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:

@@ -62,13 +62,13 @@ def main(argv=None) -> int:
         return relaunched
 
     from megatron_gopd import platform
-    from megatron_gopd.bridge.convert import load_converted_model
+    from megatron_gopd.checkpointing import load_model
     from megatron_gopd.models import ParallelLayout
 
     env = platform.init_distributed()
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
     platform.init_model_parallel(tp=args.tp, pp=args.pp, ep=args.ep)
-    model, arch = load_converted_model(args.ckpt, layout, dtype="float32")
+    model, arch = load_model(args.ckpt, layout, dtype="float32")
     model.eval()
     tokens = torch.randint(0, arch.vocab_size, (args.batch, args.seq_len),
                            generator=torch.Generator().manual_seed(args.seed))

@@ -16,12 +16,11 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_gopd import platform
-from megatron_gopd.bridge.safetensors_io import (
-    CheckpointError, SafetensorsReader, ShardedSafetensorsWriter, check_output_dir, copy_side_files,
-)
+from megatron_gopd.bridge.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter, check_output_dir
 from megatron_gopd.bridge.weights import check_hf_checkpoint, export_hf_weights, load_hf_weights
 from megatron_gopd.checkpointing import (
-    HF_SUBDIR, atomic_directory_write, load_model_checkpoint, read_checkpoint_meta, save_model_checkpoint,
+    HF_SUBDIR, CheckpointError, atomic_directory_write, copy_side_files, load_model, read_checkpoint_meta,
+    save_model_checkpoint,
 )
 from megatron_gopd.models import ModelArchitecture, ParallelLayout, build_gpt_model
 
@@ -80,21 +79,6 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout,
     return report
 
 
-def load_converted_model(ckpt_dir: str | Path, layout: ParallelLayout, dtype: Optional[str] = None,
-                         pg_collection=None):
-    """Build a model for `layout` and load a converted checkpoint into it; returns (model, arch).
-
-    Megatron's parallel state (or `pg_collection`) must already describe `layout`.
-    """
-    meta = read_checkpoint_meta(ckpt_dir)
-    arch = ModelArchitecture.from_pretrained(Path(ckpt_dir) / HF_SUBDIR)
-    arch.validate_parallel(layout.tp, layout.pp, layout.ep, layout.etp)
-    model = build_gpt_model(arch, layout, dtype=dtype or meta.get("dtype", "float32"),
-                            pg_collection=pg_collection, perform_initialization=False)
-    load_model_checkpoint(model, ckpt_dir)
-    return model, arch
-
-
 def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, layout: Optional[ParallelLayout] = None,
                 max_shard_bytes: int = 5 * 1024**3) -> ConversionReport:
     """Export a Megatron checkpoint to a HF directory: sharded safetensors, index, config, tokenizer.
@@ -108,7 +92,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, layout: Optional[Para
     _check_world(layout)
     check_output_dir(out_dir)
     platform.init_model_parallel(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp)
-    model, arch = load_converted_model(ckpt_dir, layout)
+    model, arch = load_model(ckpt_dir, layout)
     written = write_hf_directory(model, arch, out_dir, Path(ckpt_dir) / HF_SUBDIR, max_shard_bytes)
     report = ConversionReport(time.perf_counter() - start, written)
     logger.info("mcore-to-hf done in %.1fs (%.3f GB/s written)", report.seconds, report.gb_per_s)

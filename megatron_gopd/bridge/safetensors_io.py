@@ -13,20 +13,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_gopd.checkpointing import SIDE_FILES, CheckpointError, copy_side_files  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Files copied next to converted checkpoints so that a tokenizer and generation defaults travel along.
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
-              "added_tokens.json", "chat_template.jinja", "chat_template.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated or does not match the model; the message says which."""
-
-
 class SafetensorsReader:
     """Lazy access to the tensors of a HF checkpoint directory, one slice at a time.
 
@@ -143,17 +135,6 @@ class ShardedSafetensorsWriter:
             weight_map.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
-
-
-def copy_side_files(src_dir: str | Path, dst_dir: str | Path, names: Iterable[str] = SIDE_FILES) -> list[str]:
-    """Copy the config / tokenizer / generation files that exist in `src_dir`; return their names."""
-    copied = []
-    for name in names:
-        src = Path(src_dir) / name
-        if src.is_file():
-            shutil.copy2(src, Path(dst_dir) / name)
-            copied.append(name)
-    return copied
 
 
 def check_output_dir(out_dir: str | Path) -> None:

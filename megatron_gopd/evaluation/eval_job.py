@@ -16,12 +16,11 @@ logger = logging.getLogger(__name__)
 def load_model_for_eval(path: str, layout):
     """(model, arch, tokenizer dir) from a HF directory or a converted / trained Megatron checkpoint."""
     from megatron_gopd.bridge import load_hf_weights
-    from megatron_gopd.bridge.convert import load_converted_model
-    from megatron_gopd.checkpointing import HF_SUBDIR, META_FILE
+    from megatron_gopd.checkpointing import HF_SUBDIR, META_FILE, load_model
     from megatron_gopd.models import ModelArchitecture, build_gpt_model
 
     if (Path(path) / META_FILE).is_file():
-        model, arch = load_converted_model(path, layout, dtype="float32")
+        model, arch = load_model(path, layout, dtype="float32")
         return model, arch, Path(path) / HF_SUBDIR
     arch = ModelArchitecture.from_pretrained(path)
     arch.validate_parallel(layout.tp, layout.pp, layout.ep)

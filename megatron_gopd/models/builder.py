@@ -35,6 +35,36 @@ class ParallelLayout:
         return self.tp if self.etp is None else self.etp
 
 
+@dataclasses.dataclass
+class ModelConfig:
+    """A model checkpoint and the layout it runs at: the shape shared by the student, the teachers
+    and the references of a job (each may use its own sizes)."""
+
+    checkpoint: str = ""
+    """A converted Megatron checkpoint (``gopd-convert hf-to-mcore`` output, with ``hf/`` inside);
+    loadable at any layout, whatever layout it was saved from."""
+    tp: int = 1
+    """Tensor-parallel size of this model."""
+    pp: int = 1
+    """Pipeline-parallel size of this model; ``tp * pp`` must divide the world."""
+    ep: int = 1
+    """Expert-parallel size (MoE models); carved out of this model's data parallelism."""
+    dtype: Optional[str] = None
+    """``float32`` / ``bfloat16`` / ``float16``; None: the dtype the checkpoint was converted in."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype is not None:
+            torch_dtype(self.dtype)  # raises naming the supported dtypes
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """The model's `ParallelLayout`."""
+        return ParallelLayout(tp=self.tp, pp=self.pp, ep=self.ep)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """``"bfloat16"`` -> ``torch.bfloat16``; clear error for anything else."""
     if name not in _DTYPES:

@@ -1,0 +1,206 @@
+"""What a `gopd-train` job is: its typed configuration and the checks run before any rank starts.
+
+`TrainConfig` is filled from YAML plus ``key.sub=value`` overrides (`megatron_gopd.config.load_config`);
+`check_train_config` reads the checkpoints and prompt files once, on one process, so a bad job fails
+before ranks start or models are built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal, Optional
+
+from megatron_gopd.checkpointing import HF_SUBDIR, read_checkpoint_meta
+from megatron_gopd.data import DataConfig
+from megatron_gopd.models import ModelArchitecture, ModelConfig, ParallelLayout
+from megatron_gopd.scoring import ScoringConfig
+
+SFT_RESPONSE_FIELD = "response"
+"""The record field that holds the teacher-written response in ``mode=sft``."""
+
+
+@dataclasses.dataclass
+class StudentConfig(ModelConfig):
+    """The model being trained: a checkpoint and its layout (`ModelConfig`), plus training options."""
+
+    dtype: str = "float32"
+    """Parameter dtype: float32 on CPU, bfloat16 on GPU."""
+    recompute: bool = False
+    """Full activation recomputation (on for long responses)."""
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    """How the student samples its training responses (the paper: temperature 1, no truncation)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    """Anything below 1 biases the importance weights unless training applies the same mask."""
+    top_k: int = 0
+    max_new_tokens: int = 256
+    n: int = 1
+    """Responses per prompt (the paper: 1; outcome rewards are group-normalised over them)."""
+    max_batch_size: Optional[int] = None
+    """Most samples decoded together; None decodes a rank's whole share at once."""
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """The training objective at each sampled response position."""
+
+    kind: Literal["sampled", "topk"] = "sampled"
+    """``sampled``: the paper's G-OPD policy gradient, REINFORCE on the sampled token's advantage
+    (`megatron_gopd.loss.policy_loss`). ``topk``: the exact reverse KL from the student to the G-OPD
+    target q ∝ pi_ref^(1-lam) pi*^lam over the teacher's `topk` most likely tokens plus one bucket
+    for the rest (`megatron_gopd.loss.topk_reverse_kl`): the same optimum, no sampling noise in the
+    per-position gradient, at the cost of k log-probs per token from the teacher and reference."""
+    topk: int = 64
+    """k for ``kind: topk``; a value >= the vocabulary size takes the whole vocabulary (then the loss
+    is the exact full-vocabulary reverse KL)."""
+    agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    tis_cap: Optional[float] = 5.0
+    """Truncated importance-sampling cap C (the paper: 5); null disables the correction. (The
+    ``topk`` loss sums over tokens instead of sampling one, so it applies only to its outcome term.)"""
+    clip_eps: Optional[float] = None
+    """PPO-style clipping; only meaningful when a batch is reused."""
+    logprobs_from_hidden: bool = True
+    """Compute the student's log-probs from the final hidden states and the output weight chunk by
+    chunk, so full-vocabulary logits never exist (the memory path for long responses and a 152k
+    vocabulary); false takes them from GPTModel's logits."""
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Adam with warmup and an optional cosine decay (Megatron optimizer and scheduler)."""
+
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+
+
+@dataclasses.dataclass
+class OutcomeRewardConfig:
+    """An optional sequence-level verifier reward (megatron_gopd.evaluation)."""
+
+    weight: float = 0.0
+    """Weight of the group-normalised outcome advantage added to every token's dense advantage."""
+    only: bool = False
+    """Train on the outcome reward alone (GRPO-style, how the paper trained its teachers): no
+    teachers are needed."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A `gopd-train` job."""
+
+    output_dir: str = "outputs/run"
+    """metrics.jsonl, TensorBoard events, checkpoints/ and the final HF export go here."""
+    mode: Literal["gopd", "sft"] = "gopd"
+    """``gopd``: on-policy distillation (rollouts scored by teachers). ``sft``: the paper's off-policy
+    baseline, cross-entropy on teacher-generated responses read from each record's ``response``
+    field (no rollouts, no teachers)."""
+    seed: int = 1234
+    steps: int = 50
+    prompts_per_step: int = 1024
+    """Prompts per optimizer step over all data-parallel ranks (the paper: 1024)."""
+    micro_batch_tokens: int = 8192
+    """Micro-batches are packed up to this many (padded) tokens."""
+    save_every: int = 10
+    """Checkpoint every this many steps (and at the end); 0 only at the end."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept (older ones are deleted once a newer one is complete)."""
+    export_hf: bool = True
+    """Write the final student as a HF directory (``<output_dir>/hf``)."""
+    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+    scoring: ScoringConfig = dataclasses.field(default_factory=ScoringConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    reward: OutcomeRewardConfig = dataclasses.field(default_factory=OutcomeRewardConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.prompts_per_step < 1 or self.micro_batch_tokens < 2:
+            raise ValueError("steps, prompts_per_step must be >= 1 and micro_batch_tokens >= 2")
+        if self.loss.kind == "topk" and self.loss.topk < 1:
+            raise ValueError(f"loss.topk must be >= 1, got {self.loss.topk}")
+        if self.loss.kind == "topk" and (self.mode == "sft" or self.reward.only):
+            raise ValueError("loss.kind=topk distils the teachers' distributions: it needs mode=gopd "
+                             "with teachers (not mode=sft or reward.only=true)")
+        if self.mode == "gopd" and not self.reward.only and not self.scoring.teachers:
+            raise ValueError("no teachers configured (scoring.teachers); set reward.only=true to "
+                             "train on a verifier reward alone, or mode=sft for the SFT baseline")
+
+    @property
+    def needs_teachers(self) -> bool:
+        return self.mode == "gopd" and not self.reward.only
+
+
+def check_train_config(cfg: TrainConfig, world_size: int) -> tuple[ModelArchitecture, ParallelLayout]:
+    """Everything about a job that can be checked on one process before any rank starts.
+
+    The student checkpoint, its shapes against the student's layout, the world size, the data
+    sources and the whole scoring setup (checkpoints, vocabularies, teacher layouts). Raises
+    ValueError / FileNotFoundError with a message naming the problem.
+    """
+    from megatron_gopd.scoring import validate_scoring_config
+
+    read_checkpoint_meta(cfg.student.checkpoint)
+    arch = ModelArchitecture.from_pretrained(Path(cfg.student.checkpoint) / HF_SUBDIR)
+    layout = cfg.student.layout
+    arch.validate_parallel(layout.tp, layout.pp, layout.ep)
+    if world_size % (layout.tp * layout.pp):
+        raise ValueError(f"student tp x pp = {layout.tp * layout.pp} does not divide the world size "
+                         f"{world_size}")
+    dp_size = world_size // (layout.tp * layout.pp)
+    if cfg.prompts_per_step % dp_size:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the student's "
+                         f"data-parallel size {dp_size}")
+    cfg.data.validate()
+    if cfg.mode == "sft":
+        _check_sft_responses(cfg.data)
+    if cfg.needs_teachers:
+        validate_scoring_config(cfg.scoring, student_checkpoint=cfg.student.checkpoint,
+                                student_layout=layout, world_size=world_size)
+        missing = sorted(data_domains(cfg.data) - set(cfg.scoring.routing()))
+        if missing:
+            raise ValueError(f"prompt domain(s) {missing} have no teacher; the teachers cover "
+                             f"{sorted(cfg.scoring.routing())} (set scoring.teachers.<name>.domains)")
+    return arch, layout
+
+
+def _check_sft_responses(data: DataConfig) -> None:
+    from megatron_gopd.data import load_records
+
+    for source in data.sources:
+        if not source.excluded and SFT_RESPONSE_FIELD not in load_records(source.path, source.split,
+                                                                         data.cache_dir).column_names:
+            raise ValueError(f"mode=sft trains on teacher responses, but {source.path} has no "
+                             f"{SFT_RESPONSE_FIELD!r} field")
+
+
+def data_domains(data: DataConfig) -> set[str]:
+    """Every domain the prompts of `data` route to (reads the files, tokenises nothing)."""
+    from megatron_gopd.data import DOMAIN_FIELD, load_records
+
+    domains: set[str] = set()
+    for source in data.sources:
+        if source.excluded:
+            continue
+        records = load_records(source.path, source.split, data.cache_dir)
+        fallback = source.domain or data.default_domain
+        values = records[DOMAIN_FIELD] if DOMAIN_FIELD in records.column_names else []
+        domains |= {str(v or fallback) for v in values} or {fallback}
+    return domains

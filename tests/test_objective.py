@@ -1,0 +1,113 @@
+"""The trainer's per-micro-batch objective and its metric sums, on hand-made micro-batches (no model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_gopd.batching import TrainSample, collate
+from megatron_gopd.loss import gopd_advantages, policy_loss, topk_reverse_kl
+from megatron_gopd.trainer.config import LossConfig
+from megatron_gopd.trainer.metrics import MetricSums, reduce_step_metrics
+from megatron_gopd.trainer.objective import TrainObjective, teacher_row_groups
+
+
+def _sample(gen: torch.Generator, teacher, lam: float, with_ref: bool, response_len: int = 4,
+            outcome: float = 0.0, topk: int = 0) -> TrainSample:
+    logp = lambda: -torch.rand(response_len, generator=gen) * 3  # noqa: E731
+    topk_fields = {}
+    if topk:
+        topk_fields = dict(teacher_topk_ids=torch.randint(0, 10, (response_len, topk), generator=gen),
+                           teacher_topk_logprobs=-torch.rand(response_len, topk, generator=gen) * 3 - 2,
+                           ref_topk_logprobs=(-torch.rand(response_len, topk, generator=gen) * 3 - 2)
+                           if with_ref else None)
+    return TrainSample(prompt_ids=[1, 2, 3], response_ids=list(range(4, 4 + response_len)),
+                       sampler_logprobs=logp(), teacher_logprobs=logp(), ref_logprobs=logp() if with_ref else None,
+                       teacher=teacher, lam=lam, outcome_advantage=outcome, **topk_fields)
+
+
+def _mixed_batch(topk: int = 0):
+    gen = torch.Generator().manual_seed(0)
+    samples = [_sample(gen, "math", 1.5, True, topk=topk), _sample(gen, "code", 1.0, False, topk=topk),
+               _sample(gen, "math", 1.5, True, response_len=2, topk=topk)]
+    mb = collate(samples, topk=topk)
+    student = -torch.rand(mb.loss_mask.shape, generator=gen) * 3  # [b, s]
+    return samples, mb, student
+
+
+def test_sampled_loss_uses_each_rows_own_lam_and_reference():
+    samples, mb, student = _mixed_batch()
+    logp = student.clone().requires_grad_(True)
+    objective = TrainObjective(LossConfig(), "gopd", uses_reward=False)
+    loss, normaliser, metrics = objective(mb, logp, torch.zeros_like(student))
+
+    # The same loss computed row group by row group with the loss module's functions directly.
+    expected_adv = torch.zeros_like(student)
+    for rows, lam, with_ref in (([0, 2], 1.5, True), ([1], 1.0, False)):
+        expected_adv[rows] = gopd_advantages(student[rows], mb.teacher_logprobs[rows],
+                                             mb.ref_logprobs[rows] if with_ref else None, lam)
+    expected, _ = policy_loss(student, expected_adv * mb.loss_mask, mb.loss_mask,
+                              sampler_logp=mb.sampler_logprobs, tis_cap=5.0, num_tokens=1)
+    torch.testing.assert_close(loss, expected)
+    assert normaliser.item() == sum(len(s.response_ids) for s in samples)
+    reduced = reduce_step_metrics([metrics], contributes=True)
+    assert {"reverse_kl/math", "implicit_reward/math", "reverse_kl/code", "loss", "entropy",
+            "is_weight_mean", "teacher_clamped"} <= set(reduced)
+    assert "implicit_reward/code" not in reduced  # lam = 1: no reference scored
+    math_rows = mb.loss_mask[[0, 2]].bool()
+    kl = (student[[0, 2]] - mb.teacher_logprobs[[0, 2]])[math_rows].mean()
+    assert reduced["reverse_kl/math"] == pytest.approx(kl.item(), rel=1e-5)
+
+
+def test_rows_without_teacher_get_only_their_outcome_advantage():
+    gen = torch.Generator().manual_seed(1)
+    samples = [_sample(gen, None, 1.0, False, outcome=0.7), _sample(gen, None, 1.0, False, outcome=-0.7)]
+    mb = collate(samples)
+    student = -torch.rand(mb.loss_mask.shape, generator=gen)
+    advantages = TrainObjective(LossConfig(), "gopd", uses_reward=True).advantages(mb, student, MetricSums())
+    torch.testing.assert_close(advantages, mb.outcome_advantage * mb.loss_mask)
+    assert teacher_row_groups(mb) == []
+
+
+def test_rows_of_one_teacher_must_agree_on_lam():
+    gen = torch.Generator().manual_seed(2)
+    mb = collate([_sample(gen, "math", 1.5, True), _sample(gen, "math", 1.25, True)])
+    with pytest.raises(ValueError, match="disagree"):
+        teacher_row_groups(mb)
+
+
+def test_topk_loss_is_the_reverse_kl_of_each_teacher_group():
+    samples, mb, student = _mixed_batch(topk=3)
+    gen = torch.Generator().manual_seed(3)
+    student_topk = (-torch.rand(mb.topk_ids.shape, generator=gen) * 3 - 2).requires_grad_(True)
+    objective = TrainObjective(LossConfig(kind="topk", topk=3), "gopd", uses_reward=False)
+    loss, _, metrics = objective(mb, student, torch.zeros_like(student), student_topk)
+    expected = torch.zeros_like(student)
+    for rows, lam, with_ref in (([0, 2], 1.5, True), ([1], 1.0, False)):
+        expected[rows] = topk_reverse_kl(student_topk[rows].detach(), mb.teacher_topk_logprobs[rows],
+                                         mb.ref_topk_logprobs[rows] if with_ref else None, lam)
+    torch.testing.assert_close(loss, (expected * mb.loss_mask).sum())
+    loss.backward()
+    assert student_topk.grad is not None and student_topk.grad[mb.loss_mask.bool()].abs().sum() > 0
+    assert {"target_kl/math", "target_kl/code"} <= set(reduce_step_metrics([metrics], contributes=True))
+
+
+def test_sft_loss_is_the_cross_entropy_of_the_responses():
+    _, mb, student = _mixed_batch()
+    loss, normaliser, _ = TrainObjective(LossConfig(), "sft", uses_reward=False)(mb, student, torch.zeros_like(student))
+    torch.testing.assert_close(loss, -(student * mb.loss_mask).sum())
+    assert normaliser.item() == mb.loss_mask.sum().item()
+
+
+def test_metric_sums_are_weighted_means_and_new_names_need_no_registration():
+    first, second = MetricSums(), MetricSums()
+    first.add_mean("entropy", torch.tensor(2.0) * 4, 4)  # mean 2 over 4 tokens
+    second.add_mean("entropy", torch.tensor(5.0) * 1, 1)  # mean 5 over 1 token
+    second.add_mean("a_brand_new_metric/some_teacher", 3.0, 2)
+    second.add_mean("absent_teacher_metric", 0.0, 0)  # nothing measured: left out
+    first.add_sum("teacher_clamped", 2)
+    second.add_sum("teacher_clamped", torch.tensor(1))
+    reduced = reduce_step_metrics([first, second], contributes=True)
+    assert reduced == {"entropy": pytest.approx(13 / 5), "a_brand_new_metric/some_teacher": 1.5,
+                       "teacher_clamped": 3.0}
+    assert reduce_step_metrics([first], contributes=False) == {}
