@@ -416,6 +416,19 @@ def topk_reverse_kl(
     vocabulary this equals `full_vocab_reverse_kl` (up to the floor); with ``lam == 1`` it is a
     lower bound on it (merging outcomes cannot increase a KL).
 
+    Where the optimum lies for ``k < V`` and ``lam != 1``: the tail bucket's target weight is
+    ``S_hat = (teacher tail mass)^lam * (ref tail mass)^(1-lam)``, not the G-OPD target's exact
+    ``S = sum over tail tokens of teacher^lam * ref^(1-lam)`` (that needs both models' full
+    distributions at the same positions, which are scored by different models, possibly on other
+    ranks). The minimiser then gives every top-k token the G-OPD target's log-prob shifted by one
+    common offset ``c = log((W + S) / (W + S_hat))`` (``W`` the top-k tokens' target weight):
+    ratios within the top-k are exact, ``|c| <= |S - S_hat| / W``, and by Hoelder's inequality
+    ``c <= 0`` for ``0 <= lam <= 1`` and ``c >= 0`` for ``lam > 1``. ``c`` vanishes with the
+    tail: on LM-like draws (40 tokens, top-8, 5-20% of the teacher's mass outside it, the
+    reference a perturbed teacher) it was 0.002-0.014 nats at lam 1.25 and 0.005-0.03 at lam 1.5
+    (tests/test_topk_optimum.py checks the minimiser, the offset and the bound); with ``lam == 1``
+    or ``k >= V`` it is 0.
+
     Args:
         student_topk_logp: ``[..., k]`` the student's log-probs of the teacher's top-k token ids,
             with gradient: ``token_logprobs_from_hidden(..., targets=teacher_topk_ids)`` (3-d

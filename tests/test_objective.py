@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -111,3 +113,64 @@ def test_metric_sums_are_weighted_means_and_new_names_need_no_registration():
     assert reduced == {"entropy": pytest.approx(13 / 5), "a_brand_new_metric/some_teacher": 1.5,
                        "teacher_clamped": 3.0}
     assert reduce_step_metrics([first], contributes=False) == {}
+
+
+def test_tis_cap_null_means_no_importance_correction_but_the_gap_is_still_logged():
+    samples, mb, student = _mixed_batch()
+    mb.sampler_logprobs = mb.sampler_logprobs - 9.0 * mb.loss_mask  # huge train/sampler gaps: weights ~ e^9
+    objective = TrainObjective(LossConfig(tis_cap=None), "gopd", uses_reward=False)
+    advantages = objective.advantages(mb, student, MetricSums())
+    loss, _, metrics = objective(mb, student, torch.zeros_like(student))
+    unweighted, _ = policy_loss(student, advantages, mb.loss_mask, num_tokens=1)
+    torch.testing.assert_close(loss, unweighted)
+    reduced = reduce_step_metrics([metrics], contributes=True)
+    assert "is_weight_mean" not in reduced and reduced["sampler_logp_abs_diff"] > 8.0
+
+
+def test_policy_loss_without_a_cap_applies_the_raw_importance_weights():
+    """The library function's documented meaning of tis_cap=None with sampler log-probs: uncapped."""
+    logp, mask = torch.tensor([[-1.0, -1.0]]), torch.ones(1, 2)
+    sampler = torch.tensor([[-1.0 - 3.0, -1.0]])  # the first token is e^3 more likely to the trainer
+    adv = torch.ones(1, 2)
+    _, metrics = policy_loss(logp, adv, mask, sampler_logp=sampler, tis_cap=None)
+    assert metrics["is_weight_mean"].item() == pytest.approx((math.exp(3.0) + 1.0) / 2)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_step_loss_is_the_same_however_sequences_are_split_over_micro_batches_and_ranks(agg):
+    """What Megatron does with calculate_per_token_loss: sum the micro-batch losses and normalisers over
+    micro-batches and data-parallel ranks, divide once. Any split of the sequences gives the full-batch
+    loss and gradient (each sequence whole in one micro-batch)."""
+    gen = torch.Generator().manual_seed(4)
+    samples = [_sample(gen, "math", 1.5, True, response_len=n) for n in (1, 5, 2, 7, 3)]
+    student = {id(s): -torch.rand(len(s.prompt_ids) + len(s.response_ids), generator=gen) for s in samples}
+    objective = TrainObjective(LossConfig(agg=agg), "gopd", uses_reward=False)
+
+    def step(split: list[list[list[int]]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        leaves = {i: student[id(samples[i])].clone().requires_grad_(True) for i in range(len(samples))}
+        total_loss, total_norm = 0.0, 0.0
+        for rank in split:  # a data-parallel rank: its micro-batches
+            for rows in rank:
+                mb = collate([samples[i] for i in rows])
+                logp = torch.stack([torch.nn.functional.pad(leaves[i], (0, mb.loss_mask.shape[1] - len(leaves[i])))
+                                    for i in rows])
+                loss, normaliser, _ = objective(mb, logp, torch.zeros_like(logp))
+                total_loss, total_norm = total_loss + loss, total_norm + normaliser
+        step_loss = total_loss / total_norm
+        step_loss.backward()
+        return step_loss.detach(), [leaves[i].grad for i in range(len(samples))]
+
+    whole_loss, whole_grads = step([[[0, 1, 2, 3, 4]]])
+    split_loss, split_grads = step([[[3], [1, 4]], [[0, 2]]])
+    torch.testing.assert_close(split_loss, whole_loss)
+    for a, b in zip(split_grads, whole_grads):
+        torch.testing.assert_close(a, b)
+    if agg == "seq-mean-token-mean":  # by definition: the mean over sequences of each one's token mean
+        mb = collate(samples)
+        logp = torch.stack([torch.nn.functional.pad(student[id(s)], (0, mb.loss_mask.shape[1] - len(student[id(s)])))
+                            for s in samples])
+        advantages = objective.advantages(mb, logp, MetricSums())
+        weights = torch.exp(logp - mb.sampler_logprobs).clamp(max=5.0)
+        per_token = -(weights * advantages * logp)
+        per_sequence = [(per_token[r] * mb.loss_mask[r]).sum() / mb.loss_mask[r].sum() for r in range(len(samples))]
+        torch.testing.assert_close(whole_loss, torch.stack(per_sequence).mean())

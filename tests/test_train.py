@@ -119,6 +119,9 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_assets, tmp_path):
     (["scoring.teachers.math.domains=[]"], "math"),
     (["loss.kind=topk", "reward.only=true"], "loss.kind=topk distils the teachers' distributions"),
     (["loss.kind=topk", "loss.topk=0"], "loss.topk must be >= 1"),
+    (["rollout.temperature=0.7"], "rollout temperature=0.7: training rollouts must be drawn from the student's own"),
+    (["rollout.top_p=0.9", "rollout.top_k=5"], "rollout top_p=0.9, top_k=5: training rollouts"),
+    (["loss.tis_cap=0"], "loss.tis_cap must be > 0 or null"),
 ])
 def test_bad_input_fails_fast_without_output(tiny_assets, tmp_path, overrides, message):
     out = tmp_path / "never"
@@ -268,3 +271,26 @@ def test_topk_loss_moves_the_student_towards_the_extrapolated_target(tiny_assets
     assert all(math.isfinite(v) for m in metrics for v in m.values())
     kl = [(m["target_kl/math"] + m["target_kl/code"]) / 2 for m in metrics]
     assert sum(kl[-3:]) / 3 < 0.7 * sum(kl[:3]) / 3, kl
+
+
+def test_sequence_mean_normalisation_is_exact_under_micro_batching_on_two_data_parallel_ranks(tiny_assets,
+                                                                                              tmp_path):
+    """loss.agg=seq-mean-token-mean (the official runs' aggregation): the same rollouts (same seeds, DP=2)
+    packed into many small micro-batches or one per rank give the same step loss and gradient."""
+    runs = {}
+    for name, tokens in (("packed_small", 48), ("one_micro_batch", 8192)):
+        out = tmp_path / name
+        _ok(gopd_train(tiny_assets, out, "steps=2", "save_every=0", "export_hf=false", "loss.agg=seq-mean-token-mean",
+                       f"micro_batch_tokens={tokens}", *TWO_RANKS, nproc=2))
+        runs[name] = read_metrics(out)
+    for small, one in zip(runs["packed_small"], runs["one_micro_batch"]):
+        for key in ("loss", "grad_norm", "entropy", "reverse_kl/math"):
+            assert small[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (key, small, one)
+
+
+def test_biased_rollouts_train_when_explicitly_allowed(tiny_assets, tmp_path):
+    """rollout.allow_biased_sampling=true lets a truncated, cooled sampler through (one step)."""
+    out = tmp_path / "biased"
+    _ok(gopd_train(tiny_assets, out, "steps=1", "save_every=0", "export_hf=false", "rollout.temperature=0.7",
+                   "rollout.top_k=5", "rollout.allow_biased_sampling=true", *TWO_RANKS, nproc=2))
+    assert math.isfinite(read_metrics(out)[0]["loss"])

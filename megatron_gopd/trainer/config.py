@@ -35,9 +35,16 @@ class RolloutConfig:
     """How the student samples its training responses (the paper: temperature 1, no truncation)."""
 
     temperature: float = 1.0
+    """Softmax temperature of the training rollouts (see `allow_biased_sampling`)."""
     top_p: float = 1.0
-    """Anything below 1 biases the importance weights unless training applies the same mask."""
+    """Nucleus truncation of the training rollouts (see `allow_biased_sampling`)."""
     top_k: int = 0
+    """Top-k truncation of the training rollouts; 0 disables it (see `allow_biased_sampling`)."""
+    allow_biased_sampling: bool = False
+    """Allow temperature != 1, top_p < 1 or top_k > 0 in ``mode=gopd``. They change the
+    distribution the responses are drawn from, but the loss assumes the student's own (T = 1, no
+    truncation): importance weights are capped and cannot bring back tokens truncation never
+    samples, so the gradient is biased. Refused unless this is set."""
     max_new_tokens: int = 256
     n: int = 1
     """Responses per prompt (the paper: 1; outcome rewards are group-normalised over them)."""
@@ -57,11 +64,15 @@ class LossConfig:
     per-position gradient, at the cost of k log-probs per token from the teacher and reference."""
     topk: int = 64
     """k for ``kind: topk``; a value >= the vocabulary size takes the whole vocabulary (then the loss
-    is the exact full-vocabulary reverse KL)."""
+    is the exact full-vocabulary reverse KL). With k below the vocabulary and lam != 1 the optimum
+    is the G-OPD target up to one log-prob offset shared by the top-k tokens, which vanishes with
+    the mass outside the top-k (`megatron_gopd.loss.topk_reverse_kl` states the bound)."""
     agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     tis_cap: Optional[float] = 5.0
-    """Truncated importance-sampling cap C (the paper: 5); null disables the correction. (The
-    ``topk`` loss sums over tokens instead of sampling one, so it applies only to its outcome term.)"""
+    """Truncated importance-sampling cap C (the paper: 5): each token's policy gradient is weighted
+    by min(pi_train / pi_sampler, C). null disables the correction (every weight is 1; the
+    sampler-vs-trainer gap is still logged as ``sampler_logp_abs_diff``). (The ``topk`` loss sums
+    over tokens instead of sampling one, so it applies only to its outcome term.)"""
     clip_eps: Optional[float] = None
     """PPO-style clipping; only meaningful when a batch is reused."""
     logprobs_from_hidden: bool = True
@@ -134,11 +145,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.prompts_per_step < 1 or self.micro_batch_tokens < 2:
             raise ValueError("steps, prompts_per_step must be >= 1 and micro_batch_tokens >= 2")
+        if self.loss.tis_cap is not None and not self.loss.tis_cap > 0:
+            raise ValueError(f"loss.tis_cap must be > 0 or null (no importance correction), got {self.loss.tis_cap}")
         if self.loss.kind == "topk" and self.loss.topk < 1:
             raise ValueError(f"loss.topk must be >= 1, got {self.loss.topk}")
         if self.loss.kind == "topk" and (self.mode == "sft" or self.reward.only):
             raise ValueError("loss.kind=topk distils the teachers' distributions: it needs mode=gopd "
                              "with teachers (not mode=sft or reward.only=true)")
+        r = self.rollout
+        biased = [f"{name}={value}" for name, value, neutral in (("temperature", r.temperature, 1.0),
+                  ("top_p", r.top_p, 1.0), ("top_k", r.top_k, 0)) if value != neutral]
+        if self.mode == "gopd" and biased and not r.allow_biased_sampling:
+            raise ValueError(
+                f"rollout {', '.join(biased)}: training rollouts must be drawn from the student's own "
+                "distribution (temperature 1, top_p 1, top_k 0), which the G-OPD loss assumes; "
+                "truncation and temperature bias its gradient (importance weights are capped and cannot "
+                "recover tokens that are never sampled). Set rollout.allow_biased_sampling=true to "
+                "train this way anyway")
         if self.mode == "gopd" and not self.reward.only and not self.scoring.teachers:
             raise ValueError("no teachers configured (scoring.teachers); set reward.only=true to "
                              "train on a verifier reward alone, or mode=sft for the SFT baseline")

@@ -86,11 +86,7 @@ class TrainObjective:
         elif student_topk is not None:
             loss = self._topk_loss(mb, logp, student_topk, metrics)
         else:
-            advantages = self.advantages(mb, logp.detach(), metrics)
-            loss, loss_metrics = policy_loss(logp, advantages, mb.loss_mask, sampler_logp=mb.sampler_logprobs,
-                                             tis_cap=self.loss.tis_cap, clip_eps=self.loss.clip_eps,
-                                             agg=self.loss.agg, num_tokens=1)
-            metrics.add_token_means(loss_metrics, mb.loss_mask.sum())
+            loss = self._policy_gradient(mb, logp, self.advantages(mb, logp.detach(), metrics), metrics)
         tokens = mb.loss_mask.sum()
         normaliser = loss_normaliser(mb.loss_mask, self.loss.agg)
         metrics.add_mean("entropy", masked_mean(entropy.detach(), mb.loss_mask) * tokens, tokens)
@@ -140,10 +136,20 @@ class TrainObjective:
                              tokens)
         loss = aggregate_loss(target_kl, mb.loss_mask, self.loss.agg, num_tokens=1)
         if self.uses_reward:  # the verifier's group-normalised reward, by policy gradient
-            outcome = mb.outcome_advantage * mb.loss_mask
-            outcome_loss, loss_metrics = policy_loss(logp, outcome, mb.loss_mask, sampler_logp=mb.sampler_logprobs,
-                                                     tis_cap=self.loss.tis_cap, clip_eps=self.loss.clip_eps,
-                                                     agg=self.loss.agg, num_tokens=1)
-            metrics.add_token_means(loss_metrics, mb.loss_mask.sum())
-            loss = loss + outcome_loss
+            loss = loss + self._policy_gradient(mb, logp, mb.outcome_advantage * mb.loss_mask, metrics)
+        return loss
+
+    def _policy_gradient(self, mb: MicroBatch, logp: torch.Tensor, advantages: torch.Tensor,
+                         metrics: MetricSums) -> torch.Tensor:
+        """`policy_loss` on `advantages` ``[b, s]``, importance-weighted against the sampler's
+        log-probs unless ``loss.tis_cap`` is None (no correction: every weight is 1)."""
+        correct = self.loss.tis_cap is not None
+        loss, loss_metrics = policy_loss(logp, advantages, mb.loss_mask,
+                                         sampler_logp=mb.sampler_logprobs if correct else None,
+                                         tis_cap=self.loss.tis_cap, clip_eps=self.loss.clip_eps,
+                                         agg=self.loss.agg, num_tokens=1)
+        if not correct:  # the engine-vs-trainer gap is worth watching even when not corrected for
+            gap = (logp.detach().float() - mb.sampler_logprobs).abs()
+            loss_metrics["sampler_logp_abs_diff"] = masked_mean(gap, mb.loss_mask)
+        metrics.add_token_means(loss_metrics, mb.loss_mask.sum())
         return loss
