@@ -174,3 +174,15 @@ def test_step_loss_is_the_same_however_sequences_are_split_over_micro_batches_an
         per_token = -(weights * advantages * logp)
         per_sequence = [(per_token[r] * mb.loss_mask[r]).sum() / mb.loss_mask[r].sum() for r in range(len(samples))]
         torch.testing.assert_close(whole_loss, torch.stack(per_sequence).mean())
+
+
+@pytest.mark.parametrize("name", ["outcome", "sft"])
+def test_no_teacher_name_is_special(name):
+    """Teachers once named "outcome" / "sft" were skipped by name; now only a row's own fields count."""
+    gen = torch.Generator().manual_seed(5)
+    mb = collate([_sample(gen, name, 1.25, True), _sample(gen, None, 1.0, False, outcome=0.5)])
+    student = -torch.rand(mb.loss_mask.shape, generator=gen)
+    advantages = TrainObjective(LossConfig(), "gopd", uses_reward=True).advantages(mb, student, MetricSums())
+    expected = gopd_advantages(student[:1], mb.teacher_logprobs[:1], mb.ref_logprobs[:1], 1.25) * mb.loss_mask[:1]
+    torch.testing.assert_close(advantages[:1], expected)
+    torch.testing.assert_close(advantages[1:], 0.5 * mb.loss_mask[1:])
