@@ -429,7 +429,7 @@ class Trainer:
         and for every rollout when the job uses no outcome reward."""
         if not self._uses_reward:
             return [None] * len(rollouts)
-        from megatron_gopd.evaluation.verifiers import default_registry
+        from megatron_gopd.verifiers import default_registry
 
         registry = default_registry()
         rewards: list[Optional[float]] = []
