@@ -295,6 +295,9 @@ def _fmt_bytes(n: int) -> str:
 
 
 __all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "INDEX_FILE",
+    "SINGLE_FILE",
     "ExpoError",
     "ExpoSummary",
     "TensorInfo",
