@@ -33,6 +33,18 @@ def _mixture_logits(teacher_chunk: torch.Tensor, ref_chunk: Optional[torch.Tenso
     return mixed.add_(scaled_fp32(ref_chunk, temperature), alpha=1.0 - lam)
 
 
+def _chunk_student_and_target(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, ref_logits: Optional[torch.Tensor],
+    rows: slice, valid: int, lam: float, temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised fp32 log pi_student and log q [n, v_valid] of sequence positions ``rows``."""
+    log_p = scaled_fp32(student_logits[rows, :, :valid], temperature)  # [n, v_valid]
+    log_q = _mixture_logits(teacher_logits[rows, :, :valid],
+                            None if ref_logits is None else ref_logits[rows, :, :valid],
+                            lam, temperature)  # [n, v_valid]
+    return log_p, log_q
+
+
 class _ReverseKLFromLogits(torch.autograd.Function):
     """Chunked, TP-exact KL(pi_student || q) per token; gradient w.r.t. the student logits only."""
 
@@ -51,10 +63,8 @@ class _ReverseKLFromLogits(torch.autograd.Function):
         for s0 in range(0, seq_len, step):
             s1 = min(s0 + step, seq_len)
             rows = slice(s0, s1)
-            log_p = scaled_fp32(student_logits[rows, :, :valid], temperature)  # [n, v_valid]
-            log_q = _mixture_logits(teacher_logits[rows, :, :valid],
-                                    None if ref_logits is None else ref_logits[rows, :, :valid],
-                                    lam, temperature)  # [n, v_valid]
+            log_p, log_q = _chunk_student_and_target(
+                student_logits, teacher_logits, ref_logits, rows, valid, lam, temperature)
             chunk_student_norm = global_log_norm(log_p, tp_group)  # [n]
             chunk_target_norm = global_log_norm(log_q, tp_group)  # [n]
             log_p.sub_(chunk_student_norm[:, None])  # [n, v] log pi_student
@@ -85,10 +95,8 @@ class _ReverseKLFromLogits(torch.autograd.Function):
         for s0 in range(0, seq_len, step):
             s1 = min(s0 + step, seq_len)
             rows = slice(s0, s1)
-            log_p = scaled_fp32(student_logits[rows, :, :valid], temperature)  # [n, v_valid]
-            log_q = _mixture_logits(teacher_logits[rows, :, :valid],
-                                    None if ref_logits is None else ref_logits[rows, :, :valid],
-                                    lam, temperature)  # [n, v_valid]
+            log_p, log_q = _chunk_student_and_target(
+                student_logits, teacher_logits, ref_logits, rows, valid, lam, temperature)
             log_p.sub_(student_norm[rows].reshape(-1, 1))
             log_q.sub_(target_norm[rows].reshape(-1, 1))
             # dKL/dz_j = p_j (log p_j - log q_j - KL), times the upstream gradient and 1/T.
