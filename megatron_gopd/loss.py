@@ -1,6 +1,6 @@
 """The G-OPD objective as pure functions on tensors: advantages, policy loss, full-vocab / top-k KL.
 
-What the trainer wires together each micro-batch (shared/DESIGN.md, "The algorithm")::
+What the trainer wires together each micro-batch::
 
     student_logp = token_logprobs_from_hidden(hidden, output_weight, tokens,   # [s, b]
                                               tp_group=tp_group).t()            # -> [b, s]
@@ -15,7 +15,8 @@ their outputs with ``.t()``. All four log-prob tensors of one token position mus
 sampled token ``y_t``.
 
 ``mask`` is a ``[b, s]`` bool (or 0/1 float) tensor: 1 on response tokens that are trained on. Build
-it from response lengths, never from ``token != pad_id`` (shared/pitfalls.md).
+it from response lengths, never from ``token != pad_id``: Qwen3's pad id (151643) is also one of its
+EOS ids, and the real EOS must be trained on.
 
 Normalisation under micro-batching and data parallelism (``num_tokens``): the loss of one
 micro-batch is ``numerator / num_tokens``, where the numerator is the sum of per-token losses
@@ -53,7 +54,8 @@ from typing import Literal, Optional, Union
 
 import torch
 
-# The vocab-parallel kernels live in logprobs.py; the ones a loss function calls are re-exported.
+# The vocab-parallel kernels live in megatron_gopd.logprobs; the ones a loss function calls are
+# re-exported.
 from megatron_gopd.logprobs import (
     full_vocab_reverse_kl,
     token_logprobs_from_hidden,
@@ -335,7 +337,8 @@ def policy_loss(
         ``(loss, metrics)``: the 0-dim loss of this micro-batch (its share of the step loss) and
         masked-mean metrics ``advantage_mean``; with ``sampler_logp``: ``is_weight_mean``,
         ``is_truncated_frac`` (tokens whose weight hit ``tis_cap``), ``sampler_logp_abs_diff``
-        (mean |train - sampler| log-prob gap, shared/pitfalls.md); with a ratio: ``ratio_mean`` and
+        (mean |train - sampler| log-prob gap: bf16 logits differ by ~0.1 per token between
+        engines, so it is worth watching every step); with a ratio: ``ratio_mean`` and
         ``clip_frac`` (tokens where the clipped branch is active).
 
     Raises:

@@ -423,7 +423,7 @@ def test_config_fields_are_documented_plain_types():
     import inspect
     import typing
 
-    import megatron_gopd.data as data_module
+    import megatron_gopd.data.config as data_module
 
     plain = (str, int, float, bool, list, dict, typing.Union, DataSourceConfig, typing.Any)
     tree = ast.parse(inspect.getsource(data_module))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from megatron_gopd.bridge import safetensors_io
 from megatron_gopd.evaluation import expo
 from megatron_gopd.evaluation.expo import (
     ExpoError,
@@ -172,7 +173,7 @@ def test_non_empty_output_refused_and_untouched(checkpoints, tmp_path):
 
 def test_failure_while_writing_leaves_nothing(checkpoints, tmp_path, monkeypatch):
     calls = []
-    real_save = expo.save_file
+    real_save = safetensors_io.save_file
 
     def save_then_fail(*args, **kwargs):
         calls.append(args[1])
@@ -180,7 +181,7 @@ def test_failure_while_writing_leaves_nothing(checkpoints, tmp_path, monkeypatch
             raise OSError("disk full")
         real_save(*args, **kwargs)
 
-    monkeypatch.setattr(expo, "save_file", save_then_fail)
+    monkeypatch.setattr(safetensors_io, "save_file", save_then_fail)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         expo_merge(checkpoints["base"], checkpoints["teacher"], 1.5, out, max_shard_bytes=40_000)

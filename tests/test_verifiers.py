@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gopd.evaluation import (
+from megatron_gopd.verifiers import (
     CodeVerifier,
     MathVerifier,
     MathVerifierConfig,
@@ -25,8 +25,8 @@ from megatron_gopd.evaluation import (
     run_python,
     score,
 )
-from megatron_gopd.evaluation.code_verifier import normalize_output, parse_tests
-from megatron_gopd.evaluation.math_verifier import last_boxed
+from megatron_gopd.verifiers.code_verifier import normalize_output, parse_tests
+from megatron_gopd.verifiers.math_verifier import last_boxed
 
 # Small limits keep the slow cases (hangs, bombs) around a second each.
 LIMITS = SandboxConfig(

@@ -10,7 +10,7 @@ students do not get to q) from a task problem (q is no better than the teacher):
 Uses the demo's HF exports (``<out>/base/hf``, ``<out>/teacher/hf``) with `transformers` and a KV
 cache per model, the held-out prompts ``<out>/data/eval.jsonl`` rendered as training rendered them
 (no thinking block), temperature 1, and the verifier `gopd-eval` uses (each record's fields
-through `megatron_gopd.evaluation.verifiers`). Prints avg@k per lam.
+through `megatron_gopd.verifiers`). Prints avg@k per lam.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         if not (args.out / name / "hf" / "config.json").is_file():
             print(f"{args.out / name / 'hf'} is missing: run the demo first (make demo)", file=sys.stderr)
             return 2
-    from megatron_gopd.evaluation.verifiers import default_registry
+    from megatron_gopd.verifiers import default_registry
 
     registry = default_registry()
     tokenizer, models = load(args.out)

@@ -109,7 +109,7 @@ def evaluate(engine, tokenizer, records: Sequence, sampling, *, dp_rank: int = 0
     Returns:
         The report and every sample's verdict (all replicas'), identical on every rank.
     """
-    from megatron_gopd.evaluation.verifiers import default_registry
+    from megatron_gopd.verifiers import default_registry
 
     registry = registry or default_registry()
     mine = list(records)[dp_rank::dp_size]

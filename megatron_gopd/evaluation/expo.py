@@ -10,9 +10,9 @@ How it works and what it guarantees:
 - Everything is checked before anything is written: both directories exist, every listed weight
   file exists, the two checkpoints have the same tensor names with the same shapes, the output
   directory is empty or absent. Any mismatch raises `ExpoError` naming the offending tensors.
-- Tensors are streamed one at a time through ``safetensors.safe_open`` (memory-mapped), combined in
-  fp32 (fp64 stays fp64) in chunks, and saved in the teacher's dtype (with a warning where the
-  base's dtype differs). The formula is evaluated as ``torch.lerp(base, teacher, alpha)``, which
+- Tensors are streamed one at a time through the bridge's `SafetensorsReader` (memory-mapped),
+  combined in fp32 (fp64 stays fp64) in chunks, and written by its `ShardedSafetensorsWriter` in
+  the teacher's dtype (with a warning where the base's dtype differs). The formula is evaluated as ``torch.lerp(base, teacher, alpha)``, which
   equals base + alpha * (teacher - base) up to fp32 rounding and is exact at alpha = 0 and 1.
   Peak memory is about one output shard (``max_shard_bytes``) plus one tensor.
 - Integer and bool tensors (buffers, not weights) are copied from the teacher. fp8 tensors are
@@ -27,7 +27,6 @@ How it works and what it guarantees:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -36,26 +35,29 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Iterator, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+from megatron_gopd.bridge import safetensors_io
+from megatron_gopd.bridge.safetensors_io import (
+    DTYPE_BYTES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+    TensorInfo,
+    copy_side_files,
+)
 
 logger = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 PathLike = Union[str, Path]
-CheckpointIndex = dict[str, "TensorInfo"]
+CheckpointIndex = dict[str, TensorInfo]
 
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # Files of the teacher directory that are weights (not copied): other formats and their indexes.
 _WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json",
@@ -63,22 +65,8 @@ _WEIGHT_SUFFIXES = (
 _CHUNK_ELEMENTS = 1 << 24  # fp32 temporaries of at most 64 MB per operand
 
 
-class ExpoError(ValueError):
+class ExpoError(CheckpointError):
     """The inputs cannot be merged (missing files, mismatched tensors, non-empty output)."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a tensor lives in a checkpoint and what it is, read from the safetensors header."""
-
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str  # safetensors dtype string: "BF16", "F32", ...
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the tensor's data in bytes."""
-        return math.prod(self.shape) * _DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -101,38 +89,19 @@ def read_weight_index(model_dir: PathLike) -> CheckpointIndex:
     Raises ExpoError when the directory, its weights, or a file its index names is missing, or when
     the index lists a tensor that its file does not contain.
     """
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ExpoError(f"checkpoint directory {model_dir} does not exist")
-    index: CheckpointIndex = {}
-    for filename, names in _files_and_names(model_dir).items():
-        path = model_dir / filename
-        if not path.is_file():
-            raise ExpoError(f"{model_dir / INDEX_FILE} lists {filename}, which is missing")
-        with safe_open(str(path), framework="pt") as f:
-            available = list(f.keys())
-            for name in available if names is None else names:
-                if name not in available:
-                    raise ExpoError(f"{path} lacks tensor {name!r}, which its index lists")
-                header = f.get_slice(name)
-                index[name] = TensorInfo(path, tuple(header.get_shape()), header.get_dtype())
-    return index
+    with _as_expo_error():
+        return SafetensorsReader(model_dir).tensor_infos()
 
 
-def _files_and_names(model_dir: Path) -> dict[str, Optional[list[str]]]:
-    """Weight file -> tensor names it holds per the index (None: all of that file's tensors)."""
-    index_path = model_dir / INDEX_FILE
-    if index_path.is_file():
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        files: dict[str, Optional[list[str]]] = {}
-        for name, filename in weight_map.items():
-            files.setdefault(filename, []).append(name)  # type: ignore[union-attr]
-        return files
-    if (model_dir / SINGLE_FILE).is_file():
-        return {SINGLE_FILE: None}
-    raise ExpoError(
-        f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir} (only safetensors checkpoints work)"
-    )
+@contextlib.contextmanager
+def _as_expo_error() -> Iterator[None]:
+    """Report the reader's CheckpointError as an ExpoError (what `tools/expo.py` catches)."""
+    try:
+        yield
+    except ExpoError:
+        raise
+    except CheckpointError as err:
+        raise ExpoError(str(err)) from err
 
 
 def check_compatible(base: CheckpointIndex, teacher: CheckpointIndex) -> None:
@@ -154,8 +123,8 @@ def check_compatible(base: CheckpointIndex, teacher: CheckpointIndex) -> None:
     dtypes = {info.dtype for info in [*base.values(), *teacher.values()]}
     if any(dtype.startswith("F8") for dtype in dtypes):
         problems.append("fp8 tensors: dequantize both checkpoints first")
-    if dtypes - _DTYPE_BYTES.keys():
-        problems.append(f"unsupported dtypes {sorted(dtypes - _DTYPE_BYTES.keys())}")
+    if dtypes - DTYPE_BYTES.keys():
+        problems.append(f"unsupported dtypes {sorted(dtypes - DTYPE_BYTES.keys())}")
     if problems:
         raise ExpoError("base and teacher checkpoints do not match: " + "; ".join(problems))
 
@@ -186,20 +155,11 @@ def extrapolate(
 
 
 def plan_shards(names: list[str], infos: CheckpointIndex, max_shard_bytes: int) -> list[list[str]]:
-    """Split ``names``, in order, into shards of at most ``max_shard_bytes``.
+    """Split ``names``, in order, into shards of at most ``max_shard_bytes`` as the writer will.
 
     A tensor bigger than the limit gets a shard of its own.
     """
-    shards: list[list[str]] = []
-    size = 0
-    for name in names:
-        nbytes = infos[name].nbytes
-        if not shards or size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+    return safetensors_io.plan_shards([(name, infos[name].nbytes) for name in names], max_shard_bytes)
 
 
 def parse_size(text: Union[str, int]) -> int:
@@ -262,7 +222,9 @@ def expo_merge(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.expo-tmp-", dir=out_dir.parent))
     try:
-        shard_files = _write_shards(shards, base, teacher, alpha, tmp_dir)
+        with _as_expo_error():
+            shard_files = _write_shards(names, Path(base_dir), Path(teacher_dir), alpha, tmp_dir,
+                                        max_shard_bytes)
         _copy_non_weight_files(Path(teacher_dir), tmp_dir)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); rename cannot replace a directory portably
@@ -290,73 +252,36 @@ def _warn_dtype_changes(base: CheckpointIndex, teacher: CheckpointIndex) -> None
 
 
 def _write_shards(
-    shards: list[list[str]],
-    base: CheckpointIndex,
-    teacher: CheckpointIndex,
+    names: list[str],
+    base_dir: Path,
+    teacher_dir: Path,
     alpha: float,
     tmp_dir: Path,
+    max_shard_bytes: int,
 ) -> list[str]:
-    """Compute and save every shard (one in memory at a time); write the index if sharded."""
-    count = len(shards)
-    filenames = [SINGLE_FILE] if count == 1 else [
-        f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)
-    ]
-    total_bytes = sum(info.nbytes for info in teacher.values())
-    weight_map: dict[str, str] = {}
-    done_bytes = 0
-    with _OpenFiles() as files:
-        for filename, names in zip(filenames, shards):
-            tensors = {name: _merged_tensor(name, base, teacher, alpha, files) for name in names}
-            save_file(tensors, str(tmp_dir / filename), metadata={"format": "pt"})
-            del tensors
-            weight_map.update(dict.fromkeys(names, filename))
-            done_bytes += sum(teacher[name].nbytes for name in names)
-            logger.info(
-                "wrote %s: %d/%d tensors, %s/%s", filename, len(weight_map), len(teacher),
-                _fmt_bytes(done_bytes), _fmt_bytes(total_bytes),
-            )  # fmt: skip
-    if count > 1:
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-        (tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return filenames
+    """Compute every tensor in ``names`` order and write the shards (one in memory at a time)."""
+    base, teacher = SafetensorsReader(base_dir), SafetensorsReader(teacher_dir)
+    writer = ShardedSafetensorsWriter(tmp_dir, max_shard_bytes)
+    for name in names:
+        writer.add(name, _merged_tensor(name, base, teacher, alpha))
+    return writer.finish()
 
 
 def _merged_tensor(
-    name: str,
-    base: CheckpointIndex,
-    teacher: CheckpointIndex,
-    alpha: float,
-    files: "_OpenFiles",
+    name: str, base: SafetensorsReader, teacher: SafetensorsReader, alpha: float
 ) -> torch.Tensor:
-    teacher_tensor = files.get(teacher[name].file).get_tensor(name)
-    if teacher[name].dtype not in _FLOAT_DTYPES:
+    teacher_tensor = teacher.read(name)
+    if not teacher_tensor.is_floating_point():
         # Integer/bool buffers are not weights to extrapolate; keep the teacher's.
         return teacher_tensor.contiguous()
-    base_tensor = files.get(base[name].file).get_tensor(name)
-    return extrapolate(base_tensor, teacher_tensor, alpha, teacher_tensor.dtype)
-
-
-class _OpenFiles(contextlib.ExitStack):
-    """safe_open handles, opened on first use and closed together (a shard is read many times)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._handles: dict[Path, Any] = {}
-
-    def get(self, path: Path) -> Any:
-        """The open handle of ``path`` (safe_open's handle type is not public)."""
-        if path not in self._handles:
-            self._handles[path] = self.enter_context(safe_open(str(path), framework="pt"))
-        return self._handles[path]
+    return extrapolate(base.read(name), teacher_tensor, alpha, teacher_tensor.dtype)
 
 
 def _copy_non_weight_files(teacher_dir: Path, dest: Path) -> None:
     """Copy the teacher's top-level config, tokenizer and generation files (not weights/folders)."""
-    copied = []
-    for entry in sorted(teacher_dir.iterdir()):
-        if entry.is_file() and not entry.name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(entry, dest / entry.name)
-            copied.append(entry.name)
+    side_files = [entry.name for entry in sorted(teacher_dir.iterdir())
+                  if entry.is_file() and not entry.name.endswith(_WEIGHT_SUFFIXES)]
+    copied = copy_side_files(teacher_dir, dest, side_files)
     logger.info("copied from the teacher: %s", ", ".join(copied) or "nothing")
     if "config.json" not in copied:
         logger.warning("%s has no config.json: from_pretrained cannot load the output", teacher_dir)
@@ -370,6 +295,9 @@ def _fmt_bytes(n: int) -> str:
 
 
 __all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "INDEX_FILE",
+    "SINGLE_FILE",
     "ExpoError",
     "ExpoSummary",
     "TensorInfo",

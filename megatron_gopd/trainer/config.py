@@ -103,7 +103,7 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class OutcomeRewardConfig:
-    """An optional sequence-level verifier reward (megatron_gopd.evaluation)."""
+    """An optional sequence-level verifier reward (`megatron_gopd.verifiers`)."""
 
     weight: float = 0.0
     """Weight of the group-normalised outcome advantage added to every token's dense advantage."""

@@ -13,7 +13,7 @@ def verifier_rewards(records: Sequence[PromptRecord], rollouts: RolloutBatch, to
                      max_workers: int = 2) -> list[Optional[float]]:
     """Each rollout's verifier reward (scored in parallel); None for truncated responses, whose
     answer is incomplete."""
-    from megatron_gopd.evaluation.verifiers import score_batch
+    from megatron_gopd.verifiers import score_batch
 
     complete = [i for i, rollout in enumerate(rollouts) if rollout.finish_reason != "length"]
     texts = [tokenizer.decode(rollouts[i].token_ids, skip_special_tokens=True) for i in complete]

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from megatron_gopd.evaluation.result import ERROR, NO_ANSWER, TIMEOUT, VerifierResult
+from megatron_gopd.verifiers.result import ERROR, NO_ANSWER, TIMEOUT, VerifierResult
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class _MathWorker:
             [
                 sys.executable,
                 "-c",
-                "from megatron_gopd.evaluation._math_worker import main; main()",
+                "from megatron_gopd.verifiers._math_worker import main; main()",
                 str(config.op_timeout_s),
                 str(config.memory_bytes),
             ],

@@ -26,8 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from megatron_gopd.evaluation.code_sandbox import ExecutionResult, SandboxConfig, run_python
-from megatron_gopd.evaluation.result import (
+from megatron_gopd.verifiers.code_sandbox import ExecutionResult, SandboxConfig, run_python
+from megatron_gopd.verifiers.result import (
     CORRECT,
     ERROR,
     NO_ANSWER,

@@ -9,7 +9,7 @@ A sample is a dict from the dataset. The verifier is chosen by its ``verifier`` 
 
 Example::
 
-    from megatron_gopd.evaluation import score
+    from megatron_gopd.verifiers import score
     score({"domain": "math", "answer": "1/2"}, "... so the answer is \\\\boxed{0.5}").reward  # 1.0
 
 An unknown verifier or domain raises `UnknownVerifierError` (a dataset or config bug must not be
@@ -23,9 +23,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
-from megatron_gopd.evaluation.code_verifier import CodeVerifier
-from megatron_gopd.evaluation.math_verifier import MathVerifier
-from megatron_gopd.evaluation.result import VerifierResult
+from megatron_gopd.verifiers.code_verifier import CodeVerifier
+from megatron_gopd.verifiers.math_verifier import MathVerifier
+from megatron_gopd.verifiers.result import VerifierResult
 
 DEFAULT_DOMAINS: dict[str, str] = {"math": "math", "code": "code"}
 
