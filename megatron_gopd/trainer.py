@@ -31,9 +31,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_gopd import platform
-from megatron_gopd.batching import MicroBatch, TrainSample, agree_on_micro_batch_count, collate, pack_micro_batches
+from megatron_gopd.batching import MicroBatch, TrainSample, collate, pack_micro_batches
 from megatron_gopd.bridge.safetensors_io import copy_side_files
 from megatron_gopd.checkpointing import HF_SUBDIR, atomic_directory_write, read_checkpoint_meta
+from megatron_gopd.collectives import agree_on_micro_batch_count
 from megatron_gopd.config import dump_yaml, to_dict
 from megatron_gopd.data import DataConfig, PromptRecord, build_prompt_sampler, shard_for_rank
 from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits
