@@ -1,11 +1,19 @@
-"""Turn scored rollouts into training micro-batches, balanced by token count.
+"""Packing sequences into micro-batches by token count, and the training micro-batch.
+
+One packer serves every forward pass of the job: `pack_by_tokens` groups sequences (by length)
+into micro-batches of at most a token budget (rows x padded length), longest first so that the
+groups come out even, and `pad_token_rows` lays one group out as right-padded ``[b, s]`` tokens,
+next-token targets and positions. `balance_by_tokens` spreads sequences over data-parallel
+replicas by token count. The teacher / reference pool (`megatron_gopd.scoring`) builds its forward
+micro-batches with them; the trainer uses `pack_micro_batches` and `collate` below.
 
 A `TrainSample` is one student rollout with everything the loss needs, aligned to its response
-tokens. `pack_micro_batches` groups samples into micro-batches of at most ``max_tokens`` tokens
-(prompt + response, padded to the longest in the group), longest first so that the groups come out
-even; `collate` builds the ``[b, s]`` tensors of one micro-batch. Data-parallel ranks must run the
+tokens; `collate` builds the `MicroBatch` of a group of them. Data-parallel ranks must run the
 same number of micro-batches (expert-parallel all-to-alls pair them up), so the count is agreed
-with an all-reduce and short ranks get empty micro-batches that contribute nothing.
+with `collectives.agree_on_micro_batch_count` and short ranks get empty micro-batches that
+contribute nothing.
+
+Imports only torch (no other module of the package).
 """
 
 from __future__ import annotations
@@ -15,21 +23,97 @@ import math
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
+
+__all__ = [
+    "MicroBatch", "TrainSample", "balance_by_tokens", "collate", "pack_by_tokens", "pack_micro_batches",
+    "pad_token_rows", "round_up",
+]
+
+TokenValues = Union[Sequence[float], torch.Tensor]
+"""One value per response token: a list, or a ``[response_len]`` tensor on any device."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing by token count
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= `value`."""
+    return -(-value // multiple) * multiple
+
+
+def pack_by_tokens(lengths: Sequence[int], budget: int, multiple: int = 1) -> list[list[int]]:
+    """Group sequence indices into micro-batches of at most `budget` padded tokens.
+
+    Longest first (ties in index order), so each micro-batch pads to its first sequence's length,
+    rounded up to `multiple` (sequence parallelism splits the sequence over TP). A sequence longer
+    than the budget gets a micro-batch of its own (never dropped).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    padded_len = 0
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * padded_len <= budget:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+            padded_len = round_up(lengths[index], multiple)
+    return batches
+
+
+def balance_by_tokens(lengths: Sequence[int], num_replicas: int) -> list[list[int]]:
+    """Assign sequences to replicas: longest first, each to the replica with the fewest tokens.
+
+    Deterministic (ties go to the lower index), so every rank computes the same assignment.
+    """
+    load = [0] * num_replicas
+    assignment: list[list[int]] = [[] for _ in range(num_replicas)]
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        replica = min(range(num_replicas), key=lambda r: (load[r], r))
+        assignment[replica].append(index)
+        load[replica] += lengths[index]
+    return assignment
+
+
+def pad_token_rows(rows: Sequence[Sequence[int]], pad_id: int = 0,
+                   multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rows` right-padded to one batch, with their next-token targets and positions (on CPU).
+
+    Right padding: under the causal mask no real position attends to a padded one, so padding
+    changes nothing a real position's output depends on.
+
+    Returns:
+        tokens ``[b, s]`` int64 (``s``: the longest row rounded up to `multiple`), targets
+        ``[b, s]`` int64 (the token each position predicts: the next one, `pad_id` past the end)
+        and positions ``[b, s]`` int64.
+    """
+    length = round_up(max(len(r) for r in rows), multiple)
+    tokens = torch.full((len(rows), length), pad_id, dtype=torch.int64)
+    for index, row in enumerate(rows):
+        tokens[index, : len(row)] = torch.tensor(list(row), dtype=torch.int64)
+    targets = torch.full_like(tokens, pad_id)
+    targets[:, :-1] = tokens[:, 1:]
+    positions = torch.arange(length, dtype=torch.int64).unsqueeze(0).expand(len(rows), -1).contiguous()
+    return tokens, targets, positions
+
+
+# ----------------------------------------------------------------------------------------------
+# Training micro-batches
 
 
 @dataclasses.dataclass
 class TrainSample:
-    """One rollout, ready for the loss. Per-token values (lists or 1-d tensors) have one entry per
-    response token."""
+    """One rollout, ready for the loss. Per-token values have one entry per response token: a list,
+    or a ``[len(response_ids)]`` fp32 tensor as `megatron_gopd.scoring.SampleScores` holds them (on
+    any device: `collate` builds the micro-batch there, with no round trip through the host)."""
 
     prompt_ids: list[int]
     response_ids: list[int]
-    sampler_logprobs: Union[list[float], torch.Tensor]
+    sampler_logprobs: TokenValues
     """The rollout engine's log-prob of each sampled token (for truncated importance sampling)."""
-    teacher_logprobs: Union[list[float], torch.Tensor]
+    teacher_logprobs: TokenValues
     """The routed teacher's log-prob of each response token."""
-    ref_logprobs: Union[list[float], torch.Tensor, None]
+    ref_logprobs: Optional[TokenValues]
     """The teacher's reference's log-probs; None when the teacher has no reference (lam == 1)."""
     teacher: Optional[str]
     """Which teacher scored the sample (metrics are reported per teacher); None when no teacher
@@ -48,43 +132,28 @@ class TrainSample:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt plus response tokens: the row length this sample needs in a micro-batch."""
         return len(self.prompt_ids) + len(self.response_ids)
+
+    @property
+    def response_span(self) -> tuple[int, int]:
+        """[start, end) of the positions that predict the response tokens (position t predicts t + 1)."""
+        start = len(self.prompt_ids) - 1
+        return start, start + len(self.response_ids)
 
 
 def pack_micro_batches(samples: Sequence[TrainSample], max_tokens: int) -> list[list[TrainSample]]:
     """Group samples into micro-batches of at most `max_tokens` padded tokens, longest first.
 
-    A sample longer than `max_tokens` gets a micro-batch of its own (never dropped).
+    A sample longer than `max_tokens` gets a micro-batch of its own (never dropped); `pack_by_tokens`.
     """
-    order = sorted(range(len(samples)), key=lambda i: samples[i].num_tokens, reverse=True)
-    batches: list[list[TrainSample]] = []
-    current: list[TrainSample] = []
-    longest = 0
-    for i in order:
-        sample = samples[i]
-        padded = max(longest, sample.num_tokens) * (len(current) + 1)
-        if current and padded > max_tokens:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(sample)
-        longest = max(longest, sample.num_tokens)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def agree_on_micro_batch_count(local_count: int, group: Optional[dist.ProcessGroup]) -> int:
-    """The largest micro-batch count over the data-parallel group (every rank runs that many)."""
-    count = torch.tensor([local_count], dtype=torch.long)
-    if dist.is_initialized() and group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-    return int(count.item())
+    return [[samples[i] for i in batch] for batch in pack_by_tokens([s.num_tokens for s in samples], max_tokens)]
 
 
 @dataclasses.dataclass
 class MicroBatch:
-    """The tensors of one micro-batch, batch-major. Position t of the ``*_logprobs`` tensors and of
-    `loss_mask` refers to the token at ``tokens[:, t + 1]`` (the target of position t)."""
+    """The tensors of one training micro-batch, batch-major. Position t of the ``*_logprobs``
+    tensors and of `loss_mask` refers to the token at ``tokens[:, t + 1]`` (the target of position t)."""
 
     tokens: torch.Tensor            # [b, s] long, right-padded
     position_ids: torch.Tensor      # [b, s] long
@@ -108,6 +177,7 @@ class MicroBatch:
 
     @property
     def num_response_tokens(self) -> int:
+        """Tokens the loss is taken over."""
         return int(self.loss_mask.sum().item())
 
 
@@ -119,31 +189,16 @@ def collate(samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[to
     Qwen3's pad id is also one of its EOS ids, and the real EOS must be trained on. With `topk` > 0
     the samples' top-k fields (all ``[len(response_ids), topk]``) become ``[b, s, topk]`` tensors.
     """
-    if not samples:
-        zeros = torch.zeros((1, 2))
-        out = MicroBatch(torch.full((1, 2), pad_id, dtype=torch.long), torch.arange(2)[None],
-                         torch.full((1, 2), pad_id, dtype=torch.long), zeros.clone(), zeros.clone(),
-                         zeros.clone(), zeros.clone(), torch.zeros((1, 1)), [], [], [])
-        if topk:
-            out.topk_ids, out.teacher_topk_logprobs, out.ref_topk_logprobs = _topk_padding(1, 2, topk)
-        return out if device is None else _on(out, device)
-    length = max(s.num_tokens for s in samples)
-    batch = len(samples)
-    tokens = torch.full((batch, length), pad_id, dtype=torch.long)
-    mask, sampler, teacher, ref = (torch.zeros((batch, length)) for _ in range(4))
-    for row, s in enumerate(samples):
-        seq = s.prompt_ids + s.response_ids
-        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        # response token j is predicted at position len(prompt) - 1 + j
-        start, end = len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + len(s.response_ids)
-        mask[row, start:end] = 1.0
-        sampler[row, start:end] = _cpu_fp32(s.sampler_logprobs)
-        teacher[row, start:end] = _cpu_fp32(s.teacher_logprobs)
-        ref[row, start:end] = _cpu_fp32(s.ref_logprobs if s.ref_logprobs is not None else s.teacher_logprobs)
-    targets = torch.full_like(tokens, pad_id)
-    targets[:, :-1] = tokens[:, 1:]
-    positions = torch.arange(length).unsqueeze(0).expand(batch, -1).contiguous()
-    outcome = torch.tensor([[s.outcome_advantage] for s in samples])
+    tokens, targets, positions = pad_token_rows([s.prompt_ids + s.response_ids for s in samples]
+                                                or [[pad_id, pad_id]], pad_id=pad_id)
+    batch, length = tokens.shape
+    spans = [s.response_span for s in samples]
+    mask = _response_values(spans, [[1.0] * len(s.response_ids) for s in samples], batch, length)
+    sampler = _response_values(spans, [s.sampler_logprobs for s in samples], batch, length)
+    teacher = _response_values(spans, [s.teacher_logprobs for s in samples], batch, length)
+    ref = _response_values(spans, [s.teacher_logprobs if s.ref_logprobs is None else s.ref_logprobs
+                                   for s in samples], batch, length)
+    outcome = torch.tensor([[s.outcome_advantage] for s in samples]) if samples else torch.zeros((1, 1))
     out = MicroBatch(tokens, positions, targets, mask, sampler, teacher, ref, outcome,
                      [s.teacher for s in samples], [s.lam for s in samples],
                      [s.ref_logprobs is not None for s in samples])
@@ -153,7 +208,7 @@ def collate(samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[to
             if s.teacher_topk_ids is None or s.teacher_topk_ids.shape != (len(s.response_ids), topk):
                 raise ValueError(f"sample {row} has no [response_len, {topk}] teacher top-k (scored "
                                  f"without ScoringPool.score(topk={topk})?)")
-            start, end = len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + len(s.response_ids)
+            start, end = s.response_span
             ids[row, start:end] = s.teacher_topk_ids.to(torch.long).cpu()
             teacher_topk[row, start:end] = s.teacher_topk_logprobs.float().cpu()
             ref_source = s.ref_topk_logprobs if s.ref_topk_logprobs is not None else s.teacher_topk_logprobs
@@ -162,9 +217,18 @@ def collate(samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[to
     return out if device is None else _on(out, device)
 
 
-def _cpu_fp32(values) -> torch.Tensor:
-    """A per-token list or tensor (on any device) as a CPU fp32 tensor."""
-    return torch.as_tensor(values, dtype=torch.float32, device="cpu")
+def _response_values(spans: Sequence[tuple[int, int]], values: Sequence[TokenValues], batch: int,
+                     length: int) -> torch.Tensor:
+    """``[batch, length]`` fp32: row r holds ``values[r]`` on ``spans[r]``, 0 elsewhere.
+
+    Built on the device of the first tensor among `values` (CPU when all are lists), so scores
+    that already sit on the accelerator stay there.
+    """
+    device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
+    out = torch.zeros((batch, length), device=device)
+    for row, ((start, end), row_values) in enumerate(zip(spans, values)):
+        out[row, start:end] = torch.as_tensor(row_values, dtype=torch.float32, device=device)
+    return out
 
 
 def _topk_padding(batch: int, length: int, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -20,8 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-import torch.distributed as dist
-
+from megatron_gopd.collectives import all_gather_object, barrier, broadcast_object, rank
 from megatron_gopd.models import ParallelLayout
 
 logger = logging.getLogger(__name__)
@@ -51,22 +50,6 @@ def copy_side_files(src_dir: str | Path, dst_dir: str | Path, names: Iterable[st
     return copied
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast_str(value: Optional[str]) -> str:
-    box = [value]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def atomic_directory_write(out_dir: str | Path, write: Callable[[Path], None], replace: bool = False) -> Path:
     """Run ``write(tmp_dir)`` on every rank, then rename ``tmp_dir`` to `out_dir` (collective).
 
@@ -76,11 +59,11 @@ def atomic_directory_write(out_dir: str | Path, write: Callable[[Path], None], r
     """
     out = Path(out_dir).resolve()
     tmp: Optional[str] = None
-    if _rank() == 0:
+    if rank() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = str(out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
         os.makedirs(tmp)
-    tmp_path = Path(_broadcast_str(tmp))
+    tmp_path = Path(broadcast_object(tmp))
     ok = True
     try:
         write(tmp_path)
@@ -88,12 +71,8 @@ def atomic_directory_write(out_dir: str | Path, write: Callable[[Path], None], r
         ok = False
         raise
     finally:
-        status = [ok]
-        if dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, ok)
-            status = gathered
-        if _rank() == 0:
+        status = all_gather_object(ok)
+        if rank() == 0:
             if all(status):
                 old = None
                 if out.exists() and replace:
@@ -106,7 +85,7 @@ def atomic_directory_write(out_dir: str | Path, write: Callable[[Path], None], r
                     shutil.rmtree(old, ignore_errors=True)
             else:
                 shutil.rmtree(tmp_path, ignore_errors=True)
-        _barrier()
+        barrier()
     return out
 
 
@@ -126,13 +105,13 @@ def save_model_checkpoint(model, out_dir: str | Path, *, hf_source_dir: str | Pa
     def write(tmp: Path) -> None:
         dist_checkpointing.save(model.sharded_state_dict() if sharded_state_dict is None else sharded_state_dict,
                                 str(tmp))
-        if _rank() == 0:
+        if rank() == 0:
             (tmp / HF_SUBDIR).mkdir()
             copy_side_files(hf_source_dir, tmp / HF_SUBDIR)
             (tmp / META_FILE).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION}, indent=2))
             if write_extra is not None:
                 write_extra(tmp)
-        _barrier()
+        barrier()
 
     return atomic_directory_write(out_dir, write)
 

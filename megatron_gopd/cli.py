@@ -17,6 +17,8 @@ from typing import Callable, Optional, Sequence
 logger = logging.getLogger("megatron_gopd.cli")
 
 _RELAUNCHED_ENV = "GOPD_RELAUNCHED"
+_TRAIN_PLAN_ENV = "GOPD_TRAIN_PLAN"
+"""What the launcher checked (`TrainPlan` JSON), handed to the ranks it starts."""
 
 
 def _free_port() -> int:
@@ -25,11 +27,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_world_size(ranks: int, command: str, argv: Sequence[str], script: Optional[str] = None
-                      ) -> Optional[int]:
+def ensure_world_size(ranks: int, command: str, argv: Sequence[str], script: Optional[str] = None,
+                      env: Optional[dict[str, str]] = None) -> Optional[int]:
     """Re-run this command under torchrun with `ranks` local processes when started without it.
 
     `command` names a console command of this module; a tool passes its own `script` path instead.
+    `env` adds variables for the launched ranks.
     Returns the child's exit code when it re-launched, None when the current process should go on
     (already inside a distributed launch, or one rank is enough).
     """
@@ -40,7 +43,7 @@ def ensure_world_size(ranks: int, command: str, argv: Sequence[str], script: Opt
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            *([script] if script else ["-m", "megatron_gopd.cli", command]), *argv]
-    return subprocess.call(cmd, env={**os.environ, _RELAUNCHED_ENV: "1"})
+    return subprocess.call(cmd, env={**os.environ, **(env or {}), _RELAUNCHED_ENV: "1"})
 
 
 def _run_distributed(job: Callable[[], None], cleanup: Optional[Callable[[], object]] = None) -> int:
@@ -155,16 +158,20 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
     setup_logging(args.log_level)
     from megatron_gopd.config import load_config
-    from megatron_gopd.trainer import TrainConfig, check_train_config
+    from megatron_gopd.trainer import TrainConfig, TrainPlan, check_train_config
 
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", args.nproc)))
     try:  # a bad config fails here, before any rank starts or any model is built
         cfg = load_config(TrainConfig, args.config, args.overrides)
-        check_train_config(cfg, world_size)
+        # Checked once: ranks this process launches reuse its plan instead of reading every
+        # checkpoint and prompt file again.
+        handed_down = os.environ.get(_TRAIN_PLAN_ENV)
+        plan = TrainPlan.from_json(handed_down) if handed_down else check_train_config(cfg, world_size)
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         logger.error("%s", err)
         return 2
-    relaunched = ensure_world_size(args.nproc, "gopd-train", _without_nproc(argv))
+    relaunched = ensure_world_size(args.nproc, "gopd-train", _without_nproc(argv),
+                                   env={_TRAIN_PLAN_ENV: plan.to_json()})
     if relaunched is not None:
         return relaunched
 
@@ -173,7 +180,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     trainers: list = []
 
     def train() -> None:
-        trainers.append(Trainer(cfg))
+        trainers.append(Trainer(cfg, plan))
         trainers[0].run()
 
     return _run_distributed(train, cleanup=lambda: [t.close() for t in trainers])

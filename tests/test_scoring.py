@@ -12,6 +12,7 @@ a TP=1/PP=2 student covers the no-redistribution path across pipeline stages.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -24,8 +25,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3Moe
 
 from megatron_gopd.config import ConfigError, from_dict
 from megatron_gopd.scoring import (
-    STUDENT_INIT, PoolModelConfig, ScoringConfig, ScoringConfigError, TeacherConfig, _balance,
-    _pack_micro_batches, _rank_groups, validate_scoring_config,
+    STUDENT_INIT, PoolModelConfig, ScoringConfig, ScoringConfigError, ScoringPlan, TeacherConfig,
+    validate_scoring_config,
 )
 from megatron_gopd.testing.tiny_tokenizer import CHAT_TEMPLATE, TINY_VOCAB_SIZE, build_tiny_tokenizer
 from tests.dist_harness import run_distributed
@@ -169,17 +170,17 @@ def _count_groups():
 
 def _count_model_loads():
     """Record the name of every model the pool builds; returns (names, restore)."""
-    from megatron_gopd import scoring
+    from megatron_gopd.scoring import pool
 
     loads: list[str] = []
-    original = scoring._load_with_groups
+    original = pool.load_pool_model
 
     def counting_load(plan, pg_collection):
         loads.append(plan.name)
         return original(plan, pg_collection)
 
-    scoring._load_with_groups = counting_load
-    return loads, lambda: setattr(scoring, "_load_with_groups", original)
+    pool.load_pool_model = counting_load
+    return loads, lambda: setattr(pool, "load_pool_model", original)
 
 
 def _check_topk(score, request, expectation, standalone, renderers, topk: int) -> dict:
@@ -317,7 +318,12 @@ def _pipeline_student_body(rank: int, world_size: int, checkpoints: dict[str, st
     cfg = ScoringConfig(teachers={"math": TeacherConfig(model=PoolModelConfig(checkpoints["math"], pp=2),
                                                         domains=["math"], lam=1.5)},
                         micro_batch_tokens=40)
-    pool = ScoringPool(cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(pp=2))
+    # Validated once (as a launcher would), handed over as JSON: the pool builds from the plan.
+    plan = validate_scoring_config(cfg, student_checkpoint=checkpoints["student"],
+                                   student_layout=ParallelLayout(pp=2), world_size=world_size)
+    plan = ScoringPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    pool = ScoringPool(cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(pp=2),
+                       plan=plan)
     # Ranks of one student pipeline (same data-parallel shard) pass identical requests.
     shard = rank % 2
     requests = _requests(shard, 4, ["math"], seed=3)
@@ -377,6 +383,14 @@ def _bad_setup_body(rank: int, world_size: int, checkpoints: dict[str, str]) -> 
         errors["student_layout"] = "no error"
     except ValueError as err:
         errors["student_layout"] = str(err)
+    other_job = validate_scoring_config(teacher(checkpoints["math"]), student_checkpoint=checkpoints["student"],
+                                        student_layout=ParallelLayout(), world_size=2)
+    try:
+        ScoringPool(teacher(checkpoints["math"]), student_checkpoint=checkpoints["student"],
+                    student_layout=ParallelLayout(), plan=other_job)
+        errors["plan_for_other_job"] = "no error"
+    except ValueError as err:
+        errors["plan_for_other_job"] = str(err)
     restore()
     return {"errors": errors, "groups_created": counts["created"]}
 
@@ -472,6 +486,7 @@ def test_bad_setups_fail_before_anything_is_built(checkpoints):
         "ep3": "ep x expert tp = 3 x 1 does not divide world / pp = 4",
         "no_teachers": "no teachers",
         "student_layout": "does not match Megatron's parallel state",
+        "plan_for_other_job": "was made for student",
     }
     for rank, report in enumerate(reports):
         for case, message in expected.items():
@@ -544,38 +559,19 @@ def test_validation_reports_every_problem_at_once(checkpoints):
         validate_scoring_config(cfg, student_checkpoint=checkpoints["student"],
                                 student_layout=ParallelLayout(), world_size=4)
     assert "3 problem(s)" in str(err.value), str(err.value)
-    plans = validate_scoring_config(
+    plan = validate_scoring_config(
         ScoringConfig(teachers={"code": TeacherConfig(model=PoolModelConfig(checkpoints["code"]),
                                                       domains=["code"], lam=1.1)}),
         student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(), world_size=4)
     # the code teacher's chat template differs from the student's: it renders prompts itself
-    assert [(p.name, p.rerender) for p in plans] == [("code", True), (STUDENT_INIT, False)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers
-
-
-def test_rank_groups_match_megatron_rank_generator():
-    from megatron.core.parallel_state import RankGenerator
-
-    for tp, dp, pp in [(2, 1, 2), (1, 4, 1), (2, 2, 2), (1, 2, 4)]:
-        generator = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
-        grid = {"tp": tp, "cp": 1, "dp": dp, "pp": pp}
-        for dims, token in [(["tp"], "tp"), (["pp"], "pp"), (["dp"], "dp"), (["tp", "pp"], "tp-pp"),
-                            (["tp", "cp", "dp"], "tp-cp-dp")]:
-            assert _rank_groups(grid, dims) == generator.get_ranks(token), (tp, dp, pp, dims)
-
-
-def test_micro_batches_respect_the_token_budget():
-    lengths = [5, 17, 3, 9, 9, 30, 1]
-    batches = _pack_micro_batches(lengths, budget=20, multiple=2)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for batch in batches:
-        padded = -(-max(lengths[i] for i in batch) // 2) * 2
-        assert len(batch) == 1 or len(batch) * padded <= 20, batch
-    assert [5] in batches  # longer than the budget: alone
-    assignment = _balance([10, 1, 7, 3, 3], 2)
-    assert sorted(i for share in assignment for i in share) == list(range(5))
-    # longest first, each to the lighter replica (ties to the lower index): 10+3 | 7+3+1
-    assert assignment == [[0, 4], [2, 3, 1]]
+    assert [(p.name, p.rerender) for p in plan.models] == [("code", True), (STUDENT_INIT, False)]
+    assert plan.models[0].tokenizer_dir == str(Path(checkpoints["code"]) / "hf")
+    # The plan is plain data: the launcher can validate once and hand it to the ranks as JSON.
+    assert ScoringPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    # ... but only to a pool for the same job and config.
+    with pytest.raises(ValueError, match="was made for student"):
+        plan.check_matches(cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(),
+                           world_size=2)
+    with pytest.raises(ValueError, match="does not describe this scoring config"):
+        plan.check_matches(cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(),
+                           world_size=4)

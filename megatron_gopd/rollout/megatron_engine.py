@@ -44,14 +44,12 @@ one prefill: the prompt is run once and its KV rows are copied n times.
 Every rank of one model replica (its TP x PP group) must call `generate` with the same request;
 this is checked with one small all-reduce. Before generating after an optimizer step, make sure the
 parameters are up to date (with the distributed optimizer's overlapped parameter gather, force the
-gather first: shared/pitfalls.md).
+gather first, or the sampler reads stale weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import itertools
 import logging
 import time
 from typing import Optional, Sequence
@@ -61,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gopd import platform
+from megatron_gopd.collectives import check_same_in_groups, fingerprint, int_sequences
 from megatron_gopd.models import ModelArchitecture
 from megatron_gopd.rollout.base import (FinishReason, RolloutBatch, RolloutEngine, RolloutSample, SamplingParams,
                                         validate_request)
@@ -594,21 +593,11 @@ class MegatronRolloutEngine(RolloutEngine):
     def _check_same_request(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
         """Fail fast (RuntimeError) when the ranks of this replica were given different requests.
 
-        Mismatched requests would otherwise deadlock or silently mix samples. One all-reduce of a
-        48-bit digest (exact in float64) and its negation: the max of both equals the digest on
-        every rank only when all digests agree.
+        Mismatched requests would otherwise deadlock or silently mix samples. One small all-reduce
+        per group (`collectives.check_same_in_groups`).
         """
-        if self.tp_size * self.pp_size == 1:
-            return
-        hasher = hashlib.blake2b(digest_size=6)
-        hasher.update(np.array([len(p) for p in prompts], dtype=np.int64).tobytes())
-        hasher.update(np.fromiter(itertools.chain.from_iterable(prompts), dtype=np.int64).tobytes())
-        hasher.update(repr(dataclasses.astuple(sampling)).encode())
-        digest = float(int.from_bytes(hasher.digest(), "big"))
-        extremes = torch.tensor([digest, -digest], dtype=torch.float64, device=self.device)
-        for group in (self.tp_group, self.pp_group):
-            if group.size() > 1:
-                dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
-        if extremes[0].item() != digest or -extremes[1].item() != digest:
-            raise RuntimeError("the ranks of one model replica called generate() with different prompts or "
-                               "sampling parameters; every TP / PP rank must pass the same request")
+        digest = fingerprint(int_sequences(prompts), dataclasses.astuple(sampling))
+        check_same_in_groups(digest, (self.tp_group, self.pp_group),
+                             "the ranks of one model replica called generate() with different prompts or "
+                             "sampling parameters; every TP / PP rank must pass the same request",
+                             device=self.device)

@@ -15,9 +15,9 @@ models, bridge, checkpointing, platform); nothing below imports it, only `megatr
 """
 
 from megatron_gopd.trainer.config import (LossConfig, OptimConfig, OutcomeRewardConfig, RolloutConfig, StudentConfig,
-                                          TrainConfig, check_train_config, data_domains)
+                                          TrainConfig, TrainPlan, check_train_config, data_domains)
 from megatron_gopd.trainer.loop import Trainer
 from megatron_gopd.trainer.objective import TrainObjective
 
-__all__ = ["LossConfig", "OptimConfig", "OutcomeRewardConfig", "RolloutConfig", "StudentConfig", "TrainConfig",
+__all__ = ["LossConfig", "OptimConfig", "OutcomeRewardConfig", "RolloutConfig", "StudentConfig", "TrainConfig", "TrainPlan",
            "TrainObjective", "Trainer", "check_train_config", "data_domains"]

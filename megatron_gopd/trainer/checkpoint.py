@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_gopd.checkpointing import HF_SUBDIR, save_model_checkpoint
+from megatron_gopd.collectives import all_gather_object, rank
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,7 @@ class TrainCheckpointer:
         target = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
         if target.exists():
             return target
-        rng_states: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(rng_states, {"torch": torch.get_rng_state(), "python": random.getstate()})
+        rng_states = all_gather_object({"torch": torch.get_rng_state(), "python": random.getstate()})
         trainer_state = {"step": step, "scheduler": self.scheduler.state_dict(),
                          "data": self.sampler.state_dict(), "adam_step": self._adam_step()}
 
@@ -79,7 +78,7 @@ class TrainCheckpointer:
             self.model.module, target, hf_source_dir=Path(self.student_checkpoint) / HF_SUBDIR,
             meta={**self.meta, "trained_steps": step}, sharded_state_dict=self._sharded_state_dict(), write_extra=write_training_state)
         logger.info("saved checkpoint %s", out)
-        if dist.get_rank() == 0:
+        if rank() == 0:
             self.prune()
         return out
 
@@ -119,7 +118,7 @@ class TrainCheckpointer:
         self._set_adam_step(trainer_state["adam_step"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.sampler.load_state_dict(trainer_state["data"])
-        rng = torch.load(latest / RNG_STATES_FILE, weights_only=False)[dist.get_rank()]
+        rng = torch.load(latest / RNG_STATES_FILE, weights_only=False)[rank()]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         logger.info("resumed from %s (step %d)", latest, trainer_state["step"])

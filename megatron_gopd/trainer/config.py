@@ -8,13 +8,15 @@ before ranks start or models are built.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Literal, Optional
 
 from megatron_gopd.checkpointing import HF_SUBDIR, read_checkpoint_meta
 from megatron_gopd.data import DataConfig
 from megatron_gopd.models import ModelArchitecture, ModelConfig, ParallelLayout
-from megatron_gopd.scoring import ScoringConfig
+from megatron_gopd.config import from_dict, to_dict
+from megatron_gopd.scoring import ScoringConfig, ScoringPlan
 
 SFT_RESPONSE_FIELD = "response"
 """The record field that holds the teacher-written response in ``mode=sft``."""
@@ -171,12 +173,48 @@ class TrainConfig:
         return self.mode == "gopd" and not self.reward.only
 
 
-def check_train_config(cfg: TrainConfig, world_size: int) -> tuple[ModelArchitecture, ParallelLayout]:
+@dataclasses.dataclass
+class TrainPlan:
+    """What `check_train_config` resolved for a job: checked once, by the launcher, and handed to
+    every rank (as JSON) so that no rank reads the checkpoints and prompt files again."""
+
+    world_size: int
+    student_checkpoint: str
+    arch: ModelArchitecture
+    """The student's architecture."""
+    layout: ParallelLayout
+    """The student's layout."""
+    scoring: Optional[ScoringPlan] = None
+    """What the scoring pool builds (None without teachers)."""
+
+    def to_json(self) -> str:
+        """The plan as one JSON line (`from_json` restores it)."""
+        return json.dumps(to_dict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainPlan":
+        """The plan `to_json` wrote (ConfigError on a malformed one)."""
+        return from_dict(cls, json.loads(text), source="train plan")
+
+    def check_matches(self, cfg: "TrainConfig", world_size: int) -> None:
+        """Refuse (ValueError) a plan made for another job."""
+        if (self.world_size, self.student_checkpoint, self.layout) != (world_size, cfg.student.checkpoint,
+                                                                       cfg.student.layout):
+            raise ValueError(f"the train plan was made for {self.student_checkpoint} at {self.layout} on "
+                             f"{self.world_size} ranks, not for this job ({cfg.student.checkpoint} at "
+                             f"{cfg.student.layout} on {world_size} ranks)")
+        if self.scoring is not None:
+            self.scoring.check_matches(cfg.scoring, student_checkpoint=cfg.student.checkpoint,
+                                       student_layout=cfg.student.layout, world_size=world_size)
+
+
+def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
     """Everything about a job that can be checked on one process before any rank starts.
 
     The student checkpoint, its shapes against the student's layout, the world size, the data
-    sources and the whole scoring setup (checkpoints, vocabularies, teacher layouts). Raises
-    ValueError / FileNotFoundError with a message naming the problem.
+    sources and the whole scoring setup (checkpoints, vocabularies, teacher layouts). Returns the
+    `TrainPlan` the ranks build from; raises ValueError / FileNotFoundError with a message naming
+    the problem.
     """
     from megatron_gopd.scoring import validate_scoring_config
 
@@ -194,14 +232,16 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> tuple[ModelArchitec
     cfg.data.validate()
     if cfg.mode == "sft":
         _check_sft_responses(cfg.data)
+    scoring = None
     if cfg.needs_teachers:
-        validate_scoring_config(cfg.scoring, student_checkpoint=cfg.student.checkpoint,
-                                student_layout=layout, world_size=world_size)
+        scoring = validate_scoring_config(cfg.scoring, student_checkpoint=cfg.student.checkpoint,
+                                          student_layout=layout, world_size=world_size)
         missing = sorted(data_domains(cfg.data) - set(cfg.scoring.routing()))
         if missing:
             raise ValueError(f"prompt domain(s) {missing} have no teacher; the teachers cover "
                              f"{sorted(cfg.scoring.routing())} (set scoring.teachers.<name>.domains)")
-    return arch, layout
+    return TrainPlan(world_size=world_size, student_checkpoint=cfg.student.checkpoint, arch=arch, layout=layout,
+                     scoring=scoring)
 
 
 def _check_sft_responses(data: DataConfig) -> None:

@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_gopd import platform
-from megatron_gopd.batching import MicroBatch, TrainSample, agree_on_micro_batch_count, collate, pack_micro_batches
+from megatron_gopd.batching import MicroBatch, TrainSample, collate, pack_micro_batches
 from megatron_gopd.checkpointing import HF_SUBDIR, load_model, read_checkpoint_meta
+from megatron_gopd.collectives import agree_on_micro_batch_count, all_reduce_dp
 from megatron_gopd.config import dump_yaml
 from megatron_gopd.data import PromptRecord, build_prompt_sampler, shard_for_rank
 from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits
@@ -36,7 +37,7 @@ from megatron_gopd.models.output_head import OutputHead
 from megatron_gopd.rollout import MegatronRolloutEngine, RolloutBatch, SamplingParams
 from megatron_gopd.scoring import ScoreRequest, ScoringPool
 from megatron_gopd.trainer.checkpoint import TrainCheckpointer
-from megatron_gopd.trainer.config import SFT_RESPONSE_FIELD, TrainConfig, check_train_config
+from megatron_gopd.trainer.config import SFT_RESPONSE_FIELD, TrainConfig, TrainPlan, check_train_config
 from megatron_gopd.trainer.metrics import (MetricSums, MetricsWriter, first_with_prefix, progress_bar,
                                            reduce_step_metrics)
 from megatron_gopd.trainer.objective import TrainObjective
@@ -48,11 +49,18 @@ logger = logging.getLogger(__name__)
 class Trainer:
     """Builds everything a `TrainConfig` describes and runs its steps; see the module docstring."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, plan: Optional[TrainPlan] = None) -> None:
+        """`plan`: what `check_train_config` resolved for this job (checked against it); None checks
+        the config here."""
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
-        self.arch, self.layout = check_train_config(cfg, dist.get_world_size())
+        if plan is None:
+            plan = check_train_config(cfg, dist.get_world_size())
+        else:
+            plan.check_matches(cfg, dist.get_world_size())
+        self.plan = plan
+        self.arch, self.layout = plan.arch, plan.layout
         self.dp_size = dist.get_world_size() // (self.layout.tp * self.layout.pp)
         self.objective = TrainObjective(cfg.loss, cfg.mode, uses_reward=self._uses_reward)
         self._stop_requested = False
@@ -71,8 +79,8 @@ class Trainer:
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tokenizer = AutoTokenizer.from_pretrained(Path(cfg.student.checkpoint) / HF_SUBDIR)
         self.sampler = build_prompt_sampler(cfg.data, self.tokenizer)
-        self.pool = ScoringPool(cfg.scoring, student_checkpoint=cfg.student.checkpoint,
-                                student_layout=self.layout) if cfg.needs_teachers else None
+        self.pool = ScoringPool(cfg.scoring, student_checkpoint=cfg.student.checkpoint, student_layout=self.layout,
+                                plan=self.plan.scoring) if cfg.needs_teachers else None
         self._build_student()
         self.engine = MegatronRolloutEngine(self.model.module, self.arch,
                                             eos_token_ids=_eos_ids(self.tokenizer),
@@ -162,8 +170,8 @@ class Trainer:
         totals = torch.tensor([sum(lengths), len(lengths), sum(s.finish_reason == "length" for s in rollouts),
                                sum(scored), len(scored)], dtype=torch.float64)
         longest = torch.tensor([max(lengths, default=0)], dtype=torch.float64)
-        _all_reduce_dp(totals, self.dp_group)
-        _all_reduce_dp(longest, self.dp_group, op=dist.ReduceOp.MAX)
+        all_reduce_dp(totals, self.dp_group)
+        all_reduce_dp(longest, self.dp_group, op=dist.ReduceOp.MAX)
         count = max(totals[1].item(), 1)
         out = {"response_length/mean": totals[0].item() / count, "response_length/max": longest.item(),
                "response/truncated_frac": totals[2].item() / count}
@@ -186,7 +194,7 @@ class Trainer:
         metrics = self._optimize(samples)
         metrics["time/train_s"] = time.perf_counter() - start
         lengths = torch.tensor([sum(len(s.response_ids) for s in samples), len(samples)], dtype=torch.float64)
-        _all_reduce_dp(lengths, self.dp_group)
+        all_reduce_dp(lengths, self.dp_group)
         metrics["response_length/mean"] = lengths[0].item() / max(lengths[1].item(), 1)
         return metrics
 
@@ -374,7 +382,3 @@ def _eos_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     return sorted(i for i in ids if i is not None)
 
-
-def _all_reduce_dp(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
