@@ -90,6 +90,12 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
         if f.name.startswith(("tokenizer", "special_tokens", "added_tokens", "chat_template")):
             shutil.copy(f, bad_vocab / "hf" / f.name)
     ckpts["bad_vocab"] = str(bad_vocab)
+    # Same tokenizer, more embedding rows (a padded vocabulary): refused at start-up too.
+    bad_size = root / "ckpt_bad_vocab_size"
+    shutil.copytree(ckpts["math"], bad_size)
+    config = json.loads((bad_size / "hf" / "config.json").read_text())
+    (bad_size / "hf" / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 2}))
+    ckpts["bad_vocab_size"] = str(bad_size)
     ckpts["not_converted"] = str(sources["math"])
     ckpts["missing"] = str(root / "does_not_exist")
     return ckpts
@@ -364,6 +370,7 @@ def _bad_setup_body(rank: int, world_size: int, checkpoints: dict[str, str]) -> 
         "missing": teacher(checkpoints["missing"]),
         "not_converted": teacher(checkpoints["not_converted"]),
         "bad_vocab": teacher(checkpoints["bad_vocab"]),
+        "bad_vocab_size": teacher(checkpoints["bad_vocab_size"]),
         "tp3": teacher(checkpoints["math"], tp=3),
         "tp4": teacher(checkpoints["math"], tp=4),
         "pp3": teacher(checkpoints["math"], tp=1, pp=3),
@@ -480,6 +487,7 @@ def test_bad_setups_fail_before_anything_is_built(checkpoints):
         "missing": "does_not_exist does not exist",
         "not_converted": "is not a megatron-gopd checkpoint",
         "bad_vocab": "have different tokenizers (131 vs 130 tokens; e.g. '<extra>' is id None in the student",
+        "bad_vocab_size": f"has vocab_size {TINY_VOCAB_SIZE + 2} in hf/config.json but the student",
         "tp3": "tp x pp = 3 x 1 = 3 does not divide the world size 4",
         "tp4": "num_key_value_heads=2 is not divisible by tensor_parallel=4",
         "pp3": "does not divide the world size 4",

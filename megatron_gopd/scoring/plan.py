@@ -189,17 +189,20 @@ class _CheckedCheckpoint:
 def _vocabulary_problem(model: _CheckedCheckpoint, student: _CheckedCheckpoint) -> Optional[str]:
     """Why `model` cannot score the student's tokens, or None when the vocabularies agree.
 
-    Token ids must mean the same string in both models; compared on the tokenizers' ``get_vocab()``
-    (added tokens included), or on ``vocab_size`` when either checkpoint has no tokenizer.
+    Both models must have the same ``vocab_size``, and token ids must mean the same string in both;
+    compared on the tokenizers' ``get_vocab()`` (added tokens included) when both have one.
     """
     if model.arch is None or student.arch is None:
         return None
+    if model.arch.vocab_size != student.arch.vocab_size:
+        # Even with one tokenizer: a teacher's softmax over extra rows is another distribution, and
+        # its top-k ids could index past the student's output layer.
+        return (f"{model.label} has vocab_size {model.arch.vocab_size} in {HF_SUBDIR}/config.json but the "
+                f"student ({student.label}) has {student.arch.vocab_size}: teacher, reference and student "
+                "must have the same vocabulary size (same tokenizer, same embedding rows)")
     if model.tokenizer is None or student.tokenizer is None:
         logger.warning("%s or the student has no tokenizer files in %s/: comparing vocab_size only",
                        model.label, HF_SUBDIR)
-        if model.arch.vocab_size != student.arch.vocab_size:
-            return (f"{model.label} has vocab_size {model.arch.vocab_size} but the student "
-                    f"({student.label}) has {student.arch.vocab_size}: they must share the tokenizer")
         return None
     model_vocab, student_vocab = model.tokenizer.get_vocab(), student.tokenizer.get_vocab()
     if model_vocab == student_vocab:
