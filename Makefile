@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-smoke multi-teacher smoke test setup bench clean slurm-check
+.PHONY: demo demo-smoke multi-teacher smoke test test-fast lint format setup bench clean slurm-check
 
 $(STAMP): requirements/cpu.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ smoke: $(STAMP)  ## one tiny Qwen3 at TP=2 and PP=2 against TP=1 on 2 CPU ranks
 
 test: $(STAMP)  ## run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## the tests that start no ranks or subprocesses (a few minutes)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff: lint rules and formatting check (ruff.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)  ## apply ruff's import order, fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)  ## run the benchmarks (slow; prints figures and ratios)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

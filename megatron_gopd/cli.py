@@ -147,7 +147,40 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nproc", type=int, default=1,
                         help="start this many local ranks with torchrun when not already launched")
     parser.add_argument("--log-level", default="INFO")
+    plan = parser.add_argument_group(
+        "memory plan", "--plan prints the per-rank memory of every phase (static state, rollout KV "
+        "cache, scoring, training) and exits: 0 when the job fits, 2 when it does not (with what to "
+        "change). No rank starts and no model is built.")
+    plan.add_argument("--plan", action="store_true", help="print the memory plan and exit")
+    plan.add_argument("--world-size", type=int, default=None,
+                      help="GPUs of the planned job (default: --nproc, or WORLD_SIZE / SLURM_NTASKS)")
+    plan.add_argument("--device-memory-gb", type=float, default=None,
+                      help="memory of one GPU (default: this machine's GPU, else 80)")
+    plan.add_argument("--model-shapes", default=None, metavar="DIR",
+                      help="read <checkpoint name>.json HF configs from DIR for checkpoints that are not "
+                           "on this machine (e.g. examples/configs/model_shapes)")
+    plan.add_argument("--attention", choices=["sdpa", "local"], default=None,
+                      help="plan for this attention kind (default: what this machine's layer spec uses)")
     return parser
+
+
+def _print_memory_plan(args: argparse.Namespace, cfg, world_size: int) -> int:
+    """``gopd-train --plan``: print the plan; 0 if it fits, 2 if not."""
+    import torch
+
+    from megatron_gopd.trainer.memory import plan_train_memory
+
+    device_gb = args.device_memory_gb
+    if device_gb is None:
+        device_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else 80.0
+    plan = plan_train_memory(cfg, args.world_size or world_size, device_gb, args.model_shapes, args.attention)
+    print(f"{args.config} on {args.world_size or world_size} GPUs")
+    print(plan.table())
+    if plan.fits:
+        return 0
+    for line in plan.advice():
+        print(f"DOES NOT FIT: {line}")
+    return 2
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -163,6 +196,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", args.nproc)))
     try:  # a bad config fails here, before any rank starts or any model is built
         cfg = load_config(TrainConfig, args.config, args.overrides)
+        if args.plan:
+            return _print_memory_plan(args, cfg, world_size)
         # Checked once: ranks this process launches reuse its plan instead of reading every
         # checkpoint and prompt file again.
         handed_down = os.environ.get(_TRAIN_PLAN_ENV)

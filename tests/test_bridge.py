@@ -86,6 +86,7 @@ def _convert_body(rank: int, world_size: int, hf_dir: str, work_dir: str, layout
     return report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_convert_all_layouts_against_transformers(tmp_path, family):
     hf_dir, hf_model = make_hf_model(tmp_path, family)
@@ -128,6 +129,7 @@ def _leftovers(parent: Path, name: str) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.tmp")]
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path):
     hf_dir, _ = make_hf_model(tmp_path, "qwen3_tied")
     moe_dir, _ = make_hf_model(tmp_path, "qwen3_moe", max_shard_size="10GB")
@@ -169,6 +171,7 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path):
     assert [p.name for p in not_empty.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_experts_not_divisible_by_ep_is_rejected(tmp_path):
     config = Qwen3MoeConfig(**SMALL, head_dim=16, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32)
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ def test_help(main, words, capsys):
     assert all(word in text for word in words), text
 
 
+@pytest.mark.slow
 def test_relaunch_drops_nproc():
     assert cli._without_nproc(["--config", "x.yaml", "--nproc", "4", "optim.lr=1e-5"]) == \
         ["--config", "x.yaml", "optim.lr=1e-5"]

@@ -122,6 +122,7 @@ ONE_GPU = ("student.tp=1", "scoring.teachers.math.model.tp=1", "scoring.teachers
            "scoring.references.math_base.pp=1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, loss", [("float32", "sampled"), ("bfloat16", "topk")])
 def test_gopd_train_and_eval_on_one_gpu(tiny_assets, tmp_path, dtype, loss):
     from tests.test_eval import _gopd_eval

@@ -48,6 +48,7 @@ def test_paired_bootstrap_interval():
     assert diff == low == high == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_every_stage_runs_and_a_second_run_skips_them(tmp_path):
     out = tmp_path / "demo"

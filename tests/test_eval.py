@@ -38,6 +38,7 @@ def _gopd_eval(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["hf", "ckpt"])
 def test_gopd_eval_runs_on_hf_and_megatron_models(tiny_assets, tmp_path, which):
     out, samples_out = tmp_path / "report.json", tmp_path / "samples.jsonl"
@@ -60,6 +61,7 @@ def test_gopd_eval_runs_on_hf_and_megatron_models(tiny_assets, tmp_path, which):
     assert sum(r["correct"] for r in rows) / 10 == pytest.approx(report["overall"]["avg_at_k"])
 
 
+@pytest.mark.slow
 def test_gopd_eval_bad_input(tmp_path):
     result = _gopd_eval("--model", str(tmp_path / "missing"), "--data", str(tmp_path / "x.jsonl"))
     assert result.returncode == 2 and "does not exist" in result.stderr

@@ -64,6 +64,7 @@ def _equivalence_body(rank: int, world_size: int, ckpt_dir: str, hf: dict, layou
     return report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hf, layouts", [(TINY_QWEN3, DENSE_LAYOUTS), (TINY_QWEN3_MOE, MOE_LAYOUTS)],
                          ids=["qwen3", "qwen3_moe"])
 def test_parallel_logits_and_grads_match_single_rank(tmp_path, hf, layouts):

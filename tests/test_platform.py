@@ -9,12 +9,14 @@ from megatron_gopd import platform
 from tests.dist_harness import run_distributed
 
 
+@pytest.mark.slow
 def test_torchrun_environment():
     env = platform.read_dist_env(dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
                                       MASTER_ADDR="node7", MASTER_PORT="1234"))
     assert env == platform.DistEnv(3, 8, 1, 2, "node7", 1234)
 
 
+@pytest.mark.slow
 def test_slurm_environment_without_torchrun():
     env = platform.read_dist_env(dict(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1",
                                       SLURM_NTASKS_PER_NODE="4(x2)", SLURM_JOB_NODELIST="gpu[07-08,11],cpu1"))
@@ -22,6 +24,7 @@ def test_slurm_environment_without_torchrun():
     assert env.master_addr == "gpu07" and env.master_port == 29500
 
 
+@pytest.mark.slow
 def test_torchrun_wins_over_slurm_and_bare_run_is_world_of_one():
     env = platform.read_dist_env(dict(RANK="1", WORLD_SIZE="2", SLURM_PROCID="0", SLURM_NTASKS="1"))
     assert (env.rank, env.world_size) == (1, 2)
@@ -30,6 +33,7 @@ def test_torchrun_wins_over_slurm_and_bare_run_is_world_of_one():
         platform.read_dist_env(dict(RANK="2", WORLD_SIZE="2"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("a[3-5]", "a3"), ("x[01,04]", "x01"),
                                              ("h1,h2", "h1")])
 def test_first_slurm_host(nodelist, first):
@@ -67,6 +71,7 @@ def _cpu_mode_body(rank: int, world_size: int) -> dict:
     return checks
 
 
+@pytest.mark.slow
 def test_cpu_compat_mode_on_two_ranks():
     results = run_distributed(_cpu_mode_body, world_size=2)
     for rank, checks in enumerate(results):
@@ -88,6 +93,7 @@ def test_force_cpu_environment_variable(monkeypatch):
         platform.cpu_mode.cache_clear()
 
 
+@pytest.mark.slow
 def test_parallel_sizes_must_fit_the_world():
     results = run_distributed(_bad_grid_body, world_size=2)
     assert all("does not divide the world size 2" in r for r in results)

@@ -236,6 +236,7 @@ def _first_divergence(got: list[int], want: list[int]) -> str:
     return f"lengths {len(got)} vs {len(want)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_greedy_equals_transformers_generate(dist_results, hf_greedy, layout):
     for rank, result in enumerate(dist_results):
@@ -245,6 +246,7 @@ def test_greedy_equals_transformers_generate(dist_results, hf_greedy, layout):
             assert sample["finish_reason"] == "length"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_logprobs_equal_full_forward_and_stay_in_allowed_set(dist_results, layout):
     checks = [r[layout]["forward_check"] for r in dist_results if r[layout]["last_stage"]]
@@ -257,6 +259,7 @@ def test_logprobs_equal_full_forward_and_stay_in_allowed_set(dist_results, layou
             assert worst["outside_allowed"] == 0, (layout, run_name, worst)
 
 
+@pytest.mark.slow
 def test_all_ranks_and_layouts_sample_the_same_tokens(dist_results):
     reference = dist_results[0]["tp1"]
     for rank, result in enumerate(dist_results):
@@ -271,6 +274,7 @@ def test_all_ranks_and_layouts_sample_the_same_tokens(dist_results):
                     assert max(abs(a - b) for a, b in zip(mine["logprobs"], ref["logprobs"])) < 1e-5
 
 
+@pytest.mark.slow
 def test_samples_are_distinct_seeded_and_independent_of_the_batch(dist_results):
     tp1 = dist_results[0]["tp1"]
     t1 = tp1["t1"]
@@ -290,6 +294,7 @@ def test_samples_are_distinct_seeded_and_independent_of_the_batch(dist_results):
         assert max(abs(a - b) for a, b in zip(sample["sampler_logprobs"], sample["logprobs"])) < 1e-6
 
 
+@pytest.mark.slow
 def test_eos_stop_and_length_end_samples(dist_results):
     tp1 = dist_results[0]["tp1"]
     greedy, eos_stop = tp1["greedy"], tp1["eos_stop"]
@@ -311,6 +316,7 @@ def test_eos_stop_and_length_end_samples(dist_results):
     assert len(limited["token_ids"]) == 3 and limited["finish_reason"] == "length"
 
 
+@pytest.mark.slow
 def test_bad_input_fails_before_generation(dist_results):
     errors = dist_results[0]["tp1"]["errors"]
     assert "prompt 1 is empty" in errors["empty prompt"]

@@ -406,6 +406,7 @@ def _bad_setup_body(rank: int, world_size: int, checkpoints: dict[str, str]) -> 
 # Tests
 
 
+@pytest.mark.slow
 def test_pool_scores_match_standalone_models_and_route_by_domain(checkpoints):
     reports = run_distributed(_pool_body, world_size=4, timeout=240, checkpoints=checkpoints)
     rows = [row for report in reports for row in report["rows"]]
@@ -468,6 +469,7 @@ def test_pool_scores_match_standalone_models_and_route_by_domain(checkpoints):
         assert report["groups"]["created"] == report["groups"]["destroyed"], report["groups"]
 
 
+@pytest.mark.slow
 def test_pool_beside_pipelined_student_needs_no_redistribution(checkpoints):
     reports = run_distributed(_pipeline_student_body, world_size=4, timeout=240, checkpoints=checkpoints)
     for rank, report in enumerate(reports):
@@ -481,6 +483,7 @@ def test_pool_beside_pipelined_student_needs_no_redistribution(checkpoints):
                 assert row["ref_topk_diff"] < TOL, (rank, row)
 
 
+@pytest.mark.slow
 def test_bad_setups_fail_before_anything_is_built(checkpoints):
     reports = run_distributed(_bad_setup_body, world_size=4, timeout=240, checkpoints=checkpoints)
     expected = {
@@ -557,6 +560,7 @@ def test_scoring_config_from_yaml_dict():
         from_dict(ScoringConfig, {"references": {"base": {"checkpoint": "x", "tp": 0}}})
 
 
+@pytest.mark.slow
 def test_validation_reports_every_problem_at_once(checkpoints):
     from megatron_gopd.models import ParallelLayout
 

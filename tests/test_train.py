@@ -17,6 +17,7 @@ import pytest
 
 from megatron_gopd.config import load_config
 from megatron_gopd.trainer import TrainConfig
+from megatron_gopd.trainer.memory import plan_train_memory
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "examples" / "configs" / "tiny_multi_teacher.yaml"
@@ -57,6 +58,7 @@ def _ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"gopd-train failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
+@pytest.mark.slow
 def test_multi_teacher_run_on_four_ranks(tiny_assets, tmp_path):
     """Student TP=1 x DP=4; math teacher TP=2/PP=2 with its base as reference; code teacher TP=2."""
     out = tmp_path / "run"
@@ -71,6 +73,13 @@ def test_multi_teacher_run_on_four_ranks(tiny_assets, tmp_path):
     seen = {k for m in metrics for k in m}
     assert {"reverse_kl/math", "reverse_kl/code", "implicit_reward/math", "implicit_reward/code"} <= seen
     assert (out / "checkpoints" / "step_000003" / "trainer_state.json").is_file()
+    # gopd-train --plan's static state (parameters, gradient buffer, Adam, pool models of the most
+    # loaded rank) against what the ranks measured holding
+    cfg = load_config(TrainConfig, out / "config.yaml")
+    planned = plan_train_memory(cfg, world_size=4, device_gb=24.0)
+    planned_static = planned.static.total - planned.static.items["CUDA context / communication"]
+    measured = metrics[0]["memory/static_gb"] * 1e9
+    assert abs(planned_static - measured) <= 0.25 * measured, (planned_static, measured, planned.table())
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "hf")  # the exported student loads
@@ -79,6 +88,7 @@ def test_multi_teacher_run_on_four_ranks(tiny_assets, tmp_path):
 TWO_RANKS = ("scoring.teachers.math.model.pp=1",)  # the tiny config's TP2 x PP2 teacher needs 4 ranks
 
 
+@pytest.mark.slow
 def test_reverse_kl_to_the_teachers_falls(tiny_assets, tmp_path):
     """Plain OPD (lam = 1): the student moves towards both teachers."""
     out = tmp_path / "opd"
@@ -91,6 +101,7 @@ def test_reverse_kl_to_the_teachers_falls(tiny_assets, tmp_path):
     assert last < 0.85 * first, kl
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(tiny_assets, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ("save_every=2", "export_hf=false", *TWO_RANKS)
@@ -110,6 +121,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_assets, tmp_path):
     assert comparable(read_metrics(resumed)) == comparable(read_metrics(straight))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["optim.lrr=1"], "unknown key (did you mean 'optim.lr'?)"),
     (["steps=two"], "'steps' (command-line override): expected an integer"),
@@ -131,6 +143,7 @@ def test_bad_input_fails_fast_without_output(tiny_assets, tmp_path, overrides, m
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_empty_dataset_is_rejected(tiny_assets, tmp_path):
     empty = _write(tmp_path / "empty.jsonl", "")
     out = tmp_path / "never"
@@ -139,6 +152,7 @@ def test_empty_dataset_is_rejected(tiny_assets, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_stop_signal_checkpoints_and_the_same_command_resumes(tiny_assets, tmp_path):
     """What a Slurm time limit does: SIGUSR1 to the workers -> checkpoint, exit 0; rerun -> resume."""
     import signal
@@ -168,6 +182,7 @@ def test_stop_signal_checkpoints_and_the_same_command_resumes(tiny_assets, tmp_p
     assert [m["step"] for m in read_metrics(out)] == list(range(1, stopped_at + 3))
 
 
+@pytest.mark.slow
 def test_two_node_loopback_run_equals_a_single_node_run(tiny_assets, tmp_path):
     """examples/launch: two torchrun agents on loopback (1 rank each) vs one agent with 2 ranks."""
     import socket
@@ -198,6 +213,7 @@ def test_two_node_loopback_run_equals_a_single_node_run(tiny_assets, tmp_path):
     assert comparable(read_metrics(multi)) == comparable(read_metrics(single))
 
 
+@pytest.mark.slow
 def test_sft_baseline_fits_teacher_responses(tiny_assets, tmp_path):
     """mode=sft: cross-entropy on the records' responses; the loss (NLL per token) falls."""
     out = tmp_path / "sft"
@@ -209,12 +225,14 @@ def test_sft_baseline_fits_teacher_responses(tiny_assets, tmp_path):
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
 
 
+@pytest.mark.slow
 def test_sft_needs_responses(tiny_assets, tmp_path):
     result = gopd_train(tiny_assets, tmp_path / "never", "mode=sft",
                         f"data.sources=[{{path: {tiny_assets}/data/math.jsonl}}]")
     assert result.returncode == 2 and "has no 'response' field" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_pipelined_tensor_parallel_student(tiny_assets, tmp_path):
     """The student itself at TP=2 x PP=2 (micro-batches of different shapes through the pipeline)."""
     out = tmp_path / "tp2pp2"
@@ -227,6 +245,7 @@ def test_pipelined_tensor_parallel_student(tiny_assets, tmp_path):
     AutoModelForCausalLM.from_pretrained(out / "hf")
 
 
+@pytest.mark.slow
 def test_hidden_state_logprob_path_equals_the_logits_path(tiny_assets, tmp_path):
     """loss.logprobs_from_hidden (no full-vocabulary logits) trains exactly like GPTModel's logits, TP=2."""
     runs = {}
@@ -241,6 +260,7 @@ def test_hidden_state_logprob_path_equals_the_logits_path(tiny_assets, tmp_path)
                 assert hidden[name] == pytest.approx(logits[name], rel=1e-4, abs=1e-5), name
 
 
+@pytest.mark.slow
 def test_topk_loss_is_zero_when_the_target_is_the_student(tiny_assets, tmp_path):
     """Teacher = reference = the student's own weights: q = pi_student at any lam, so before the first
     update the top-k KL over the whole vocabulary is 0 exactly when the teacher's top-k ids, the
@@ -261,6 +281,7 @@ def test_topk_loss_is_zero_when_the_target_is_the_student(tiny_assets, tmp_path)
     assert metrics["loss"] == pytest.approx(0.0, abs=1e-5) and metrics["grad_norm"] < 1e-3, metrics
 
 
+@pytest.mark.slow
 def test_topk_loss_moves_the_student_towards_the_extrapolated_target(tiny_assets, tmp_path):
     """loss.kind=topk with k = 8 of the vocabulary (a tail bucket), ExOPD lam = 1.25: the KL falls."""
     out = tmp_path / "topk"
@@ -273,6 +294,7 @@ def test_topk_loss_moves_the_student_towards_the_extrapolated_target(tiny_assets
     assert sum(kl[-3:]) / 3 < 0.7 * sum(kl[:3]) / 3, kl
 
 
+@pytest.mark.slow
 def test_sequence_mean_normalisation_is_exact_under_micro_batching_on_two_data_parallel_ranks(tiny_assets,
                                                                                               tmp_path):
     """loss.agg=seq-mean-token-mean (the official runs' aggregation): the same rollouts (same seeds, DP=2)
@@ -288,6 +310,7 @@ def test_sequence_mean_normalisation_is_exact_under_micro_batching_on_two_data_p
             assert small[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (key, small, one)
 
 
+@pytest.mark.slow
 def test_biased_rollouts_train_when_explicitly_allowed(tiny_assets, tmp_path):
     """rollout.allow_biased_sampling=true lets a truncated, cooled sampler through (one step)."""
     out = tmp_path / "biased"

@@ -255,6 +255,7 @@ def _alive_sandbox_processes(pids: list[int]) -> list[int]:
     return alive
 
 
+@pytest.mark.slow
 def test_fork_bomb_is_contained_and_parent_survives():
     bomb = (
         "import os\n"

@@ -256,6 +256,11 @@ class ScoringPool:
         """Per built model (teachers and references by name): what this rank's replica computed."""
         return {name: ModelStats(**vars(m.stats)) for name, m in self._models.items()}
 
+    def parameter_tensors(self) -> list:
+        """Every parameter of the pool's models built on this rank (a model shared by several
+        teachers appears once per teacher; count storages to measure memory)."""
+        return [param for handle in self._models.values() for param in handle.model.parameters()]
+
     def teacher_for(self, domain: str) -> str:
         """The teacher that scores `domain`.
 

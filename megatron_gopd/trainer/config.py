@@ -52,6 +52,13 @@ class RolloutConfig:
     """Responses per prompt (the paper: 1; outcome rewards are group-normalised over them)."""
     max_batch_size: Optional[int] = None
     """Most samples decoded together; None decodes a rank's whole share at once."""
+    kv_cache_gb: Optional[float] = None
+    """KV-cache budget per GPU in GB; the number of samples decoded at once follows from it and the
+    longest sample (prompt + max_new_tokens). None: `kv_cache_fraction` of the memory left after
+    the static state (see `gopd-train --plan`)."""
+    kv_cache_fraction: float = 0.9
+    """Share of the memory left after the static state given to the KV cache when `kv_cache_gb` is
+    None."""
 
 
 @dataclasses.dataclass
@@ -240,8 +247,26 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
         if missing:
             raise ValueError(f"prompt domain(s) {missing} have no teacher; the teachers cover "
                              f"{sorted(cfg.scoring.routing())} (set scoring.teachers.<name>.domains)")
+    _check_memory_on_this_gpu(cfg, world_size)
     return TrainPlan(world_size=world_size, student_checkpoint=cfg.student.checkpoint, arch=arch, layout=layout,
                      scoring=scoring)
+
+
+def _check_memory_on_this_gpu(cfg: TrainConfig, world_size: int) -> None:
+    """On a GPU machine, refuse a job whose memory plan does not fit this machine's GPUs."""
+    import torch
+
+    from megatron_gopd import platform
+
+    if platform.cpu_mode() or not torch.cuda.is_available():
+        return
+    from megatron_gopd.trainer.memory import plan_train_memory
+
+    device_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    plan = plan_train_memory(cfg, world_size, device_gb)
+    if not plan.fits:
+        raise ValueError("the job does not fit this machine's GPUs (see `gopd-train --plan`):\n" + plan.table()
+                         + "\n" + "\n".join(plan.advice()))
 
 
 def _check_sft_responses(data: DataConfig) -> None:

@@ -34,6 +34,7 @@ from megatron_gopd.config import dump_yaml
 from megatron_gopd.data import PromptRecord, build_prompt_sampler, shard_for_rank
 from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits
 from megatron_gopd.models.output_head import OutputHead
+from megatron_gopd.planner import GB, unique_storage_bytes
 from megatron_gopd.rollout import MegatronRolloutEngine, RolloutBatch, SamplingParams
 from megatron_gopd.scoring import ScoreRequest, ScoringPool
 from megatron_gopd.trainer.checkpoint import TrainCheckpointer
@@ -92,6 +93,7 @@ class Trainer:
             meta={**student_meta, "dtype": cfg.student.dtype, "saved_layout": {
                 "tp": self.layout.tp, "pp": self.layout.pp, "ep": self.layout.ep}})
         self.start_step = self.checkpointer.resume()
+        self.static_gb: Optional[float] = None  # measured after the first update (Adam's states exist then)
         if dist.get_rank() == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.output_dir / "config.yaml")
@@ -126,6 +128,21 @@ class Trainer:
             lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.steps, o.warmup_steps + 1),
             lr_decay_style=o.decay, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=cfg.steps, wd_incr_style="constant")
+
+    def _static_memory_gb(self) -> float:
+        """The most any rank holds in parameters, gradient buffers, optimizer states and pool models
+        (GB): the static state of `gopd-train --plan`, measured."""
+        tensors = list(self.model.module.parameters())
+        tensors += [getattr(p, "main_grad", None) for p in self.model.module.parameters()]
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            tensors += [p for group in optimizer.optimizer.param_groups for p in group["params"]]
+            tensors += [v for state in optimizer.optimizer.state.values() for v in state.values()
+                        if torch.is_tensor(v) and v.dim() > 0]
+        if self.pool is not None:
+            tensors += self.pool.parameter_tensors()
+        largest = torch.tensor([unique_storage_bytes(tensors) / GB], dtype=torch.float64)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return largest.item()
 
     # ------------------------------------------------------------------ one step
 
@@ -275,11 +292,15 @@ class Trainer:
             micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches), forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
+        if self.static_gb is None:
+            self.static_gb = self._static_memory_gb()
         contributes = (parallel_state.is_pipeline_last_stage()
                        and parallel_state.get_tensor_model_parallel_rank() == 0)
         metrics = reduce_step_metrics(collected, contributes)
         metrics.update({"grad_norm": float(grad_norm or 0.0), "lr": self.optimizer.param_groups[0]["lr"],
-                        "update_skipped": float(not update_ok)})
+                        "update_skipped": float(not update_ok), "memory/static_gb": self.static_gb})
+        if torch.cuda.is_available() and not platform.cpu_mode():
+            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / GB
         return metrics
 
     def _student_logprobs(self, mb: MicroBatch, output: torch.Tensor, head: Optional[OutputHead]
