@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from megatron_gopd.collectives import all_gather_object, barrier, broadcast_object, rank
+from megatron_gopd.config import read_json
 from megatron_gopd.models import ParallelLayout
 
 logger = logging.getLogger(__name__)
@@ -122,23 +124,77 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir} is not a megatron-gopd checkpoint (no {META_FILE}); convert a "
                               "HF model with `gopd-convert hf-to-mcore` first")
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {meta.get('format_version')} is not supported "
                               f"(expected {FORMAT_VERSION})")
     return meta
 
 
-def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
-    """Load a distributed checkpoint into `model`, whatever layout it was saved from (collective)."""
+# What torch's distributed-checkpoint metadata (``<ckpt>/.metadata``, a pickle) may refer to: the
+# dataclasses and enums of its metadata, torch sizes, dtypes and layouts. Anything else (a function
+# such as os.system, any other class) is refused before torch unpickles the file itself.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                     "torch.distributed.checkpoint.filesystem")
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        import torch
+
+        obj = super().find_class(module, name) if module.split(".")[0] == "torch" else None
+        allowed = ((module in _METADATA_MODULES and isinstance(obj, type))
+                   or (module, name) in _METADATA_GLOBALS
+                   or (module == "torch" and isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))))
+        if not allowed:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which checkpoint metadata never holds")
+        return obj
+
+
+def check_checkpoint_files(ckpt_dir: str | Path) -> None:
+    """Refuse a distributed checkpoint whose pickled metadata could run code or is unreadable.
+
+    torch's loader unpickles ``<ckpt>/.metadata`` without restriction; it is read here first with
+    an allow-list of the classes such metadata holds, so a crafted file fails with a
+    `CheckpointError` instead of running what it names.
+    """
+    path = Path(ckpt_dir) / ".metadata"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} has no .metadata: not a complete distributed checkpoint")
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: refusing to load this checkpoint ({type(err).__name__}: {err})") from err
+
+
+def load_distributed(sharded_state_dict: dict, ckpt_dir: str | Path) -> dict:
+    """`dist_checkpointing.load` after `check_checkpoint_files`; a truncated or corrupt shard file is
+    a `CheckpointError` naming the checkpoint (collective)."""
     from megatron.core import dist_checkpointing
 
+    check_checkpoint_files(ckpt_dir)
+    try:
+        return dist_checkpointing.load(sharded_state_dict, str(ckpt_dir))
+    except (EOFError, pickle.UnpicklingError, OSError) as err:
+        raise CheckpointError(f"{ckpt_dir}: cannot read the checkpoint's shard files, truncated or corrupt? "
+                              f"({type(err).__name__}: {err})") from err
+    except RuntimeError as err:
+        if "storage" in str(err).lower() or "size" in str(err).lower() or "read" in str(err).lower():
+            raise CheckpointError(f"{ckpt_dir}: cannot load the checkpoint, truncated or corrupt? ({err})") from err
+        raise
+
+
+def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
+    """Load a distributed checkpoint into `model`, whatever layout it was saved from (collective)."""
     read_checkpoint_meta(ckpt_dir)
     # Replica ids must come from the model's own data-parallel group: a teacher laid out unlike the
     # student would otherwise be described with the student's replicas and fail validation.
     sharded = model.sharded_state_dict(metadata={"dp_cp_group": model.pg_collection.dp_cp})
-    state = dist_checkpointing.load(sharded, str(ckpt_dir))
-    model.load_state_dict(state)
+    model.load_state_dict(load_distributed(sharded, ckpt_dir))
 
 
 def load_model(ckpt_dir: str | Path, layout: ParallelLayout, *, dtype: Optional[str] = None,

@@ -1,7 +1,7 @@
 """Console entry points: ``gopd-convert`` (more join as their features land).
 
 Each command parses and checks its arguments, starts the distributed job (re-launching itself under
-torchrun when it needs more ranks than it was started with), and calls the library.
+its ranks as local processes when it needs more than it was started with), and calls the library.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import socket
-import subprocess
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -28,22 +27,24 @@ def _free_port() -> int:
 
 
 def ensure_world_size(ranks: int, command: str, argv: Sequence[str], script: Optional[str] = None,
-                      env: Optional[dict[str, str]] = None) -> Optional[int]:
-    """Re-run this command under torchrun with `ranks` local processes when started without it.
+                      env: Optional[dict[str, str]] = None, pass_fds: Sequence[int] = ()) -> Optional[int]:
+    """Re-run this command as `ranks` local processes when started without a launcher.
 
     `command` names a console command of this module; a tool passes its own `script` path instead.
-    `env` adds variables for the launched ranks.
-    Returns the child's exit code when it re-launched, None when the current process should go on
-    (already inside a distributed launch, or one rank is enough).
+    `env` adds variables for the ranks; `pass_fds` stay open in them. Returns the job's exit code
+    when it launched, None when the current process should go on (already inside a distributed
+    launch, or one rank is enough). Signals to this process reach the ranks
+    (`megatron_gopd.process.launch_local_ranks`).
     """
+    from megatron_gopd.process import launch_local_ranks
+
     launched = "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ
     if ranks <= 1 or launched or os.environ.get(_RELAUNCHED_ENV):
         return None
-    logger.info("starting %d local ranks with torchrun", ranks)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           *([script] if script else ["-m", "megatron_gopd.cli", command]), *argv]
-    return subprocess.call(cmd, env={**os.environ, **(env or {}), _RELAUNCHED_ENV: "1"})
+    logger.info("starting %d local ranks", ranks)
+    argv = [*([script] if script else ["-m", "megatron_gopd.cli", command]), *argv]
+    return launch_local_ranks(ranks, argv, env={**os.environ, **(env or {}), _RELAUNCHED_ENV: "1"},
+                              master_port=_free_port(), pass_fds=pass_fds)
 
 
 def _run_distributed(job: Callable[[], None], cleanup: Optional[Callable[[], object]] = None) -> int:
@@ -109,14 +110,20 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_gopd.log import setup_logging
 
     setup_logging(args.log_level)
-    relaunched = ensure_world_size(args.tp * args.pp * args.ep, "gopd-convert", argv)
-    if relaunched is not None:
-        return relaunched
-
-    from megatron_gopd.bridge.convert import hf_to_mcore, mcore_to_hf
+    from megatron_gopd.bridge.convert import check_conversion, hf_to_mcore, mcore_to_hf
     from megatron_gopd.models import ParallelLayout
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
+    if not os.environ.get(_RELAUNCHED_ENV):  # checked once, before any rank starts
+        try:
+            check_conversion(args.direction, args.hf_dir if args.direction == "hf-to-mcore" else args.ckpt,
+                             args.out, layout)
+        except (ValueError, FileNotFoundError) as err:
+            logger.error("%s", err)
+            return 2
+    relaunched = ensure_world_size(args.tp * args.pp * args.ep, "gopd-convert", argv)
+    if relaunched is not None:
+        return relaunched
 
     def convert() -> None:
         if args.direction == "hf-to-mcore":
@@ -145,7 +152,7 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="dotted overrides of config fields, e.g. optim.lr=1e-5 rollout.n=4")
     parser.add_argument("--nproc", type=int, default=1,
-                        help="start this many local ranks with torchrun when not already launched")
+                        help="start this many local ranks when not already launched (torchrun / srun)")
     parser.add_argument("--log-level", default="INFO")
     plan = parser.add_argument_group(
         "memory plan", "--plan prints the per-rank memory of every phase (static state, rollout KV "
@@ -202,11 +209,13 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         # checkpoint and prompt file again.
         handed_down = os.environ.get(_TRAIN_PLAN_ENV)
         plan = TrainPlan.from_json(handed_down) if handed_down else check_train_config(cfg, world_size)
+        lock = _lock_output_dir(cfg.output_dir)
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         logger.error("%s", err)
         return 2
     relaunched = ensure_world_size(args.nproc, "gopd-train", _without_nproc(argv),
-                                   env={_TRAIN_PLAN_ENV: plan.to_json()})
+                                   env={_TRAIN_PLAN_ENV: plan.to_json()},
+                                   pass_fds=[lock.fileno()] if lock is not None else [])
     if relaunched is not None:
         return relaunched
 
@@ -218,7 +227,22 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         trainers.append(Trainer(cfg, plan))
         trainers[0].run()
 
-    return _run_distributed(train, cleanup=lambda: [t.close() for t in trainers])
+    try:
+        return _run_distributed(train, cleanup=lambda: [t.close() for t in trainers])
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_output_dir(output_dir: str):
+    """The output directory's lock, taken by the job's launcher (or its rank 0 under an external
+    launcher); None in the ranks a launcher started, whose launcher holds it."""
+    from megatron_gopd.process import OutputDirLock
+
+    if os.environ.get(_RELAUNCHED_ENV):
+        return None
+    global_rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    return OutputDirLock(output_dir).acquire() if global_rank == 0 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +272,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1,
-                        help="start this many local ranks with torchrun when not already launched")
+                        help="start this many local ranks when not already launched (torchrun / srun)")
     parser.add_argument("--max-batch-size", type=int, default=None, help="most samples decoded at once")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     parser.add_argument("--samples-out", default=None,
@@ -285,7 +309,7 @@ _COMMANDS = {"gopd-convert": convert_main, "gopd-train": train_main, "gopd-eval"
 
 
 def main() -> int:
-    """``python -m megatron_gopd.cli COMMAND ...`` (used by the torchrun re-launch)."""
+    """``python -m megatron_gopd.cli COMMAND ...`` (how a launcher starts its ranks)."""
     if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:
         print(f"usage: python -m megatron_gopd.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)
         return 2

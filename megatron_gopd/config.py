@@ -32,6 +32,20 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and its source."""
 
 
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file is a `ConfigError` naming it."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON (not UTF-8 text: {err.reason})") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from err
+
+
 def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> T:
     """Build a `cls` from a YAML file (optional) and ``a.b=value`` overrides, checked.
 

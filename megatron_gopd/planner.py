@@ -24,10 +24,10 @@ scores). They are meant to say which phase does not fit and what to change, not 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Literal, Optional
 
+from megatron_gopd.config import read_json
 from megatron_gopd.models import ModelArchitecture, ParallelLayout
 
 GB = 1e9
@@ -289,7 +289,7 @@ def load_architecture(checkpoint: str, shapes_dir: Optional[str] = None) -> Mode
     if shapes_dir is not None:
         shape = Path(shapes_dir) / f"{Path(checkpoint).name}.json"
         if shape.is_file():
-            return ModelArchitecture.from_hf_config(json.loads(shape.read_text()), source=str(shape))
+            return ModelArchitecture.from_hf_config(read_json(shape), source=str(shape))
         raise FileNotFoundError(f"{checkpoint}: no {hf_config} and no shape file {shape}")
     raise FileNotFoundError(f"{checkpoint}: no {hf_config}; convert the model first or pass --model-shapes DIR "
                             "with <checkpoint name>.json config files")

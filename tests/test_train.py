@@ -111,9 +111,13 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_assets, tmp_path):
     junk = resumed / "checkpoints" / ".step_000003.tmp-killed"
     junk.mkdir()
     (junk / "half_written.distcp").write_bytes(b"\0" * 10)
+    # ... and a kill mid-write of metrics.jsonl leaves a torn last line: dropped on resume
+    with open(resumed / "metrics.jsonl", "a") as metrics_file:
+        metrics_file.write('{"step": 3, "loss": 0.12')
     result = gopd_train(tiny_assets, resumed, "steps=4", *common, nproc=2)
     _ok(result)
     assert "resumed from" in result.stderr and "step_000002" in result.stderr
+    assert not junk.exists() and "torn last line" in result.stderr
 
     def comparable(metrics):
         return [{k: v for k, v in m.items() if not k.startswith(NONDETERMINISTIC)} for m in metrics]
@@ -170,9 +174,9 @@ def test_stop_signal_checkpoints_and_the_same_command_resumes(tiny_assets, tmp_p
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.5)
-    launcher = [c for c in psutil.Process(proc.pid).children() if "torch.distributed.run" in " ".join(c.cmdline())]
-    for worker in launcher[0].children():
-        worker.send_signal(signal.SIGUSR1)
+    for worker in psutil.Process(proc.pid).children():  # the ranks the launcher started
+        if "gopd-train" in " ".join(worker.cmdline()):
+            worker.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     stopped_at = len(read_metrics(out))
@@ -317,3 +321,71 @@ def test_biased_rollouts_train_when_explicitly_allowed(tiny_assets, tmp_path):
     _ok(gopd_train(tiny_assets, out, "steps=1", "save_every=0", "export_hf=false", "rollout.temperature=0.7",
                    "rollout.top_k=5", "rollout.allow_biased_sampling=true", *TWO_RANKS, nproc=2))
     assert math.isfinite(read_metrics(out)[0]["loss"])
+
+
+def _start_in_own_session(tiny_assets, out, *args):
+    cmd = [sys.executable, "-m", "megatron_gopd.cli", "gopd-train", "--config", str(TINY_CONFIG), "--nproc", "2",
+           f"output_dir={out}", *_asset_overrides(tiny_assets), *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _wait_for_lines(proc, path: Path, lines: int, timeout_s: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (path.exists() and path.read_text().count("\n") >= lines):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_cleanly(tiny_assets, tmp_path):
+    """What a scheduler does at a time limit or preemption: SIGTERM to every process of the job (the
+    launcher, the ranks and megatron-core's checkpoint-writer helper) after a first checkpoint. The
+    stop checkpoint must complete, the job exit 0, no process survive, and a second job on the same
+    output_dir be refused while the first one lives."""
+    import signal
+
+    import psutil
+
+    out = tmp_path / "preempted"
+    args = ("steps=40", "save_every=2", "keep_checkpoints=5", "export_hf=false", *TWO_RANKS)
+    proc = _start_in_own_session(tiny_assets, out, *args)
+    _wait_for_lines(proc, out / "metrics.jsonl", 3)  # step 2's checkpoint exists: its writer helper runs
+    second = gopd_train(tiny_assets, out, *args, nproc=2)
+    assert second.returncode == 2 and "is in use by another gopd-train job" in second.stderr, second.stderr[-2000:]
+    job = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-4000:]
+    stopped_at = len(read_metrics(out))
+    assert 3 <= stopped_at < 40 and "stop signal received" in output
+    assert (out / "checkpoints" / f"step_{stopped_at:06d}" / "trainer_state.json").is_file()
+    _, alive = psutil.wait_procs(job, timeout=15)  # helpers notice their rank is gone within a second
+    assert not alive, [p.cmdline() for p in alive]
+    _ok(gopd_train(tiny_assets, out, f"steps={stopped_at + 1}", *args[1:], nproc=2))  # resumes
+
+
+@pytest.mark.slow
+def test_ranks_do_not_outlive_a_killed_launcher(tiny_assets, tmp_path):
+    """kill -9 of `gopd-train --nproc 2`: its ranks stop (they get SIGTERM: a stop checkpoint) and
+    release the output directory; nothing keeps running or writing."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "orphans"
+    proc = _start_in_own_session(tiny_assets, out, "steps=40", "save_every=0", "export_hf=false", *TWO_RANKS)
+    _wait_for_lines(proc, out / "metrics.jsonl", 1)
+    ranks = psutil.Process(proc.pid).children()
+    assert len(ranks) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive, [p.cmdline() for p in alive]
+    stopped_at = len(read_metrics(out))
+    assert (out / "checkpoints" / f"step_{stopped_at:06d}" / "trainer_state.json").is_file()
+    time.sleep(1)
+    assert len(read_metrics(out)) == stopped_at  # nothing writes after the ranks are gone

@@ -19,9 +19,11 @@ from megatron_gopd import platform
 from megatron_gopd.bridge.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter, check_output_dir
 from megatron_gopd.bridge.weights import check_hf_checkpoint, export_hf_weights, load_hf_weights
 from megatron_gopd.checkpointing import (
-    HF_SUBDIR, CheckpointError, atomic_directory_write, copy_side_files, load_model, read_checkpoint_meta,
+    HF_SUBDIR, CheckpointError, atomic_directory_write, check_checkpoint_files, copy_side_files, load_model,
+    read_checkpoint_meta,
     save_model_checkpoint,
 )
+from megatron_gopd.config import read_json
 from megatron_gopd.models import ModelArchitecture, ParallelLayout, build_gpt_model
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,20 @@ def _check_world(layout: ParallelLayout) -> None:
     if _world() % (layout.tp * layout.pp):
         raise ValueError(f"this job has {_world()} ranks but tp x pp = {layout.tp * layout.pp}; launch "
                          f"with torchrun --nproc-per-node {layout.tp * layout.pp * layout.ep}")
+
+
+def check_conversion(direction: str, source: str | Path, out_dir: str | Path, layout: ParallelLayout) -> None:
+    """Everything about a conversion that one process can check before any rank starts (the source's
+    architecture split at `layout`, the source files, a new or empty `out_dir`); clear errors."""
+    if direction == "hf-to-mcore":
+        arch = ModelArchitecture.from_pretrained(source)
+        check_hf_checkpoint(arch, SafetensorsReader(source))
+    else:
+        read_checkpoint_meta(source)
+        check_checkpoint_files(source)
+        arch = ModelArchitecture.from_pretrained(Path(source) / HF_SUBDIR)
+    arch.validate_parallel(layout.tp, layout.pp, layout.ep, layout.etp)
+    check_output_dir(out_dir)
 
 
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout,
@@ -138,7 +154,7 @@ def _set_config_dtype(config_path: Path, model) -> None:
     """Record the exported tensors' dtype in config.json (transformers reads ``dtype``)."""
     if not config_path.is_file():
         raise CheckpointError(f"checkpoint has no {HF_SUBDIR}/config.json to export")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     for key in ("torch_dtype", "dtype"):
         if key in config:

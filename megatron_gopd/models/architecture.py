@@ -11,9 +11,10 @@ carry that the Megatron model would not reproduce exactly raises `UnsupportedMod
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Optional
+
+from megatron_gopd.config import read_json
 
 # HF architecture name -> family name used by the bridge and the builders.
 FAMILIES: dict[str, str] = {
@@ -83,8 +84,10 @@ class ModelArchitecture:
         path = Path(hf_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {hf_dir}: expected a Hugging Face model directory")
-        with open(path) as f:
-            return cls.from_hf_config(json.load(f), source=str(path))
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise UnsupportedModelError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        return cls.from_hf_config(config, source=str(path))
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelArchitecture":
@@ -211,6 +214,17 @@ def _parse(hf: dict[str, Any], source: str) -> ModelArchitecture:
         torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
         **moe,
     )
+    sizes = {"num_hidden_layers": arch.num_layers, "hidden_size": arch.hidden_size,
+             "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_query_groups,
+             "head_dim": arch.kv_channels, "vocab_size": arch.vocab_size}
+    if arch.is_moe:
+        sizes.update(num_experts=arch.num_experts, num_experts_per_tok=arch.moe_router_topk,
+                     moe_intermediate_size=arch.moe_ffn_hidden_size)
+    else:
+        sizes["intermediate_size"] = arch.ffn_hidden_size
+    for key, value in sizes.items():
+        if key in hf and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            problems.append(f"{key}={value!r} must be a positive integer")
     if not problems and arch.num_attention_heads % arch.num_query_groups:
         problems.append(f"num_attention_heads={heads} is not a multiple of "
                         f"num_key_value_heads={arch.num_query_groups}")

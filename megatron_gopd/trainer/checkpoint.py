@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_gopd.checkpointing import HF_SUBDIR, save_model_checkpoint
+from megatron_gopd.checkpointing import HF_SUBDIR, load_distributed, save_model_checkpoint
 from megatron_gopd.collectives import all_gather_object, rank
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,23 @@ class TrainCheckpointer:
             self.prune()
         return out
 
+    def remove_interrupted_saves(self, *directories: Path) -> list[Path]:
+        """Delete what killed saves left behind in the checkpoint directory (and `directories`):
+        the hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` directories of atomic writes. Call on one
+        rank, before resuming, while this job holds the output directory."""
+        removed = []
+        for directory in (self.checkpoint_dir, *directories):
+            if not directory.is_dir():
+                continue
+            for leftover in directory.glob(".*"):
+                if leftover.is_dir() and (".tmp-" in leftover.name or ".old-" in leftover.name):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                    removed.append(leftover)
+        if removed:
+            logger.info("removed %d leftover(s) of interrupted saves: %s", len(removed),
+                        ", ".join(p.name for p in removed))
+        return removed
+
     def prune(self) -> None:
         """Delete all but the newest `keep` complete checkpoints."""
         complete = sorted(p for p in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
@@ -98,8 +115,6 @@ class TrainCheckpointer:
 
     def resume(self) -> int:
         """Load the newest checkpoint if there is one; return the step to continue from (0 if none)."""
-        from megatron.core import dist_checkpointing
-
         latest = self.latest()
         if latest is None:
             return 0
@@ -110,7 +125,7 @@ class TrainCheckpointer:
             # 'step', which Megatron's distributed optimizer reads when building its state dict.
             for state in optimizer.optimizer.state.values():
                 state.setdefault("step", torch.tensor(0.0))
-        state = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), str(latest))
+        state = load_distributed(self._sharded_state_dict(is_loading=True), latest)
         self.model.module.load_state_dict(state["model"])
         with torch.no_grad():  # the optimizer copies into its fp32 main parameters in place
             self.optimizer.load_state_dict(state["optimizer"])
@@ -118,7 +133,7 @@ class TrainCheckpointer:
         self._set_adam_step(trainer_state["adam_step"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.sampler.load_state_dict(trainer_state["data"])
-        rng = torch.load(latest / RNG_STATES_FILE, weights_only=False)[rank()]
+        rng = torch.load(latest / RNG_STATES_FILE, weights_only=True)[rank()]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         logger.info("resumed from %s (step %d)", latest, trainer_state["step"])

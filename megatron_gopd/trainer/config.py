@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -106,8 +107,14 @@ class OptimConfig:
     use_distributed_optimizer: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"optim.{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+            raise ValueError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 (lr={self.lr}, "
+                             f"min_lr={self.min_lr})")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclasses.dataclass
@@ -154,6 +161,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.prompts_per_step < 1 or self.micro_batch_tokens < 2:
             raise ValueError("steps, prompts_per_step must be >= 1 and micro_batch_tokens >= 2")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1 (the newest checkpoint is always kept), got "
+                             f"{self.keep_checkpoints}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 (0: only at the end), got {self.save_every}")
         if self.loss.tis_cap is not None and not self.loss.tis_cap > 0:
             raise ValueError(f"loss.tis_cap must be > 0 or null (no importance correction), got {self.loss.tis_cap}")
         if self.loss.kind == "topk" and self.loss.topk < 1:
@@ -225,6 +237,7 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
     """
     from megatron_gopd.scoring import validate_scoring_config
 
+    check_output_dir_writable(cfg.output_dir)
     read_checkpoint_meta(cfg.student.checkpoint)
     arch = ModelArchitecture.from_pretrained(Path(cfg.student.checkpoint) / HF_SUBDIR)
     layout = cfg.student.layout
@@ -267,6 +280,23 @@ def _check_memory_on_this_gpu(cfg: TrainConfig, world_size: int) -> None:
     if not plan.fits:
         raise ValueError("the job does not fit this machine's GPUs (see `gopd-train --plan`):\n" + plan.table()
                          + "\n" + "\n".join(plan.advice()))
+
+
+def check_output_dir_writable(output_dir: str) -> None:
+    """Refuse an ``output_dir`` that is a file, or where this user cannot write (probed by writing)."""
+    import tempfile
+
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir {output_dir} exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".gopd-write-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"output_dir {output_dir}: cannot write under {existing} ({err.strerror or err})") from err
 
 
 def _check_sft_responses(data: DataConfig) -> None:

@@ -35,6 +35,7 @@ from megatron_gopd.data import PromptRecord, build_prompt_sampler, shard_for_ran
 from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits
 from megatron_gopd.models.output_head import OutputHead
 from megatron_gopd.planner import GB, unique_storage_bytes
+from megatron_gopd.process import STOP_SIGNALS, protect_checkpoint_writer
 from megatron_gopd.rollout import MegatronRolloutEngine, RolloutBatch, SamplingParams
 from megatron_gopd.scoring import ScoreRequest, ScoringPool
 from megatron_gopd.trainer.checkpoint import TrainCheckpointer
@@ -92,6 +93,9 @@ class Trainer:
             sampler=self.sampler, student_checkpoint=cfg.student.checkpoint, keep=cfg.keep_checkpoints,
             meta={**student_meta, "dtype": cfg.student.dtype, "saved_layout": {
                 "tp": self.layout.tp, "pp": self.layout.pp, "ep": self.layout.ep}})
+        if dist.get_rank() == 0:
+            self.checkpointer.remove_interrupted_saves(self.output_dir)
+        dist.barrier()
         self.start_step = self.checkpointer.resume()
         self.static_gb: Optional[float] = None  # measured after the first update (Adam's states exist then)
         if dist.get_rank() == 0:
@@ -330,8 +334,9 @@ class Trainer:
         SIGUSR1 or SIGTERM (a scheduler's warning before a time limit or preemption) makes the run
         checkpoint after the current step and return; started again, it resumes from there.
         """
-        self.setup()
         self._install_stop_signals()
+        protect_checkpoint_writer()
+        self.setup()
         cfg = self.cfg
         rank0 = dist.get_rank() == 0
         writer = MetricsWriter(self.output_dir, enabled=rank0, resume_step=self.start_step)
@@ -366,7 +371,7 @@ class Trainer:
         def request_stop(signum, frame) -> None:
             self._stop_requested = True
 
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, request_stop)
 
     def _stop_agreed(self) -> bool:

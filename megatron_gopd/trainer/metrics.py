@@ -107,8 +107,7 @@ class MetricsWriter:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line, step in self._read_steps() if step <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
         try:
@@ -117,6 +116,22 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(output_dir / "tensorboard"))
         except ImportError:
             logger.info("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def _read_steps(self) -> list[tuple[str, int]]:
+        """(line, step) of every complete line; a torn last line (a kill mid-write) is dropped, any
+        other unreadable line is an error naming the file and line."""
+        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+        out = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                out.append((line, int(json.loads(line)["step"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                if number == len(lines):
+                    logger.warning("%s: dropping its torn last line (written when the run was killed)", self.path)
+                    break
+                raise ValueError(f"{self.path}, line {number}: not a metrics record ({err}); fix or remove the "
+                                 "line to resume") from err
+        return out
 
     def write(self, metrics: dict[str, Any]) -> None:
         """Append one step's metrics (a dict with ``step``)."""

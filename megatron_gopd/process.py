@@ -1,0 +1,173 @@
+"""Process lifetime: one job per output directory, signals that reach the workers, no orphans.
+
+* `OutputDirLock`: an exclusive ``flock`` on ``<output_dir>/.gopd-train.lock`` held by the job's
+  launcher (or rank 0). A second job on the same directory fails with the holder's host and pid;
+  the kernel drops the lock when its holder dies, so a lock left by a killed job never blocks.
+* `launch_local_ranks`: starts a local job's ranks itself (no torchrun agent in between), so that
+  SIGTERM / SIGUSR1 / SIGHUP sent to the launcher (or to its whole process group) reach the ranks
+  (which checkpoint and stop), and the ranks get SIGTERM if the launcher dies, even by SIGKILL.
+* `protect_checkpoint_writer`: megatron-core's checkpoint writer keeps a helper process (a
+  multiprocessing manager); a signal to the whole process group, as schedulers send, would kill it
+  and hang the stop checkpoint. It is started here ignoring those signals instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".gopd-train.lock"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""What a scheduler sends before a time limit or preemption: checkpoint after this step and stop."""
+
+
+class OutputDirLockedError(ValueError):
+    """Another live job holds the output directory."""
+
+
+class OutputDirLock:
+    """Exclusive use of an output directory for the lifetime of this process (see the module docstring)."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.path = Path(output_dir) / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "OutputDirLock":
+        """Take the lock or raise `OutputDirLockedError` naming the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputDirLockedError(f"output_dir {self.path.parent} is in use by another gopd-train job "
+                                       f"({holder}); wait for it, stop it, or choose another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%F %T')}\n".encode())
+        self._fd = fd
+        return self
+
+    def fileno(self) -> int:
+        """The locked file's descriptor: ranks that inherit it keep the lock until they exit."""
+        if self._fd is None:
+            raise ValueError("the lock is not held")
+        return self._fd
+
+    def release(self) -> None:
+        """Give the directory back (also happens when the process exits)."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def launch_local_ranks(ranks: int, argv: Sequence[str], env: dict[str, str], master_port: int,
+                       pass_fds: Sequence[int] = ()) -> int:
+    """Start `ranks` processes ``python <argv>`` as one local job (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT set as torchrun would) and return the job's exit code.
+
+    Signals to this launcher reach every rank: SIGTERM, SIGUSR1 (a scheduler's warning) and SIGHUP
+    (as SIGTERM) make them checkpoint after the current step and exit; SIGINT stops them. Each rank
+    gets SIGTERM when the launcher dies, even by SIGKILL (PR_SET_PDEATHSIG), so no rank outlives it
+    by more than its stop checkpoint. When one rank fails, the others are stopped. `pass_fds` (e.g.
+    the output directory's lock) stay open in the ranks until they exit.
+    """
+    workers = []
+    for rank in range(ranks):
+        rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
+                    "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
+        workers.append(subprocess.Popen([sys.executable, *argv], env=rank_env, preexec_fn=_die_with_parent,
+                                        pass_fds=tuple(pass_fds)))
+
+    def forward(signum, frame) -> None:
+        sent = signal.SIGTERM if signum == signal.SIGHUP else signum
+        logger.warning("forwarding signal %d to the %d local ranks", signum, ranks)
+        _signal_all(workers, sent)
+
+    handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
+    previous = {s: signal.signal(s, forward) for s in handled} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        return _wait_for_ranks(workers)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _signal_all(workers, signal.SIGKILL)  # nothing is left running when the launcher returns
+
+
+def _signal_all(workers: list, signum: int) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            try:
+                worker.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+
+def _wait_for_ranks(workers: list, grace_s: float = 60.0) -> int:
+    """Wait for every rank; the first failure stops the others (SIGTERM, SIGKILL after `grace_s`)."""
+    failed_at = None
+    while True:
+        codes = [w.poll() for w in workers]
+        if all(c is not None for c in codes):
+            return next((c for c in codes if c != 0), 0)
+        if failed_at is None and any(c not in (None, 0) for c in codes):
+            failed_at = time.monotonic()
+            logger.error("a rank exited with %s; stopping the others", next(c for c in codes if c not in (None, 0)))
+            _signal_all(workers, signal.SIGTERM)
+        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            _signal_all(workers, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+def _ignore_stop_signals_and_follow_parent(parent: int) -> None:
+    """Initializer of the checkpoint writer's helper: immune to group signals, but gone with its parent."""
+    for signum in (*STOP_SIGNALS, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def protect_checkpoint_writer() -> None:
+    """Start megatron-core's checkpoint-writer helper process now, ignoring SIGTERM / SIGUSR1 / SIGINT.
+
+    Its file writers are forked from the rank and inherit the rank's stop handler (they only set a
+    flag); the helper is spawned fresh and would die of a signal sent to the process group.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        return  # already started, or a megatron-core without it
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_ignore_stop_signals_and_follow_parent, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()
+    filesystem_async._gopd_manager = manager  # keep it alive as long as the module
