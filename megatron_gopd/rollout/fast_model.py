@@ -106,14 +106,15 @@ def decoder_weights(model) -> DecoderWeights:
     layers = []
     for layer in gpt.decoder.layers:
         attention = layer.self_attention
+        qk_norm = config.qk_layernorm  # without it Megatron puts identity modules (or None) there
         layers.append(LayerWeights(
             input_norm=layer.input_layernorm.weight, qkv=attention.linear_qkv.weight,
-            q_norm=attention.q_layernorm.weight if attention.q_layernorm is not None else None,
-            k_norm=attention.k_layernorm.weight if attention.k_layernorm is not None else None,
+            q_norm=attention.q_layernorm.weight if qk_norm else None,
+            k_norm=attention.k_layernorm.weight if qk_norm else None,
             proj=attention.linear_proj.weight, pre_mlp_norm=layer.pre_mlp_layernorm.weight,
             fc1=layer.mlp.linear_fc1.weight, fc2=layer.mlp.linear_fc2.weight,
             norm_eps=_norm_eps(layer.input_layernorm),
-            qk_norm_eps=_norm_eps(attention.q_layernorm) if attention.q_layernorm is not None else 0.0))
+            qk_norm_eps=_norm_eps(attention.q_layernorm) if qk_norm else 0.0))
     embedding = gpt.embedding.word_embeddings
     return DecoderWeights(
         embedding=embedding.weight, layers=layers, final_norm=gpt.decoder.final_layernorm.weight,
