@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +22,9 @@ from megatron_gopd.rollout.fast_attention import (grouped_decode_attention, pack
 from megatron_gopd.rollout.kv_slots import KVSlotShape, SlotAllocator, slots_for_budget
 from tests.dist_harness import run_distributed
 from tests.megatron_utils import TINY_QWEN3, TINY_QWEN3_MOE, tiny_arch
-from tests.test_rollout import (GREEDY_NEW_TOKENS, HF_CONFIG, LM_HEAD_SCALE, MAX_POSITIONS, PROMPT_LENGTHS,
-                                SAMPLED, VOCAB, _batch_dict, _expect_value_error)
+# The tiny sharpened Qwen3 and the prompts are test_rollout's own fixtures (same model, same prompts).
+from tests.test_rollout import (GREEDY_NEW_TOKENS, MAX_POSITIONS, SAMPLED, _batch_dict, _expect_value_error,
+                                hf_model, prompts)  # noqa: F401 - fixtures
 
 TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, vocab_size=300,
@@ -35,32 +35,13 @@ SLOT_COUNTS = (1, 3, 8)
 
 
 # ----------------------------------------------------------------------------------------------
-# The model (test process)
+# The launch (test process)
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    """The tiny Qwen3 of test_rollout (sharpened LM head), saved as safetensors."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(**HF_CONFIG)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(LM_HEAD_SCALE)
-    out = tmp_path_factory.mktemp("fast_rollout") / "hf_qwen3"
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
-    generator = torch.Generator().manual_seed(1)
-    return [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
-
-
-@pytest.fixture(scope="module")
-def dist_results(hf_dir, prompts) -> list[dict]:
+def dist_results(hf_model, prompts) -> list[dict]:
     """Every multi-process check, in one launch of 2 ranks; one result dict per rank."""
+    hf_dir, _ = hf_model
     return run_distributed(_fast_body, world_size=2, timeout=600.0, hf_dir=str(hf_dir), prompts=prompts)
 
 
@@ -156,7 +137,8 @@ def _forward_equivalence(model, arch, sequence: list[int], prefill_len: int) -> 
     reference, _ = forward_logits(model, tokens[None, :], arch.vocab_size)  # [1, s, V]
     keys = _megatron_rotated_keys(model, tokens)
     return dict(logits=(fast_logits - reference[0]).abs().max().item(),
-                keys=max((cache.keys[i][slot] - keys[i]).abs().max().item() for i in range(arch.num_layers)),
+                keys=max((cache.keys[i][slot].transpose(0, 1) - keys[i]).abs().max().item()  # [s, G, d]
+                         for i in range(arch.num_layers)),
                 key_scale=keys[0].abs().max().item())
 
 
@@ -183,8 +165,11 @@ def _decode_step_checks(model, arch) -> dict:
         eager = step(tokens, positions)
         written = torch.zeros(4, 32, dtype=torch.bool)
         written[torch.arange(3), positions] = True
-        untouched = all(torch.equal(b[~written], a[~written]) for b, a in zip(cache.keys + cache.values, before))
-        changed = all(not torch.equal(b[written], a[written]) for b, a in zip(cache.keys + cache.values, before))
+        # buffers are [slots, G, positions, d]: look at them as [slots, positions, G, d]
+        after = [b.transpose(1, 2) for b in cache.keys + cache.values]
+        before = [b.transpose(1, 2) for b in before]
+        untouched = all(torch.equal(b[~written], a[~written]) for b, a in zip(after, before))
+        changed = all(not torch.equal(b[written], a[written]) for b, a in zip(after, before))
         torch._dynamo.reset()
         compiled = torch.compile(step, fullgraph=True, backend="eager")(tokens, positions)  # raises on a break
     return dict(untouched=untouched, changed=changed,
@@ -412,10 +397,10 @@ def test_kv_budget_sets_the_slot_count():
 def test_attention_kernels_equal_the_reference(heads, groups):
     generator = torch.Generator().manual_seed(heads * 10 + groups)
     q = torch.randn(5, heads, 16, generator=generator)
-    keys, values = torch.randn(2, 5, 40, groups, 16, generator=generator)
+    keys, values = torch.randn(2, 5, groups, 40, 16, generator=generator)  # [B, G, positions, d]
     lengths = torch.tensor([1, 7, 40, 23, 2])
     want = reference_decode_attention(q, keys, values, lengths, 0.25)
-    assert torch.allclose(grouped_decode_attention(q, keys[:, :32], values[:, :32], lengths.clamp(max=32), 0.25),
+    assert torch.allclose(grouped_decode_attention(q, keys[:, :, :32], values[:, :, :32], lengths.clamp(max=32), 0.25),
                           reference_decode_attention(q, keys, values, lengths.clamp(max=32), 0.25), atol=1e-5)
     assert torch.allclose(grouped_decode_attention(q, keys, values, lengths, 0.25), want, atol=1e-5)
     cu_seqlens = [0, 3, 4, 12]

@@ -1,51 +1,44 @@
 """Attention for the fast rollout engine: each sample reads only its own keys, with no GQA expansion.
 
-Decode (one new query per sample, keys in the KV slots ``[slots, slot_tokens, kv_heads, d]``):
+Decode: one new query per sample; keys and values in the KV slots, heads-major
+``[slots, kv_heads, slot_tokens, d]`` so that a slot prefix is a strided view the matmuls read in
+place (no gather, no copy):
 
 * `reference_decode_attention`: a per-sample loop over exactly each sample's length, keys copied to
   every query head: slow and obvious, the oracle the others are tested against.
 * `grouped_decode_attention`: one batched grouped matmul over the slots' first ``kv_len``
-  positions (a length bucket), masked past each sample's length. The query heads of one KV group
-  share its keys through a reshape, never a copy. Static shapes, so it traces with
-  ``torch.compile(fullgraph=True)`` and captures into a CUDA graph.
-* `paged_varlen_decode_attention` (CUDA): torch's bundled FlashAttention varlen entry
-  (``torch.nn.attention.varlen.varlen_attn``) with ``seqused_k`` and a block table over the slots,
-  which reads only each sample's own length. Used only where `decode_attention_backend` found it
-  to run and agree with the grouped kernel on this machine.
+  positions (a length bucket just above the longest live sample), masked past each sample's own
+  length. The query heads of one KV group share its keys through a reshape, never a copy. Static
+  shapes, so it traces with ``torch.compile(fullgraph=True)`` and captures into a CUDA graph.
 
 Prefill (whole prompts packed one after another, ``cu_seqlens`` marking where each starts):
-per-sequence causal SDPA with ``enable_gqa`` (torch's fused CPU / flash kernels; no
-``[heads, s, s]`` score tensor), or the varlen entry on CUDA; `reference_prefill_attention` is the
-oracle.
+per-sequence causal SDPA with ``enable_gqa`` (torch's fused CPU kernels: no ``[heads, s, s]``
+score tensor), or on CUDA in bf16 / fp16 torch's bundled FlashAttention varlen entry
+(``torch.nn.attention.varlen.varlen_attn``) over the whole pack; `reference_prefill_attention` is
+the oracle.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
-
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-"""``(q [B, Hq, d], keys [B, kv_len, Hkv, d], values [B, kv_len, Hkv, d], lengths [B], scale) -> [B, Hq, d]``."""
-
-VARLEN_PAGE_TOKENS = 256
-"""Page size of the slots as FlashAttention's paged KV sees them (its kernels want multiples of 256)."""
+"""``(q [B, Hq, d], keys [B, Hkv, kv_len, d], values [B, Hkv, kv_len, d], lengths [B], scale) -> [B, Hq, d]``."""
 
 
 def reference_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
                                scale: float) -> torch.Tensor:
     """The oracle: per sample, softmax over its first ``lengths[b]`` keys, GQA by explicit expansion."""
-    heads, groups = q.shape[1], keys.shape[2]
+    heads, groups = q.shape[1], keys.shape[1]
     out = torch.empty_like(q)  # [B, Hq, d]
     for b, length in enumerate(lengths.tolist()):
-        k = keys[b, :length].repeat_interleave(heads // groups, dim=1).float()  # [L, Hq, d]
-        v = values[b, :length].repeat_interleave(heads // groups, dim=1).float()
-        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale  # [Hq, L]
-        out[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).to(q.dtype)
+        k = keys[b, :, :length].repeat_interleave(heads // groups, dim=0).float()  # [Hq, L, d]
+        v = values[b, :, :length].repeat_interleave(heads // groups, dim=0).float()
+        scores = torch.einsum("hd,hld->hl", q[b].float(), k) * scale  # [Hq, L]
+        out[b] = torch.einsum("hl,hld->hd", scores.softmax(-1), v).to(q.dtype)
     return out
 
 
@@ -53,57 +46,13 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
                              scale: float) -> torch.Tensor:
     """Batched decode attention over a length bucket, masked past each sample's length."""
     batch, heads, dim = q.shape
-    kv_len, groups = keys.shape[1], keys.shape[2]
+    groups, kv_len = keys.shape[1], keys.shape[2]
     grouped_q = q.view(batch, groups, heads // groups, dim)  # [B, G, rep, d]: heads of a group share keys
-    scores = torch.matmul(grouped_q, keys.permute(0, 2, 3, 1)).float() * scale  # [B, G, rep, kv_len]
+    scores = torch.matmul(grouped_q, keys.transpose(-1, -2)).float() * scale  # [B, G, rep, kv_len]
     outside = torch.arange(kv_len, device=q.device)[None, :] >= lengths[:, None]  # [B, kv_len]
     scores = scores.masked_fill(outside[:, None, None, :], -float("inf"))
-    probs = scores.softmax(-1).to(values.dtype)
-    out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # [B, G, rep, d]
+    out = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # [B, G, rep, d]
     return out.reshape(batch, heads, dim)
-
-
-def paged_varlen_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                                  lengths: torch.Tensor, scale: float) -> torch.Tensor:
-    """FlashAttention varlen over the slots seen as pages; reads only each sample's own length (CUDA).
-
-    `keys` / `values` must be the first B slots with a whole number of `VARLEN_PAGE_TOKENS` pages.
-    """
-    from torch.nn.attention.varlen import varlen_attn
-
-    batch, slot_tokens, groups, dim = keys.shape
-    pages = slot_tokens // VARLEN_PAGE_TOKENS
-    paged_k = keys.reshape(batch * pages, VARLEN_PAGE_TOKENS, groups, dim)  # a view: slots are contiguous
-    paged_v = values.reshape(batch * pages, VARLEN_PAGE_TOKENS, groups, dim)
-    block_table = (torch.arange(batch, device=q.device, dtype=torch.int32)[:, None] * pages
-                   + torch.arange(pages, device=q.device, dtype=torch.int32)[None, :])  # [B, pages]
-    cu_seq_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32)  # one query per sample
-    return varlen_attn(q, paged_k, paged_v, cu_seq_q, None, 1, slot_tokens, scale=scale, enable_gqa=True,
-                       seqused_k=lengths.to(torch.int32), block_table=block_table)
-
-
-def decode_attention_backend(device: torch.device, slot_tokens: int, dtype: torch.dtype) -> tuple[str, DecodeAttention]:
-    """The fastest decode attention that works here: ``(name, function)``.
-
-    On CUDA, the FlashAttention varlen entry when this torch has it, the slot length is a whole number
-    of pages, and a small probe agrees with the grouped kernel; else the grouped kernel (CPU always).
-    """
-    if device.type != "cuda" or slot_tokens % VARLEN_PAGE_TOKENS:
-        return "grouped", grouped_decode_attention
-    try:
-        generator = torch.Generator(device=device).manual_seed(0)
-        q = torch.randn(3, 4, 64, device=device, dtype=dtype, generator=generator)
-        kv = torch.randn(2, 3, VARLEN_PAGE_TOKENS, 2, 64, device=device, dtype=dtype, generator=generator)
-        lengths = torch.tensor([1, 100, VARLEN_PAGE_TOKENS], device=device)
-        got = paged_varlen_decode_attention(q, kv[0], kv[1], lengths, 0.125)
-        want = grouped_decode_attention(q, kv[0], kv[1], lengths, 0.125)
-        if not torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2):
-            raise RuntimeError(f"disagrees with the grouped kernel by {(got - want).abs().max().item():.3g}")
-    except Exception as error:  # noqa: BLE001 - any failure means: not usable on this build
-        logger.info("FlashAttention varlen decode not used (%s: %s); grouped attention over length buckets",
-                    type(error).__name__, error)
-        return "grouped", grouped_decode_attention
-    return "varlen", paged_varlen_decode_attention
 
 
 def reference_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],

@@ -35,8 +35,7 @@ from megatron_gopd import platform
 from megatron_gopd.models import ModelArchitecture
 from megatron_gopd.rollout.base import (RolloutBatch, RolloutEngine, RolloutSample, SamplingParams,
                                         validate_request)
-from megatron_gopd.rollout.fast_attention import (VARLEN_PAGE_TOKENS, decode_attention_backend,
-                                                  paged_varlen_decode_attention)
+from megatron_gopd.rollout.fast_attention import grouped_decode_attention
 from megatron_gopd.rollout.fast_model import decode_step, decoder_weights, prefill, rope_tables
 from megatron_gopd.rollout.fast_support import fast_engine_unsupported_reason
 from megatron_gopd.rollout.kv_slots import GB, KVSlots, KVSlotShape, SlotAllocator, slots_for_budget
@@ -50,8 +49,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_GB = 1.0
 """KV budget on CPU when none is given (there is no free-memory figure to take a fraction of)."""
-_KV_LEN_BUCKET = 64
-"""Decode reads keys up to the longest live sample rounded up to this (fewer distinct shapes)."""
+_KV_LEN_BUCKET = {"cpu": 64, "cuda": 256}
+"""Decode reads keys up to the longest live sample rounded up to this: fewer distinct shapes (and
+CUDA graphs) for a few positions more read."""
 
 
 @dataclasses.dataclass
@@ -151,23 +151,16 @@ class FastRolloutEngine(RolloutEngine):
         self.slot_shape = KVSlotShape(arch.num_layers, self.weights.groups, self.weights.head_dim, self.dtype)
         if self.kv_cache_gb is not None or self.device.type != "cuda":
             # The whole configured context must fit in one slot, or no request could be served.
-            slots_for_budget(self.slot_shape, self._round_slot(self.max_sequence_length), self._budget_bytes())
+            slots_for_budget(self.slot_shape, self.max_sequence_length, self._budget_bytes())
         self.use_cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.tp_group is None
         self.cache: Optional[KVSlots] = None
         self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._graphs: dict[tuple, tuple] = {}
         self._graph_pool = None
-        self._attention: dict[int, tuple[str, Callable]] = {}
         self.last_stats = FastGenerationStats()
 
     # ------------------------------------------------------------------------------------------
     # Memory
-
-    def _round_slot(self, tokens: int) -> int:
-        """Slot length for `tokens` positions: whole FlashAttention pages on CUDA."""
-        if self.device.type == "cuda":
-            return -(-tokens // VARLEN_PAGE_TOKENS) * VARLEN_PAGE_TOKENS
-        return tokens
 
     def _budget_bytes(self) -> float:
         """The KV budget of this rank, in bytes."""
@@ -202,15 +195,24 @@ class FastRolloutEngine(RolloutEngine):
     # ------------------------------------------------------------------------------------------
     # Public API
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> RolloutBatch:
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams, *,
+                 max_new_tokens_per_prompt: Optional[Sequence[int]] = None) -> RolloutBatch:
         """Sample ``sampling.n`` responses per prompt; every rank of the TP group gets the batch.
 
-        See `RolloutEngine.generate`. Raises ValueError before any generation for bad input (and
-        for a KV budget that holds no sample of this request), RuntimeError when the ranks of the
-        TP group were given different requests.
+        See `RolloutEngine.generate`. `max_new_tokens_per_prompt` optionally gives each prompt its
+        own response limit in place of ``sampling.max_new_tokens`` (tasks with their own budgets;
+        benchmarks with controlled lengths). Raises ValueError before any generation for bad input
+        (and for a KV budget that holds no sample of this request), RuntimeError when the ranks of
+        the TP group were given different requests.
         """
         validate_request(prompt_token_ids, sampling, max_sequence_length=self.max_sequence_length,
                          vocab_size=self.arch.vocab_size, eos_token_ids=self.eos_token_ids)
+        limits = [sampling.max_new_tokens] * len(prompt_token_ids)
+        if max_new_tokens_per_prompt is not None:
+            limits = [int(n) for n in max_new_tokens_per_prompt]
+            if len(limits) != len(prompt_token_ids) or min(limits, default=1) < 1:
+                raise ValueError(f"max_new_tokens_per_prompt must hold one limit >= 1 per prompt "
+                                 f"({len(prompt_token_ids)}), got {list(max_new_tokens_per_prompt)[:8]}")
         self.last_stats = stats = FastGenerationStats()
         if len(prompt_token_ids) == 0:
             return RolloutBatch(samples=[])
@@ -218,17 +220,15 @@ class FastRolloutEngine(RolloutEngine):
         check_same_request(prompts, sampling, (self.tp_group,), self.device)
         samples = [
             _Sample(sample_id=p * sampling.n + j, prompt_index=p, sample_index=j, prompt=prompt,
-                    budget=min(sampling.max_new_tokens, self.max_sequence_length - len(prompt)))
+                    budget=min(limits[p], self.max_sequence_length - len(prompt)))
             for p, prompt in enumerate(prompts) for j in range(sampling.n)]
         # The last sampled token is never fed back: a sample needs len(prompt) + budget - 1 positions.
-        slot_tokens = self._round_slot(max(len(s.prompt) + s.budget - 1 for s in samples))
+        slot_tokens = max(len(s.prompt) + s.budget - 1 for s in samples)
         cache = self._slots_for(len(samples), slot_tokens)
         stats.slots, stats.slot_tokens, stats.kv_cache_bytes = cache.num_slots, cache.slot_tokens, cache.nbytes
         if self._rope is None or self._rope[0].shape[0] < cache.slot_tokens:
             self._rope = rope_tables(self.weights, cache.slot_tokens, self.device, self.dtype)
-        if cache.slot_tokens not in self._attention:  # probed once per slot length (a small CUDA check)
-            self._attention[cache.slot_tokens] = decode_attention_backend(self.device, cache.slot_tokens, self.dtype)
-        stats.attention_backend, attention = self._attention[cache.slot_tokens]
+        stats.attention_backend, attention = "grouped, length buckets", grouped_decode_attention
         streams = None
         if self.is_sampler and not sampling.greedy:
             streams = UniformStreams([sample_seed(sampling.seed, s.prompt_index, s.sample_index) for s in samples])
@@ -444,11 +444,8 @@ class _Run:
         positions = torch.zeros(batch, dtype=torch.long)  # free rows write position 0 of their own free slot
         for slot, sample in zip(slots, samples):
             tokens[slot], positions[slot] = sample.token_ids[-1], sample.next_position
-        if self.attention is paged_varlen_decode_attention:
-            kv_len = self.cache.slot_tokens  # reads only each sample's own pages anyway
-        else:
-            longest = max(s.next_position for s in samples) + 1
-            kv_len = min(self.cache.slot_tokens, -(-longest // _KV_LEN_BUCKET) * _KV_LEN_BUCKET)
+        longest, bucket = max(s.next_position for s in samples) + 1, _KV_LEN_BUCKET[engine.device.type]
+        kv_len = min(self.cache.slot_tokens, -(-longest // bucket) * bucket)
         occupancy = len(samples) / self.cache.num_slots
         self.occupancy_all.append(occupancy)
         if self.queue:

@@ -213,8 +213,8 @@ def prefill(weights: DecoderWeights, cache: KVSlots, tokens: torch.Tensor, posit
     for index, layer in enumerate(weights.layers):
         x = F.rms_norm(hidden, (hidden.shape[-1],), layer.input_norm, layer.norm_eps)
         q, k, v = _qkv(weights, layer, x, cos, sin)
-        cache.keys[index][slot_of_token, positions] = k
-        cache.values[index][slot_of_token, positions] = v
+        cache.keys[index][slot_of_token, :, positions] = k  # [T, G, d] into [slots, G, slot_tokens, d]
+        cache.values[index][slot_of_token, :, positions] = v
         attended = packed_prefill_attention(q, k, v, cu_seqlens, weights.softmax_scale)  # [T, Hq, d]
         hidden = hidden + _all_reduce(F.linear(attended.flatten(1), layer.proj), weights)
         hidden = hidden + _mlp(weights, layer, hidden)
@@ -228,7 +228,7 @@ def decode_step(weights: DecoderWeights, keys: list[torch.Tensor], values: list[
                 sin: torch.Tensor, attention: DecodeAttention) -> torch.Tensor:
     """One token for each of the first B slots: ``tokens / positions [B] -> logits [B, V_padded]``.
 
-    `keys` / `values` are the per-layer slot buffers ``[slots, slot_tokens, G, d]``; row b of the
+    `keys` / `values` are the per-layer slot buffers ``[slots, G, slot_tokens, d]``; row b of the
     input belongs to slot b. Each token's key and value are written at its position, then it attends
     over its slot's positions ``[0, position]`` (read within the first `kv_len`, a static bucket).
     """
@@ -241,9 +241,9 @@ def decode_step(weights: DecoderWeights, keys: list[torch.Tensor], values: list[
         x = F.rms_norm(hidden, (hidden.shape[-1],), layer.input_norm, layer.norm_eps)
         q, k, v = _qkv(weights, layer, x, cos, sin)  # [B, Hq, d], [B, G, d], [B, G, d]
         layer_keys, layer_values = keys[index], values[index]
-        layer_keys.index_put_((rows, positions), k)
-        layer_values.index_put_((rows, positions), v)
-        attended = attention(q, layer_keys[:batch, :kv_len], layer_values[:batch, :kv_len], lengths,
+        layer_keys[rows, :, positions] = k  # in place, at (slot b, position of b)
+        layer_values[rows, :, positions] = v
+        attended = attention(q, layer_keys[:batch, :, :kv_len], layer_values[:batch, :, :kv_len], lengths,
                              weights.softmax_scale)  # [B, Hq, d]
         hidden = hidden + _all_reduce(F.linear(attended.flatten(1), layer.proj), weights)
         hidden = hidden + _mlp(weights, layer, hidden)

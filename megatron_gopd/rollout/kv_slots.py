@@ -134,14 +134,15 @@ class SlotAllocator:
 
 
 class KVSlots:
-    """The preallocated key and value buffers: per layer ``[slots, slot_tokens, kv_heads, head_dim]``.
+    """The preallocated key and value buffers: per layer ``[slots, kv_heads, slot_tokens, head_dim]``.
 
     Keys are stored after RoPE, at their true positions, so that no step ever rotates them again.
+    Heads-major, so that the first positions of a run of slots are a view attention reads in place.
     """
 
     def __init__(self, shape: KVSlotShape, num_slots: int, slot_tokens: int, device: torch.device) -> None:
         self.shape, self.num_slots, self.slot_tokens = shape, num_slots, slot_tokens
-        size = (num_slots, slot_tokens, shape.kv_heads, shape.head_dim)
+        size = (num_slots, shape.kv_heads, slot_tokens, shape.head_dim)
         self.keys = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
         self.values = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
 
@@ -156,7 +157,7 @@ class KVSlots:
         index = torch.tensor(to_slots, device=self.keys[0].device)
         for buffers in (self.keys, self.values):
             for layer in buffers:
-                layer[index, :length] = layer[from_slot, :length]  # [n, length, kv, d] <- broadcast
+                layer[index, :, :length] = layer[from_slot, :, :length]  # [n, kv, length, d] <- broadcast
 
     def move(self, from_slot: int, to_slot: int, length: int) -> None:
         """Move a live sample's first `length` positions to another slot (compaction)."""
