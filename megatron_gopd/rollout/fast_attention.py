@@ -20,10 +20,16 @@ the oracle.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_VARLEN_PREFILL: Optional[bool] = None
+"""Whether torch's FlashAttention varlen entry ran here (None: not tried yet)."""
 
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 """``(q [B, Hq, d], keys [B, Hkv, kv_len, d], values [B, Hkv, kv_len, d], lengths [B], scale) -> [B, Hq, d]``."""
@@ -74,12 +80,22 @@ def reference_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 def packed_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
                              scale: float) -> torch.Tensor:
     """Causal attention within each packed sequence: ``q [T, Hq, d], k / v [T, Hkv, d] -> [T, Hq, d]``."""
-    if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and _have_varlen():
-        from torch.nn.attention.varlen import varlen_attn
+    global _VARLEN_PREFILL
+    if _VARLEN_PREFILL is not False and q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16):
+        try:
+            from torch.nn.attention.varlen import varlen_attn
 
-        cu = torch.tensor(cu_seqlens, device=q.device, dtype=torch.int32)
-        longest = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
-        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=(-1, 0), enable_gqa=True)
+            cu = torch.tensor(cu_seqlens, device=q.device, dtype=torch.int32)
+            longest = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+            out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=(-1, 0), enable_gqa=True)
+            _VARLEN_PREFILL = True
+            return out
+        except (ImportError, RuntimeError, TypeError, NotImplementedError) as error:
+            if _VARLEN_PREFILL:  # it worked before: a real failure, not a missing entry point
+                raise
+            _VARLEN_PREFILL = False
+            logger.info("FlashAttention varlen prefill unavailable (%s: %s); per-prompt SDPA instead",
+                        type(error).__name__, error)
     out = torch.empty_like(q)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         # SDPA wants [heads, s, d]; enable_gqa lets a KV head serve its query heads without a copy.

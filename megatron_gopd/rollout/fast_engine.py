@@ -75,6 +75,9 @@ class FastGenerationStats(GenerationStats):
     attention_backend: str = ""
     cuda_graphs: int = 0
     """CUDA graphs captured so far (kept until `release`)."""
+    decode_host_seconds: float = 0.0
+    """Host time of the decode steps up to the launch of their device work (before waiting for the
+    sampled tokens): on CUDA, the part of a step the GPU may wait for."""
 
 
 @dataclasses.dataclass
@@ -226,8 +229,8 @@ class FastRolloutEngine(RolloutEngine):
         slot_tokens = max(len(s.prompt) + s.budget - 1 for s in samples)
         cache = self._slots_for(len(samples), slot_tokens)
         stats.slots, stats.slot_tokens, stats.kv_cache_bytes = cache.num_slots, cache.slot_tokens, cache.nbytes
-        if self._rope is None or self._rope[0].shape[0] < cache.slot_tokens:
-            self._rope = rope_tables(self.weights, cache.slot_tokens, self.device, self.dtype)
+        if self._rope is None:  # the whole context once: captured graphs keep pointing at these tables
+            self._rope = rope_tables(self.weights, self.max_sequence_length, self.device, self.dtype)
         stats.attention_backend, attention = "grouped, length buckets", grouped_decode_attention
         streams = None
         if self.is_sampler and not sampling.greedy:
@@ -434,6 +437,7 @@ class _Run:
 
     def _decode(self) -> None:
         """One token for every live sample."""
+        started = time.perf_counter()
         engine = self.engine
         self._compact_if_sparse()
         high = self.allocator.high_water
@@ -459,7 +463,8 @@ class _Run:
                                                                  self.sampling, uniforms)
             rows = torch.tensor(slots, device=engine.device)
             self.pending.append((samples, sampler_lp[rows], None if lp is None else lp[rows]))
-            sampled = token_ids[rows].tolist()
+            self.stats.decode_host_seconds += time.perf_counter() - started
+            sampled = token_ids[rows].tolist()  # waits for the device
         else:
             cos, sin = engine._rope
             logits = decode_step(engine.weights, self.cache.keys, self.cache.values, tokens, positions, kv_len,
