@@ -126,6 +126,28 @@ def _copy_bandwidth(device: torch.device, gigabytes: float) -> dict:
     return {"gb_per_s": round(2 * source.numel() * 4 / seconds / 1e9, 1), "bytes": source.numel() * 4}
 
 
+def _kernels(device: torch.device, dtype: torch.dtype) -> dict:
+    """The fast attention kernels against their oracles, in `dtype` on `device` (largest abs error)."""
+    from megatron_gopd.rollout.fast_attention import (grouped_decode_attention, packed_prefill_attention,
+                                                      reference_decode_attention, reference_prefill_attention)
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(64, 16, 128, device=device, dtype=dtype, generator=generator)
+    keys, values = torch.randn(2, 64, 8, 1024, 128, device=device, dtype=dtype, generator=generator)
+    lengths = torch.randint(1, 1025, (64,), device=device, generator=generator)
+    decode = (grouped_decode_attention(q, keys, values, lengths, 128 ** -0.5).float()
+              - reference_decode_attention(q, keys, values, lengths, 128 ** -0.5).float()).abs().max().item()
+    cu_seqlens = [0, 100, 357, 1000]
+    packed_q = torch.randn(1000, 16, 128, device=device, dtype=dtype, generator=generator)
+    packed_k, packed_v = torch.randn(2, 1000, 8, 128, device=device, dtype=dtype, generator=generator)
+    prefill = (packed_prefill_attention(packed_q, packed_k, packed_v, cu_seqlens, 128 ** -0.5).float()
+               - reference_prefill_attention(packed_q, packed_k, packed_v, cu_seqlens, 128 ** -0.5).float())
+    from megatron_gopd.rollout import fast_attention
+
+    return {"decode_max_abs_error": decode, "prefill_max_abs_error": prefill.abs().max().item(),
+            "prefill_used_varlen": fast_attention._VARLEN_PREFILL is True}
+
+
 def _build(shape: dict, dtype: str, device: torch.device):
     """A random Qwen3 of `shape` in transformers and the same weights in Megatron (TP=1)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -230,7 +252,7 @@ def _long_context(model, arch, device: torch.device, slots: int, context: int, n
         _synchronize(device)
     stats = engine.last_stats
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_per_token = KVSlotShape(arch.num_layers, arch.num_query_groups, arch.kv_channels, engine.dtype).bytes_per_token()
+    kv_per_token = KVSlotShape.for_model(arch, 1, engine.dtype).bytes_per_token()
     mean_context = len(prompts[0]) + new_tokens / 2
     step_bytes = weight_bytes + slots * mean_context * kv_per_token  # read once per decode step
     decode_tps = slots * stats.decode_steps / stats.decode_seconds
@@ -263,6 +285,9 @@ def main(argv: list[str]) -> None:
     report.phase(report.data, "environment", lambda: _environment(device))
     report.phase(report.data, "copy_bandwidth", lambda: _copy_bandwidth(device, 0.05 if args.tiny else 2.0))
     bandwidth = report.data["copy_bandwidth"].get("gb_per_s", 0.0)
+    from megatron_gopd.models.builder import torch_dtype
+
+    report.phase(report.data, "attention_kernels", lambda: _kernels(device, torch_dtype(args.dtype)))
     shapes = {"tiny": TINY_SHAPE} if args.tiny else SHAPES
     for name, shape in shapes.items():
         section: dict[str, Any] = {}

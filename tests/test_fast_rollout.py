@@ -388,6 +388,8 @@ def test_slot_allocator_invariants_under_random_admission():
 def test_kv_budget_sets_the_slot_count():
     shape = KVSlotShape(num_layers=28, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
     assert shape.bytes_per_token() == 112 * 1024  # Qwen3-0.6B / 1.7B: 112 KiB of bf16 KV per token
+    tiny = KVSlotShape.for_model(tiny_arch(TINY_QWEN3), 2, torch.float32)
+    assert (tiny.num_layers, tiny.kv_heads, tiny.head_dim) == (4, 1, 32)
     assert slots_for_budget(shape, 17_408, 80e9) == int(80e9 // (112 * 1024 * 17_408))
     with pytest.raises(ValueError, match="kv_cache_gb: a KV budget of 1 GB holds no sample of 17408 tokens"):
         slots_for_budget(shape, 17_408, 1e9)

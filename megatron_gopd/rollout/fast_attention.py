@@ -16,6 +16,11 @@ per-sequence causal SDPA with ``enable_gqa`` (torch's fused CPU kernels: no ``[h
 score tensor), or on CUDA in bf16 / fp16 torch's bundled FlashAttention varlen entry
 (``torch.nn.attention.varlen.varlen_attn``) over the whole pack; `reference_prefill_attention` is
 the oracle.
+
+Not used for decode (yet): torch's varlen entry with ``seqused_k`` and a block table reads only each
+sample's own length, but wants token-major pages ``[pages, page_tokens, heads, d]``, while these
+slots are heads-major so that the grouped matmuls read them in place; flash-attn and flashinfer are
+only reported when importable (`attention_entry_points`), not called.
 """
 
 from __future__ import annotations

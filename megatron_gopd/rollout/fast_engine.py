@@ -112,6 +112,10 @@ class FastRolloutEngine(RolloutEngine):
     Raises ValueError, before any model work, for a model the engine cannot run (see
     `fast_engine_unsupported_reason`), a KV budget that holds no sample of ``max_sequence_length``
     tokens, or ``max_slots < 1``.
+
+    The parameters are read as they are at each forward: with the distributed optimizer's
+    overlapped parameter gather, force the gather before generating, or the engine samples from
+    stale weights. Call `release` before training to give the KV slots back.
     """
 
     def __init__(self, model, arch: ModelArchitecture, *, eos_token_ids: Sequence[int] = (),
@@ -151,7 +155,7 @@ class FastRolloutEngine(RolloutEngine):
         self.is_sampler = self.tp_group is None or self.tp_group.rank() == 0
         self._sampler_rank = dist.get_process_group_ranks(self.tp_group)[0] if self.tp_group is not None else 0
         self.dtype = get_model_config(model).params_dtype
-        self.slot_shape = KVSlotShape(arch.num_layers, self.weights.groups, self.weights.head_dim, self.dtype)
+        self.slot_shape = KVSlotShape.for_model(arch, self.weights.tp_size, self.dtype)
         if self.kv_cache_gb is not None or self.device.type != "cuda":
             # The whole configured context must fit in one slot, or no request could be served.
             slots_for_budget(self.slot_shape, self.max_sequence_length, self._budget_bytes())

@@ -26,6 +26,12 @@ class KVSlotShape:
     head_dim: int
     dtype: torch.dtype
 
+    @classmethod
+    def for_model(cls, arch, tensor_parallel: int, dtype: torch.dtype) -> "KVSlotShape":
+        """The slot shape of a `ModelArchitecture` on one rank of a TP group (config checks use this
+        to print the slot count a budget gives before any model is built)."""
+        return cls(arch.num_layers, arch.num_query_groups // tensor_parallel, arch.kv_channels, dtype)
+
     def bytes_per_token(self) -> int:
         """Keys plus values of one token over all layers."""
         return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
