@@ -75,6 +75,7 @@ def _runs(greedy_eos_stop: tuple[int, int] | None = None) -> dict[str, SamplingP
     if greedy_eos_stop is not None:
         runs["greedy_stop"] = dataclasses.replace(runs["greedy"], stop_token_ids=(greedy_eos_stop[1],))
         runs["t1_stop"] = dataclasses.replace(SAMPLED["t1"], stop_token_ids=(greedy_eos_stop[1],))
+        runs["t1_no_logprobs"] = dataclasses.replace(SAMPLED["t1"], return_logprobs=False)
     return runs
 
 
@@ -228,7 +229,7 @@ def _error_checks(model, arch, prompts: list[list[int]]) -> dict:
 def _tp1_checks(hf_dir: str, prompts: list[list[int]]) -> dict:
     from megatron_gopd.bridge import load_hf_weights
     from megatron_gopd.models import ModelArchitecture, ParallelLayout, build_gpt_model
-    from megatron_gopd.rollout import MegatronRolloutEngine
+    from megatron_gopd.rollout import FastRolloutEngine, MegatronRolloutEngine
 
     arch = ModelArchitecture.from_pretrained(hf_dir)
     model = build_gpt_model(arch, ParallelLayout(), perform_initialization=False)
@@ -243,6 +244,12 @@ def _tp1_checks(hf_dir: str, prompts: list[list[int]]) -> dict:
     out["context_limit"] = _against_reference(model, arch, [long_prompt, prompts[1]], (), {"greedy": _runs()["greedy"]},
                                               max_slots=1)
     out["slots"] = _slot_checks(model, arch, prompts, eos)
+    limited = FastRolloutEngine(model, arch).generate(prompts, _runs()["greedy"],
+                                                      max_new_tokens_per_prompt=[3, 1, 5, GREEDY_NEW_TOKENS + 9])
+    out["per_prompt_limits"] = dict(tokens=[s.token_ids for s in limited], reasons=[s.finish_reason for s in limited],
+                                    full=[s.token_ids for s in greedy],
+                                    error=_expect_value_error(lambda: FastRolloutEngine(model, arch).generate(
+                                        prompts, _runs()["greedy"], max_new_tokens_per_prompt=[3, 0, 1, 1])))
     out["forward"] = _forward_equivalence(model, arch, prompts[1] + greedy[1].token_ids, prefill_len=len(prompts[1]))
     out["decode_step"] = _decode_step_checks(model, arch)
     out["in_place"] = _in_place_checks(model, arch, prompts)
@@ -303,7 +310,7 @@ def test_same_samples_as_the_megatron_engine_tp1(dist_results):
     tp1 = dist_results[0]["tp1"]
     _assert_matches(tp1["reference"], "tp1")
     _assert_matches(tp1["context_limit"], "tp1 context limit")
-    assert set(tp1["reference"]) == {"greedy", *SAMPLED, "greedy_stop", "t1_stop"}
+    assert set(tp1["reference"]) == {"greedy", *SAMPLED, "greedy_stop", "t1_stop", "t1_no_logprobs"}
     assert tp1["reference"]["greedy_stop"]["reasons"] == ["eos", "length", "stop"]  # all three did occur
     assert tp1["context_limit"]["greedy"]["reasons"] == ["length"]
 
@@ -313,6 +320,16 @@ def test_same_samples_as_the_megatron_engine_tp2(dist_results):
         _assert_matches(result["tp2"], f"tp2 rank {rank}")
         assert result["tp2_auto"] == "FastRolloutEngine"
         assert "different prompts" in result["tp2_mismatch"]
+
+
+def test_per_prompt_response_limits(dist_results):
+    check = dist_results[0]["tp1"]["per_prompt_limits"]
+    assert check["tokens"][:3] == [full[:n] for full, n in zip(check["full"], (3, 1, 5))]
+    # A limit replaces max_new_tokens, so it may also exceed it (the context allows it here).
+    assert [len(t) for t in check["tokens"]] == [3, 1, 5, GREEDY_NEW_TOKENS + 9]
+    assert check["tokens"][3][:GREEDY_NEW_TOKENS] == check["full"][3]
+    assert check["reasons"] == ["length"] * 4
+    assert "max_new_tokens_per_prompt" in check["error"]
 
 
 def test_same_samples_with_1_3_and_8_slots(dist_results):
