@@ -273,7 +273,14 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1,
                         help="start this many local ranks when not already launched (torchrun / srun)")
-    parser.add_argument("--max-batch-size", type=int, default=None, help="most samples decoded at once")
+    parser.add_argument("--engine", choices=["auto", "fast", "megatron"], default="auto",
+                        help="rollout engine: fast (continuous batching over KV slots; dense models without "
+                             "pipeline parallelism), megatron (any layout), auto (fast where it applies)")
+    parser.add_argument("--kv-cache-gb", type=float, default=None,
+                        help="fast engine: KV-cache budget per GPU in GB (default: 90%% of free GPU memory; "
+                             "1 GB on CPU)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="megatron engine: most samples decoded at once")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     parser.add_argument("--samples-out", default=None,
                         help="also write every sample (prompt fields + response, verdict) as JSON lines; "

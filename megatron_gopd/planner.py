@@ -29,6 +29,8 @@ from typing import Literal, Optional
 
 from megatron_gopd.config import read_json
 from megatron_gopd.models import ModelArchitecture, ParallelLayout
+from megatron_gopd.models.builder import torch_dtype
+from megatron_gopd.rollout.kv_slots import KVSlotShape
 
 GB = 1e9
 AttentionKind = Literal["sdpa", "local"]
@@ -71,13 +73,13 @@ def parameters_per_rank(arch: ModelArchitecture, layout: ParallelLayout) -> int:
 
 
 def kv_bytes_per_token(arch: ModelArchitecture, tp: int, dtype: str) -> int:
-    """Key + value cache bytes of one token on one rank (all layers, this rank's KV heads)."""
-    kv_heads = max(arch.num_query_groups // tp, 1)
-    return 2 * arch.num_layers * kv_heads * arch.kv_channels * dtype_bytes(dtype)
+    """Key + value cache bytes of one token on one rank (all layers, this rank's KV heads), as the
+    fast rollout engine lays its slots out."""
+    return KVSlotShape.for_model(arch, tp, torch_dtype(dtype)).bytes_per_token()
 
 
 def kv_cache_slots(arch: ModelArchitecture, tp: int, dtype: str, sample_tokens: int, budget_bytes: float) -> int:
-    """How many samples of `sample_tokens` tokens (prompt + response) a KV budget holds at once."""
+    """How many samples of `sample_tokens` tokens (prompt + response) a KV budget holds at once (0 if none)."""
     return int(budget_bytes // (sample_tokens * kv_bytes_per_token(arch, tp, dtype)))
 
 

@@ -65,3 +65,17 @@ def test_gopd_eval_runs_on_hf_and_megatron_models(tiny_assets, tmp_path, which):
 def test_gopd_eval_bad_input(tmp_path):
     result = _gopd_eval("--model", str(tmp_path / "missing"), "--data", str(tmp_path / "x.jsonl"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+@pytest.mark.slow
+def test_gopd_eval_fast_engine_reproduces_the_megatron_engine(tiny_assets, tmp_path):
+    """`gopd-eval --engine fast` samples the same responses as `--engine megatron` (same seeds)."""
+    samples = {}
+    for engine in ("fast", "megatron"):
+        out = tmp_path / f"{engine}.jsonl"
+        result = _gopd_eval("--model", str(tiny_assets / "hf" / "student"), "--data",
+                            str(tiny_assets / "data" / "math.jsonl"), "--k", "2", "--max-prompts", "6",
+                            "--max-new-tokens", "8", "--engine", engine, "--samples-out", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+        samples[engine] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert samples["fast"] == samples["megatron"]

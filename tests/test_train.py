@@ -389,3 +389,19 @@ def test_ranks_do_not_outlive_a_killed_launcher(tiny_assets, tmp_path):
     assert (out / "checkpoints" / f"step_{stopped_at:06d}" / "trainer_state.json").is_file()
     time.sleep(1)
     assert len(read_metrics(out)) == stopped_at  # nothing writes after the ranks are gone
+
+
+@pytest.mark.slow
+def test_fast_and_megatron_rollout_engines_train_alike(tiny_assets, tmp_path):
+    """rollout.engine=fast (the default where it applies) samples the same tokens as the reference
+    engine (same per-sample streams), so two steps of training report the same metrics."""
+    runs = {}
+    for engine in ("fast", "megatron"):
+        out = tmp_path / engine
+        result = gopd_train(tiny_assets, out, "steps=2", "save_every=0", "export_hf=false", f"rollout.engine={engine}",
+                            *TWO_RANKS, nproc=2)
+        _ok(result)
+        runs[engine] = read_metrics(out)
+    for fast, reference in zip(runs["fast"], runs["megatron"]):
+        for key in ("response_length/mean", "loss", "grad_norm", "reverse_kl/math", "entropy"):
+            assert fast[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), (key, fast, reference)

@@ -43,7 +43,7 @@ def run_eval(args: Any) -> dict:
     from megatron_gopd.data import DataConfig, DataSourceConfig, build_prompt_dataset
     from megatron_gopd.evaluation.avg_at_k import evaluate
     from megatron_gopd.models import ParallelLayout
-    from megatron_gopd.rollout import MegatronRolloutEngine, SamplingParams
+    from megatron_gopd.rollout import SamplingParams, build_rollout_engine
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp)
     platform.init_model_parallel(tp=args.tp, pp=args.pp, seed=args.seed)
@@ -55,7 +55,8 @@ def run_eval(args: Any) -> dict:
                       enable_thinking=enable_thinking, shuffle=False)
     records = all_records(build_prompt_dataset(data, tokenizer))[: args.max_prompts]
     eos = sorted({i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None})
-    engine = MegatronRolloutEngine(model, arch, eos_token_ids=eos, max_batch_size=args.max_batch_size)
+    engine = build_rollout_engine(args.engine, model, arch, eos_token_ids=eos, layout=layout,
+                                  kv_cache_gb=args.kv_cache_gb, max_batch_size=args.max_batch_size)
     dp_rank = parallel_state.get_data_parallel_rank()
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, n=args.k,
                               max_new_tokens=args.max_new_tokens, seed=args.seed * 1009 + dp_rank)

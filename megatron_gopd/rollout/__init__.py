@@ -1,18 +1,25 @@
 """Rollout engines: the student samples its own responses (token ids, sampler log-probs, finish reasons).
 
-`MegatronRolloutEngine` (the default) samples from the student's Megatron model in place, KV-cached,
-on any TP / PP layout, on CPU and GPU. Engines share the `RolloutEngine` interface::
+`FastRolloutEngine` (dense students, local layer spec, one pipeline stage) decodes with continuous
+batching over KV slots; `MegatronRolloutEngine` samples through megatron-core's inference path on any
+TP / PP layout and is the reference and the fallback. `build_rollout_engine` picks one. Both share
+the `RolloutEngine` interface and give the same samples::
 
-    engine = MegatronRolloutEngine(model, arch, eos_token_ids=[tokenizer.eos_token_id])
+    engine = build_rollout_engine("auto", model, arch, eos_token_ids=[tokenizer.eos_token_id], kv_cache_gb=20)
     batch = engine.generate(prompt_token_ids, SamplingParams(max_new_tokens=1024, n=4, seed=step))
     batch[0].token_ids, batch[0].sampler_logprobs, batch[0].finish_reason
+    engine.release()  # before training: frees the KV slots
 """
 
 from megatron_gopd.rollout.base import (FINISH_REASONS, FinishReason, RolloutBatch, RolloutEngine, RolloutSample,
                                         SamplingParams, validate_request)
-from megatron_gopd.rollout.megatron_engine import (GenerationStats, MegatronRolloutEngine, SampledTokens,
-                                                   sample_from_logits, sample_seed, truncation_mask)
+from megatron_gopd.rollout.factory import ENGINE_KINDS, build_rollout_engine
+from megatron_gopd.rollout.fast_engine import FastGenerationStats, FastRolloutEngine
+from megatron_gopd.rollout.fast_support import fast_engine_unsupported_reason
+from megatron_gopd.rollout.megatron_engine import GenerationStats, MegatronRolloutEngine
+from megatron_gopd.rollout.sampling import SampledTokens, sample_from_logits, sample_seed, truncation_mask
 
-__all__ = ["FINISH_REASONS", "FinishReason", "GenerationStats", "MegatronRolloutEngine", "RolloutBatch",
-           "RolloutEngine", "RolloutSample", "SampledTokens", "SamplingParams", "sample_from_logits",
-           "sample_seed", "truncation_mask", "validate_request"]
+__all__ = ["ENGINE_KINDS", "FINISH_REASONS", "FastGenerationStats", "FastRolloutEngine", "FinishReason",
+           "GenerationStats", "MegatronRolloutEngine", "RolloutBatch", "RolloutEngine", "RolloutSample",
+           "SampledTokens", "SamplingParams", "build_rollout_engine", "fast_engine_unsupported_reason",
+           "sample_from_logits", "sample_seed", "truncation_mask", "validate_request"]

@@ -233,3 +233,9 @@ class RolloutEngine(abc.ABC):
         Raises ValueError (before any generation) for empty or too-long prompts, out-of-vocabulary
         ids, or invalid sampling parameters.
         """
+
+    def release(self) -> None:
+        """Free what generation holds on the device (KV cache, CUDA graphs) before training.
+
+        The next `generate` allocates it again. Engines that hold nothing between calls need not override it.
+        """

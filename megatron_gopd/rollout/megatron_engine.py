@@ -54,15 +54,21 @@ import logging
 import time
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_gopd import platform
-from megatron_gopd.collectives import check_same_in_groups, fingerprint, int_sequences
 from megatron_gopd.models import ModelArchitecture
-from megatron_gopd.rollout.base import (FinishReason, RolloutBatch, RolloutEngine, RolloutSample, SamplingParams,
+from megatron_gopd.rollout.base import (RolloutBatch, RolloutEngine, RolloutSample, SamplingParams,
                                         validate_request)
+from megatron_gopd.rollout.replica import check_same_request
+from megatron_gopd.rollout.sample_rows import (SampleRow, append_pending_logprobs, pack_logprobs, record_token,
+                                               unpack_logprobs)
+# The sampling functions moved to their own module (shared with the fast engine); importable from here too.
+from megatron_gopd.rollout.sampling import (SampledTokens, UniformStreams, sample_from_logits, sample_seed,
+                                            truncation_mask)
+
+_UniformStreams = UniformStreams
 
 logger = logging.getLogger(__name__)
 
@@ -71,137 +77,6 @@ _SAMPLING_ROWS = 128
 
 __all__ = ["GenerationStats", "MegatronRolloutEngine", "SampledTokens", "sample_from_logits",
            "sample_seed", "truncation_mask"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling: pure functions on the sampling rank's full-vocabulary logits
-
-
-def truncation_mask(scaled_logits: torch.Tensor, top_k: int, top_p: float) -> Optional[torch.Tensor]:
-    """Which tokens top-k then top-p keep; None when neither truncates.
-
-    Args:
-        scaled_logits: ``[b, V]`` temperature-scaled logits over the real vocabulary.
-        top_k: keep the k largest logits (0, or k >= V: no top-k).
-        top_p: then keep the smallest set of most likely tokens whose probability under the top-k
-            renormalised distribution reaches `top_p` (1: no top-p). The most likely token is
-            always kept.
-
-    Returns:
-        ``[b, V]`` bool, True for the tokens that may be sampled.
-    """
-    vocab = scaled_logits.shape[-1]
-    use_top_k = 0 < top_k < vocab
-    if not use_top_k and top_p >= 1.0:
-        return None
-    allowed = torch.zeros_like(scaled_logits, dtype=torch.bool)  # [b, V]
-    if top_p >= 1.0:
-        kept = scaled_logits.topk(top_k, dim=-1).indices  # [b, k]; top-k alone needs no full sort
-        return allowed.scatter_(1, kept, True)
-    sorted_logits, order = scaled_logits.sort(dim=-1, descending=True)  # [b, V] each
-    if use_top_k:
-        sorted_logits[:, top_k:] = -float("inf")
-    sorted_probs = sorted_logits.softmax(dim=-1)  # [b, V], renormalised over the top-k
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [b, V] probability of better tokens
-    keep_sorted = mass_before < top_p  # the first token has mass_before 0 < top_p: always kept
-    if use_top_k:
-        keep_sorted[:, top_k:] = False
-    return allowed.scatter_(1, order, keep_sorted)
-
-
-@dataclasses.dataclass
-class SampledTokens:
-    """One sampling step's result for ``b`` samples."""
-
-    token_ids: torch.Tensor
-    """``[b]`` int64 sampled token ids."""
-    sampler_logprobs: torch.Tensor
-    """``[b]`` fp32 log-probs under the distribution sampled from (0 for greedy)."""
-    logprobs: Optional[torch.Tensor]
-    """``[b]`` fp32 temperature-1 log-probs over the real vocabulary, if asked for."""
-
-
-def sample_from_logits(logits: torch.Tensor, vocab_size: int, sampling: SamplingParams,
-                       uniforms: torch.Tensor) -> SampledTokens:
-    """Sample one token per row by inverting the CDF at the given uniforms.
-
-    Args:
-        logits: ``[b, V_padded]`` full-vocabulary logits (any float dtype); columns at or beyond
-            `vocab_size` are Megatron's vocabulary padding and are never sampled.
-        vocab_size: the real vocabulary size.
-        sampling: temperature, top-k and top-p (greedy when `SamplingParams.greedy`).
-        uniforms: ``[b]`` float64 in [0, 1): one draw per row from that sample's own generator.
-            One draw per token (instead of Gumbel noise over the vocabulary) keeps each sample's
-            random stream short and independent of the vocabulary and the device.
-
-    Returns:
-        `SampledTokens`; a sampled token always has a non-zero probability.
-    """
-    real_logits = logits[:, :vocab_size].float()  # [b, V] fp32; padded rows dropped = masked to -inf
-    logprobs_t1 = real_logits.log_softmax(dim=-1) if sampling.return_logprobs else None  # [b, V]
-    if sampling.greedy:
-        token_ids = real_logits.argmax(dim=-1)  # [b]
-        sampler_logprobs = torch.zeros(token_ids.shape, dtype=torch.float32, device=logits.device)
-    else:
-        scaled = real_logits / sampling.temperature if sampling.temperature != 1.0 else real_logits
-        allowed = truncation_mask(scaled, sampling.top_k, sampling.top_p)  # [b, V] or None
-        if allowed is not None:
-            scaled = scaled.masked_fill(~allowed, -float("inf"))
-        sampler_log_dist = (scaled.log_softmax(dim=-1)
-                            if allowed is not None or sampling.temperature != 1.0 or logprobs_t1 is None
-                            else logprobs_t1)  # [b, V]
-        # float64 CDF: a 150k-entry fp32 cumsum would lose the tail's resolution.
-        cdf = sampler_log_dist.exp().double().cumsum(dim=-1)  # [b, V]
-        total = cdf[:, -1:]  # [b, 1]
-        # Keep the target strictly below the total, so the search lands on a token whose CDF step
-        # is positive, i.e. one with non-zero probability (tokens outside top-k / top-p have none).
-        target = torch.minimum(uniforms.to(cdf.device, torch.float64)[:, None] * total,
-                               torch.nextafter(total, torch.zeros_like(total)))  # [b, 1]
-        token_ids = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [b]
-        sampler_logprobs = sampler_log_dist.gather(1, token_ids[:, None]).squeeze(1)
-    logprobs = None if logprobs_t1 is None else logprobs_t1.gather(1, token_ids[:, None]).squeeze(1)
-    return SampledTokens(token_ids=token_ids, sampler_logprobs=sampler_logprobs, logprobs=logprobs)
-
-
-def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """The 64-bit seed of sample `sample_index` of prompt `prompt_index` under base seed `seed`.
-
-    NumPy's SeedSequence mixes the three integers, so neighbouring (seed, i, j) give unrelated
-    streams (a plain ``seed + i`` would make prompt 1 of seed 0 replay prompt 0 of seed 1).
-    """
-    state = np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(1, dtype=np.uint64)
-    return int(state[0])
-
-
-class _UniformStreams:
-    """One CPU `torch.Generator` per sample, read one uniform per generated token, in blocks.
-
-    CPU generators give the same numbers on every device, so a sample's tokens depend only on
-    (seed, prompt index, sample index) and the logits, not on the device, the batch or the TP size.
-    """
-
-    def __init__(self, seeds: Sequence[int], block: int = 256) -> None:
-        self.block = block
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-        self.tables: list[Optional[np.ndarray]] = [None] * len(seeds)
-        self.block_ids = [-1] * len(seeds)
-
-    def draw(self, samples: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
-        """``[len(samples)]`` float64 uniforms: draw number ``steps[k]`` of stream ``samples[k]``.
-
-        Each stream must be read in order, one step at a time (step t, then t + 1, ...).
-        """
-        values = np.empty(len(samples), dtype=np.float64)
-        for k, (sample, step) in enumerate(zip(samples, steps)):
-            block_id = step // self.block
-            if block_id != self.block_ids[sample]:
-                if block_id != self.block_ids[sample] + 1:
-                    raise RuntimeError(f"random stream {sample} read out of order at step {step}")
-                self.tables[sample] = torch.rand(self.block, generator=self.generators[sample],
-                                                 dtype=torch.float64).numpy()
-                self.block_ids[sample] = block_id
-            values[k] = self.tables[sample][step % self.block]
-        return torch.from_numpy(values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,21 +111,7 @@ class GenerationStats:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclasses.dataclass
-class _Row:
-    """One sample being generated (the same bookkeeping on every rank)."""
-
-    sample_id: int
-    """Position in the returned batch (prompt-major)."""
-    prompt_index: int
-    sample_index: int
-    prompt: list[int]
-    budget: int
-    """Most tokens this sample may generate: max_new_tokens, or less where the context ends."""
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    sampler_logprobs: list[float] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    finish_reason: Optional[FinishReason] = None
+_Row = SampleRow
 
 
 def _select_cache_rows(inference_context, rows: torch.Tensor) -> None:
@@ -533,28 +394,11 @@ class MegatronRolloutEngine(RolloutEngine):
     def _collect_logprobs(self) -> None:
         """Append the log-probs kept on the device during decoding to their rows (sampling rank)."""
         pending, self._pending_logprobs = self._pending_logprobs, []
-        if not pending:
-            return
-        sampler_logprobs = torch.cat([sampler for _, sampler, _ in pending]).tolist()
-        logprobs = (torch.cat([lp for _, _, lp in pending]).tolist() if pending[0][2] is not None
-                    else None)
-        offset = 0
-        for rows, _, _ in pending:  # step order: each row's values arrive in token order
-            for k, row in enumerate(rows):
-                row.sampler_logprobs.append(sampler_logprobs[offset + k])
-                if logprobs is not None:
-                    row.logprobs.append(logprobs[offset + k])
-            offset += len(rows)
+        append_pending_logprobs(pending)
 
     def _record(self, row: _Row, token: int, sampling: SamplingParams) -> None:
         """Append a sampled token and decide whether the sample has finished."""
-        row.token_ids.append(token)
-        if token in self.eos_token_ids:
-            row.finish_reason = "eos"
-        elif token in sampling.stop_token_ids:
-            row.finish_reason = "stop"
-        elif len(row.token_ids) >= row.budget:
-            row.finish_reason = "length"
+        record_token(row, token, self.eos_token_ids, sampling)
 
     def _broadcast_from_sampler(self, tensor: Optional[torch.Tensor], shape: tuple[int, ...],
                                 dtype: torch.dtype) -> torch.Tensor:
@@ -573,31 +417,11 @@ class MegatronRolloutEngine(RolloutEngine):
             return
         columns = 2 if sampling.return_logprobs else 1
         total = sum(len(r.token_ids) for r in rows)  # known on every rank: tokens were broadcast
-        packed = None
-        if self.is_sampler:
-            flat = [r.sampler_logprobs for r in rows] + ([r.logprobs for r in rows] if columns == 2 else [])
-            packed = torch.tensor([lp for lps in flat for lp in lps], dtype=torch.float32,
-                                  device=self.device).view(columns, total)  # [columns, tokens]
+        packed = pack_logprobs(rows, sampling.return_logprobs, self.device) if self.is_sampler else None
         packed = self._broadcast_from_sampler(packed, (columns, total), torch.float32)
-        if self.is_sampler:
-            return
-        values = packed.tolist()
-        offset = 0
-        for row in rows:
-            length = len(row.token_ids)
-            row.sampler_logprobs = values[0][offset:offset + length]
-            if columns == 2:
-                row.logprobs = values[1][offset:offset + length]
-            offset += length
+        if not self.is_sampler:
+            unpack_logprobs(rows, packed)
 
     def _check_same_request(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
-        """Fail fast (RuntimeError) when the ranks of this replica were given different requests.
-
-        Mismatched requests would otherwise deadlock or silently mix samples. One small all-reduce
-        per group (`collectives.check_same_in_groups`).
-        """
-        digest = fingerprint(int_sequences(prompts), dataclasses.astuple(sampling))
-        check_same_in_groups(digest, (self.tp_group, self.pp_group),
-                             "the ranks of one model replica called generate() with different prompts or "
-                             "sampling parameters; every TP / PP rank must pass the same request",
-                             device=self.device)
+        """Fail fast (RuntimeError) when the ranks of this replica were given different requests."""
+        check_same_request(prompts, sampling, (self.tp_group, self.pp_group), self.device)

@@ -51,8 +51,13 @@ class RolloutConfig:
     max_new_tokens: int = 256
     n: int = 1
     """Responses per prompt (the paper: 1; outcome rewards are group-normalised over them)."""
+    engine: Literal["auto", "fast", "megatron"] = "auto"
+    """Which rollout engine samples: ``fast`` (continuous batching over KV slots, keys stored rotated,
+    CUDA graphs on GPU; dense students without pipeline or sequence parallelism), ``megatron``
+    (megatron-core's static KV cache; any layout), ``auto`` (fast where it applies, else megatron,
+    with the reason logged)."""
     max_batch_size: Optional[int] = None
-    """Most samples decoded together; None decodes a rank's whole share at once."""
+    """Megatron engine: most samples decoded together; None decodes a rank's whole share at once."""
     kv_cache_gb: Optional[float] = None
     """KV-cache budget per GPU in GB; the number of samples decoded at once follows from it and the
     longest sample (prompt + max_new_tokens). None: `kv_cache_fraction` of the memory left after

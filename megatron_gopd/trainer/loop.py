@@ -36,7 +36,7 @@ from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_fr
 from megatron_gopd.models.output_head import OutputHead
 from megatron_gopd.planner import GB, unique_storage_bytes
 from megatron_gopd.process import STOP_SIGNALS, protect_checkpoint_writer
-from megatron_gopd.rollout import MegatronRolloutEngine, RolloutBatch, SamplingParams
+from megatron_gopd.rollout import RolloutBatch, RolloutEngine, SamplingParams, build_rollout_engine
 from megatron_gopd.scoring import ScoreRequest, ScoringPool
 from megatron_gopd.trainer.checkpoint import TrainCheckpointer
 from megatron_gopd.trainer.config import SFT_RESPONSE_FIELD, TrainConfig, TrainPlan, check_train_config
@@ -84,9 +84,7 @@ class Trainer:
         self.pool = ScoringPool(cfg.scoring, student_checkpoint=cfg.student.checkpoint, student_layout=self.layout,
                                 plan=self.plan.scoring) if cfg.needs_teachers else None
         self._build_student()
-        self.engine = MegatronRolloutEngine(self.model.module, self.arch,
-                                            eos_token_ids=_eos_ids(self.tokenizer),
-                                            max_batch_size=cfg.rollout.max_batch_size) if cfg.mode == "gopd" else None
+        self.engine = self._build_engine() if cfg.mode == "gopd" else None
         student_meta = read_checkpoint_meta(cfg.student.checkpoint)
         self.checkpointer = TrainCheckpointer(
             self.checkpoint_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -101,6 +99,14 @@ class Trainer:
         if dist.get_rank() == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.output_dir / "config.yaml")
+
+    def _build_engine(self) -> RolloutEngine:
+        r, prompt = self.cfg.rollout, self.cfg.data.max_prompt_length
+        longest = min(prompt + r.max_new_tokens, self.arch.max_position_embeddings) if prompt else None
+        return build_rollout_engine(
+            r.engine, self.model.module, self.arch, eos_token_ids=_eos_ids(self.tokenizer), layout=self.layout,
+            max_sequence_length=longest, kv_cache_gb=r.kv_cache_gb, kv_cache_memory_fraction=r.kv_cache_fraction,
+            max_batch_size=r.max_batch_size)
 
     def _build_student(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -161,6 +167,7 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             rollouts = self.engine.generate([r.input_ids for r in records], self._sampling(step))
+        self.engine.release()  # the KV cache's memory goes back before scoring and training
         timings["time/rollout_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
