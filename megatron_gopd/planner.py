@@ -202,7 +202,6 @@ def plan_memory(*, student: PlannedModel, pool: list[PlannedModel], world_size: 
     static_phase = PhaseMemory("static", static)
 
     # Rollout: the KV cache takes a budget, not batch x max length.
-    kv_per_token = kv_bytes_per_token(s_arch, s_layout.tp, student.dtype)
     if kv_cache_bytes is None:
         kv_cache_bytes = max((device_bytes - static_phase.total) * kv_cache_fraction, 0.0)
         notes.append(f"KV budget: {kv_cache_fraction:.0%} of the memory left after the static state")

@@ -9,10 +9,9 @@ import json
 import logging
 import os
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from safetensors import safe_open
