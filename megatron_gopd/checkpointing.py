@@ -175,17 +175,16 @@ def load_distributed(sharded_state_dict: dict, ckpt_dir: str | Path) -> dict:
     """`dist_checkpointing.load` after `check_checkpoint_files`; a truncated or corrupt shard file is
     a `CheckpointError` naming the checkpoint (collective)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     check_checkpoint_files(ckpt_dir)
     try:
         return dist_checkpointing.load(sharded_state_dict, str(ckpt_dir))
-    except (EOFError, pickle.UnpicklingError, OSError) as err:
+    except (EOFError, pickle.UnpicklingError, OSError, CheckpointException) as err:
+        # torch wraps each rank's read error; its first line names the failing step and ranks
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{ckpt_dir}: cannot read the checkpoint's shard files, truncated or corrupt? "
-                              f"({type(err).__name__}: {err})") from err
-    except RuntimeError as err:
-        if "storage" in str(err).lower() or "size" in str(err).lower() or "read" in str(err).lower():
-            raise CheckpointError(f"{ckpt_dir}: cannot load the checkpoint, truncated or corrupt? ({err})") from err
-        raise
+                              f"({type(err).__name__}: {cause})") from err
 
 
 def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:

@@ -108,6 +108,14 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def read_dist_env(environ: Optional[dict[str, str]] = None) -> DistEnv:
     """Read rank and rendezvous from torchrun (RANK, WORLD_SIZE, ...) or Slurm (SLURM_PROCID, ...).
 
@@ -128,7 +136,12 @@ def read_dist_env(environ: Optional[dict[str, str]] = None) -> DistEnv:
     addr = env.get("MASTER_ADDR")
     if addr is None:
         addr = _first_slurm_host(env["SLURM_JOB_NODELIST"]) if "SLURM_JOB_NODELIST" in env else "127.0.0.1"
-    port = int(env.get("MASTER_PORT", "29500"))
+    if "MASTER_PORT" in env:
+        port = int(env["MASTER_PORT"])
+    elif world == 1:  # nobody else joins: any free port, so that concurrent single-process jobs never collide
+        port = _free_local_port()
+    else:
+        port = 29500
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside a world of size {world}")
     return DistEnv(rank, world, local_rank, local_world, addr, port)

@@ -110,14 +110,12 @@ def _smoke_result(outputs: list[tuple[int, str]]) -> str:
 # Syntax and resolved command lines
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
 def test_script_parses(script: Path):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_scripts_are_shellcheck_clean():
     result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True,
@@ -125,7 +123,6 @@ def test_scripts_are_shellcheck_clean():
     assert result.returncode == 0, result.stdout
 
 
-@pytest.mark.slow
 def test_single_node_command_line():
     (cmd,) = _dry_run(LAUNCH / "torchrun_single_node.sh", "optim.lr=1e-5", CONFIG="cfg.yaml",
                       NPROC_PER_NODE="8")
@@ -137,7 +134,6 @@ def test_single_node_command_line():
                    "--max-restarts", "1", SMOKE, "--seq-len", "16"]
 
 
-@pytest.mark.slow
 def test_multi_node_command_lines():
     (static,) = _dry_run(LAUNCH / "torchrun_multi_node.sh", CONFIG="cfg.yaml", NNODES="4", NODE_RANK="3",
                          MASTER_ADDR="node0", MASTER_PORT="1234", GPUS_PER_NODE="8")
@@ -155,7 +151,6 @@ def test_multi_node_command_lines():
     assert under_srun[1:3] == ["--nnodes", "3"] and under_srun[5:7] == ["--node-rank", "2"]
 
 
-@pytest.mark.slow
 def test_launchers_refuse_what_cannot_run():
     missing_config = _bash(LAUNCH / "torchrun_single_node.sh", GOPD_DRY_RUN="1")
     assert missing_config.returncode != 0 and "set CONFIG" in missing_config.stderr
@@ -164,7 +159,6 @@ def test_launchers_refuse_what_cannot_run():
     assert bad_rank.returncode != 0 and "NODE_RANK=2 must be below NNODES=2" in bad_rank.stderr
 
 
-@pytest.mark.slow
 def test_launcher_environment():
     """The NCCL/CUDA defaults are exported, and a user's own value wins."""
     probe = ("source examples/launch/common.sh; gopd_export_env 2; "
@@ -179,7 +173,6 @@ _FAKE_JOB = dict(SLURM_JOB_ID="4242", SLURM_JOB_NAME="gopd", SLURM_NNODES="2",
                  SLURM_JOB_NODELIST="gpu[07-08]", SLURM_CPUS_ON_NODE="96", SLURM_SUBMIT_DIR=str(REPO))
 
 
-@pytest.mark.slow
 def test_multi_node_template_command_lines():
     srun, torchrun = _dry_run(SLURM / "multi_node.sbatch", "rollout.n=2", CONFIG="cfg.yaml",
                               GPUS_PER_NODE="8", **_FAKE_JOB)
@@ -195,7 +188,6 @@ def test_multi_node_template_command_lines():
                              f"output_dir={out_dir}"]
 
 
-@pytest.mark.slow
 def test_single_node_template_command_lines(tmp_path: Path):
     srun, torchrun = _dry_run(SLURM / "single_node.sbatch", GOPD_ENTRY=SMOKE, GPUS_PER_NODE="2",
                               OUTPUT_DIR=str(tmp_path), **{**_FAKE_JOB, "SLURM_NNODES": "1"})
@@ -205,7 +197,6 @@ def test_single_node_template_command_lines(tmp_path: Path):
     assert not (tmp_path / "logs").exists()  # a dry run creates nothing
 
 
-@pytest.mark.slow
 def test_task_per_gpu_template_command_line():
     (srun,) = _dry_run(SLURM / "task_per_gpu.sbatch", CONFIG="cfg.yaml", SLURM_NTASKS_PER_NODE="8(x2)",
                        SLURM_RESTART_COUNT="3", **_FAKE_JOB)

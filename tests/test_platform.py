@@ -9,14 +9,12 @@ from megatron_gopd import platform
 from tests.dist_harness import run_distributed
 
 
-@pytest.mark.slow
 def test_torchrun_environment():
     env = platform.read_dist_env(dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
                                       MASTER_ADDR="node7", MASTER_PORT="1234"))
     assert env == platform.DistEnv(3, 8, 1, 2, "node7", 1234)
 
 
-@pytest.mark.slow
 def test_slurm_environment_without_torchrun():
     env = platform.read_dist_env(dict(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1",
                                       SLURM_NTASKS_PER_NODE="4(x2)", SLURM_JOB_NODELIST="gpu[07-08,11],cpu1"))
@@ -24,7 +22,6 @@ def test_slurm_environment_without_torchrun():
     assert env.master_addr == "gpu07" and env.master_port == 29500
 
 
-@pytest.mark.slow
 def test_torchrun_wins_over_slurm_and_bare_run_is_world_of_one():
     env = platform.read_dist_env(dict(RANK="1", WORLD_SIZE="2", SLURM_PROCID="0", SLURM_NTASKS="1"))
     assert (env.rank, env.world_size) == (1, 2)

@@ -138,6 +138,11 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_assets, tmp_path):
     (["rollout.temperature=0.7"], "rollout temperature=0.7: training rollouts must be drawn from the student's own"),
     (["rollout.top_p=0.9", "rollout.top_k=5"], "rollout top_p=0.9, top_k=5: training rollouts"),
     (["loss.tis_cap=0"], "loss.tis_cap must be > 0 or null"),
+    (["rollout.max_new_tokens=1000000"], "leaves no room for a prompt in the student's context"),
+    (["data.max_prompt_length=1000000"], "data.max_prompt_length=1000000 + rollout.max_new_tokens="),
+    (["optim.lr=nan"], "optim.lr must be a finite number"),
+    (["keep_checkpoints=0"], "keep_checkpoints must be >= 1"),
+    (["output_dir=/proc/gopd-never"], "cannot write under /proc"),
 ])
 def test_bad_input_fails_fast_without_output(tiny_assets, tmp_path, overrides, message):
     out = tmp_path / "never"

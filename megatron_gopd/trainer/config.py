@@ -254,6 +254,7 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
     if cfg.prompts_per_step % dp_size:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the student's "
                          f"data-parallel size {dp_size}")
+    prompt_length_limit(cfg, arch)  # raises when prompt + response cannot fit the context
     cfg.data.validate()
     if cfg.mode == "sft":
         _check_sft_responses(cfg.data)
@@ -285,6 +286,21 @@ def _check_memory_on_this_gpu(cfg: TrainConfig, world_size: int) -> None:
     if not plan.fits:
         raise ValueError("the job does not fit this machine's GPUs (see `gopd-train --plan`):\n" + plan.table()
                          + "\n" + "\n".join(plan.advice()))
+
+
+def prompt_length_limit(cfg: TrainConfig, arch: ModelArchitecture) -> int:
+    """The longest prompt the student can take: ``data.max_prompt_length``, or what the context
+    leaves after ``rollout.max_new_tokens`` when it is not set (longer prompts are dropped and
+    counted, like any prompt over the limit). ValueError when the two settings overflow the context."""
+    context, new_tokens = arch.max_position_embeddings, cfg.rollout.max_new_tokens if cfg.mode == "gopd" else 0
+    if new_tokens >= context:
+        raise ValueError(f"rollout.max_new_tokens={new_tokens} leaves no room for a prompt in the student's "
+                         f"context of {context} tokens (max_position_embeddings)")
+    limit = cfg.data.max_prompt_length
+    if limit is not None and limit + new_tokens > context:
+        raise ValueError(f"data.max_prompt_length={limit} + rollout.max_new_tokens={new_tokens} exceeds the "
+                         f"student's context of {context} tokens (max_position_embeddings); lower one of them")
+    return limit if limit is not None else context - new_tokens
 
 
 def check_output_dir_writable(output_dir: str) -> None:

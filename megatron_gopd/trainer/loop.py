@@ -18,6 +18,7 @@ teachers and references live in the `ScoringPool` with their own layouts. Per st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -39,7 +40,8 @@ from megatron_gopd.process import STOP_SIGNALS, protect_checkpoint_writer
 from megatron_gopd.rollout import RolloutBatch, RolloutEngine, SamplingParams, build_rollout_engine
 from megatron_gopd.scoring import ScoreRequest, ScoringPool
 from megatron_gopd.trainer.checkpoint import TrainCheckpointer
-from megatron_gopd.trainer.config import SFT_RESPONSE_FIELD, TrainConfig, TrainPlan, check_train_config
+from megatron_gopd.trainer.config import (SFT_RESPONSE_FIELD, TrainConfig, TrainPlan, check_train_config,
+                                          prompt_length_limit)
 from megatron_gopd.trainer.metrics import (MetricSums, MetricsWriter, first_with_prefix, progress_bar,
                                            reduce_step_metrics)
 from megatron_gopd.trainer.objective import TrainObjective
@@ -80,7 +82,8 @@ class Trainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tokenizer = AutoTokenizer.from_pretrained(Path(cfg.student.checkpoint) / HF_SUBDIR)
-        self.sampler = build_prompt_sampler(cfg.data, self.tokenizer)
+        data = dataclasses.replace(cfg.data, max_prompt_length=prompt_length_limit(cfg, self.arch))
+        self.sampler = build_prompt_sampler(data, self.tokenizer)
         self.pool = ScoringPool(cfg.scoring, student_checkpoint=cfg.student.checkpoint, student_layout=self.layout,
                                 plan=self.plan.scoring) if cfg.needs_teachers else None
         self._build_student()

@@ -1,0 +1,119 @@
+"""Untrusted files, bad input and process lifetime: each case failed once (issue: hardening)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_gopd.checkpointing import CheckpointError, check_checkpoint_files, read_checkpoint_meta
+from megatron_gopd.models import ModelArchitecture, UnsupportedModelError
+from megatron_gopd.process import OutputDirLock, OutputDirLockedError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _RunsACommand:
+    """What a crafted pickle does: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatron_gopd.cli", "gopd-convert", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_crafted_checkpoint_metadata_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_RunsACommand(marker)))
+    with pytest.raises(CheckpointError, match="refusing to load this checkpoint.*system"):
+        check_checkpoint_files(ckpt)
+    assert not marker.exists()
+    (ckpt / ".metadata").write_bytes(b"\x80\x04\x95")  # truncated
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        check_checkpoint_files(ckpt)
+
+
+@pytest.mark.slow
+def test_conversion_of_a_crafted_or_truncated_checkpoint_fails_cleanly(tiny_assets, tmp_path):
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "crafted"
+    shutil.copytree(tiny_assets / "ckpt" / "student", crafted)
+    (crafted / ".metadata").write_bytes(pickle.dumps(_RunsACommand(marker)))
+    result = _convert("mcore-to-hf", "--ckpt", str(crafted), "--out", str(tmp_path / "out1"))
+    assert result.returncode == 2 and "refusing to load this checkpoint" in result.stderr, result.stderr[-2000:]
+    assert not marker.exists() and not (tmp_path / "out1").exists()
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_assets / "ckpt" / "student", truncated)
+    for shard in truncated.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    result = _convert("mcore-to-hf", "--ckpt", str(truncated), "--out", str(tmp_path / "out2"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "truncated or corrupt" in result.stderr and str(truncated) in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.slow
+def test_conversion_layout_is_checked_before_any_rank_starts(tiny_assets, tmp_path):
+    result = _convert("hf-to-mcore", "--hf-dir", str(tiny_assets / "hf" / "student"), "--out",
+                      str(tmp_path / "out"), "--tp", "3")
+    assert result.returncode == 2 and "num_attention_heads=4 is not divisible by tensor_parallel=3" in result.stderr
+    assert "starting 3 local ranks" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_malformed_json_names_the_file(tmp_path):
+    (tmp_path / "gopd_checkpoint.json").write_text('{"format_version": 1,')
+    with pytest.raises(ValueError, match=r"gopd_checkpoint.json: not valid JSON \(line 1"):
+        read_checkpoint_meta(tmp_path)
+    (tmp_path / "config.json").write_text("\xff\xfe garbage")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        ModelArchitecture.from_pretrained(tmp_path)
+
+
+def test_zero_sized_model_fields_are_errors_not_crashes():
+    config = json.loads((REPO / "examples" / "configs" / "model_shapes" / "Qwen3-1.7B.json").read_text())
+    with pytest.raises(UnsupportedModelError, match="num_attention_heads=0 must be a positive integer"):
+        ModelArchitecture.from_hf_config({**config, "num_attention_heads": 0})
+    with pytest.raises(UnsupportedModelError, match="num_hidden_layers=-2 must be a positive integer"):
+        ModelArchitecture.from_hf_config({**config, "num_hidden_layers": -2})
+
+
+def test_one_job_per_output_dir_and_stale_locks_recover(tmp_path):
+    first = OutputDirLock(tmp_path).acquire()
+    with pytest.raises(OutputDirLockedError, match=f"pid {os.getpid()}"):
+        OutputDirLock(tmp_path).acquire()
+    first.release()
+    OutputDirLock(tmp_path).acquire().release()
+    # A holder killed with SIGKILL leaves the lock file, but not the lock.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from megatron_gopd.process import "
+                               "OutputDirLock; OutputDirLock(sys.argv[1]).acquire(); print('held', flush=True); "
+                               "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(OutputDirLockedError, match=f"pid {holder.pid}"):
+        OutputDirLock(tmp_path).acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            OutputDirLock(tmp_path).acquire().release()
+            break
+        except OutputDirLockedError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
