@@ -265,6 +265,55 @@ def _long_context(model, arch, device: torch.device, slots: int, context: int, n
             "cuda_graphs": stats.cuda_graphs, "prefill_seconds": round(stats.prefill_seconds, 2)}
 
 
+def _lm_head(device: torch.device, dtype: torch.dtype, tokens: int, vocab: int, hidden: int) -> dict:
+    """The student's log-prob head (hidden states -> target log-probs and entropy, forward + backward):
+    16-bit GEMM inputs with fp32 accumulation against the fp32 path and against the naive path
+    (16-bit logits, fp32 log-softmax), medians of 5 timed runs; the log-prob gap to an fp64 oracle."""
+    from megatron_gopd.logprobs import token_logprobs_from_hidden
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    hidden_states = (torch.randn(tokens, 1, hidden, device=device, generator=generator) * 0.5).to(dtype)
+    weight = (torch.randn(vocab, hidden, device=device, generator=generator) * hidden ** -0.5).to(dtype)
+    targets = torch.randint(0, vocab, (tokens, 1), device=device, generator=generator)
+
+    def chunked(gemm_dtype):
+        def run():
+            h, w = hidden_states.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            logp, entropy = token_logprobs_from_hidden(h, w, targets, with_entropy=True, gemm_dtype=gemm_dtype)
+            (logp.sum() + entropy.sum()).backward()
+            return logp.detach()
+        return run
+
+    def naive():
+        h, w = hidden_states.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        logits = (h @ w.t()).float().log_softmax(-1)  # [s, b, V] from 16-bit logits
+        logp = logits.gather(-1, targets[..., None]).squeeze(-1)
+        entropy = -(logits.exp() * logits).sum(-1)
+        (logp.sum() + entropy.sum()).backward()
+        return logp.detach()
+
+    def timed(fn) -> tuple[float, torch.Tensor]:
+        out = fn()
+        times = []
+        for _ in range(5):
+            _synchronize(device)
+            start = time.perf_counter()
+            out = fn()
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[2], out
+
+    oracle = (hidden_states.double() @ weight.double().t()).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    out: dict[str, Any] = {"tokens": tokens, "vocab": vocab, "hidden": hidden, "dtype": str(dtype)}
+    for name, fn in (("head_16bit_gemm", chunked(None)), ("head_fp32", chunked(torch.float32)), ("naive", naive)):
+        seconds, logp = timed(fn)
+        gap = (logp.double() - oracle).abs()
+        out[name] = {"seconds": seconds, "logp_gap_mean": gap.mean().item(), "logp_gap_max": gap.max().item()}
+    out["ratio_16bit_gemm_vs_naive"] = out["head_16bit_gemm"]["seconds"] / out["naive"]["seconds"]
+    out["ratio_fp32_vs_naive"] = out["head_fp32"]["seconds"] / out["naive"]["seconds"]
+    return out
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for gpu_check.json")
@@ -288,6 +337,8 @@ def main(argv: list[str]) -> None:
     from megatron_gopd.models.builder import torch_dtype
 
     report.phase(report.data, "attention_kernels", lambda: _kernels(device, torch_dtype(args.dtype)))
+    report.phase(report.data, "lm_head", lambda: _lm_head(device, torch_dtype(args.dtype), *(
+        (256, 1024, 64) if args.tiny else (4096, 151_936, 2048))))
     shapes = {"tiny": TINY_SHAPE} if args.tiny else SHAPES
     for name, shape in shapes.items():
         section: dict[str, Any] = {}

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from megatron_gopd.config import read_json
+from megatron_gopd.logprobs import DEFAULT_CHUNK_ELEMENTS
 from megatron_gopd.models import ModelArchitecture, ParallelLayout
 from megatron_gopd.models.builder import torch_dtype
 from megatron_gopd.rollout.kv_slots import KVSlotShape
@@ -38,6 +39,8 @@ AttentionKind = Literal["sdpa", "local"]
 ``local``: megatron-core's local attention, which does."""
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LOGITS_CHUNK_ELEMENTS = DEFAULT_CHUNK_ELEMENTS
+"""Logits elements one log-prob chunk holds (scoring and training compute the head chunk by chunk)."""
 CONTEXT_OVERHEAD_GB = 4.0
 """CUDA context, NCCL buffers and allocator slack on one GPU (measured ~4 GB at 8 ranks)."""
 
@@ -218,8 +221,9 @@ def plan_memory(*, student: PlannedModel, pool: list[PlannedModel], world_size: 
         scoring_items = {
             "one layer's activations": _forward_layer_bytes(biggest.arch, biggest.layout, tokens, biggest.dtype),
             "attention scores": _score_bytes(biggest.arch, biggest.layout, tokens, sample_tokens, attention),
-            "log-softmax logits (fp32)": tokens * biggest.arch.padded_vocab_size(biggest.layout.tp)
-                                          / biggest.layout.tp * 4 * 2 + tokens * width * 8,
+            # logits exist one chunk of positions at a time (megatron_gopd.logprobs), in fp32
+            "logits chunk (fp32)": min(tokens * biggest.arch.padded_vocab_size(biggest.layout.tp) / biggest.layout.tp,
+                                       LOGITS_CHUNK_ELEMENTS) * 4 * 3 + tokens * width * 8,
         }
         if offload_pool:
             scoring_items["the scoring model's parameters"] = max(pool_params.values())
@@ -233,14 +237,14 @@ def plan_memory(*, student: PlannedModel, pool: list[PlannedModel], world_size: 
     in_flight = s_layout.pp
     stored = layers * (hidden if recompute else layer_bytes) * in_flight
     vocab_part = s_arch.padded_vocab_size(s_layout.tp) / s_layout.tp
-    head_tokens = min(tokens, 1024) if logprobs_from_hidden else tokens
+    head_elements = min(tokens * vocab_part, LOGITS_CHUNK_ELEMENTS) if logprobs_from_hidden else tokens * vocab_part
     training = PhaseMemory("training", {
         f"stored activations ({'recompute' if recompute else 'no recompute'}, {in_flight} in flight)": stored,
         ("one layer recomputed + its gradients" if recompute else "one layer's activation gradients"):
             2 * layer_bytes if recompute else layer_bytes,
         "attention scores": _score_bytes(s_arch, s_layout, tokens, sample_tokens, attention) * 2,
         "log-prob head (chunked)" if logprobs_from_hidden else "logits (fp32, with gradient)":
-            head_tokens * vocab_part * 4 * 3 * (topk + 1 if topk else 1),
+            head_elements * 4 * 3 + tokens * (topk + 1) * 8,
     })
     return MemoryPlan(device_bytes, static_phase, [rollout, scoring, training], slots, sample_tokens, notes)
 

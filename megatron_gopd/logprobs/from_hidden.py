@@ -3,8 +3,9 @@ the vocab-parallel output weight [V/tp, h], the logits existing one fp32 chunk a
 
 The LM head is where memory goes: at 16k tokens x 151,936 vocabulary a bf16 logits tensor is ~4.9 GB
 per sequence, GPTModel makes a second transposed copy, and backward needs a gradient of the same
-size. This path never builds the full logits: each chunk's are computed in fp32, recomputed in
-backward, and the weight gradient is accumulated chunk by chunk. It is the one the trainer uses.
+size. This path never builds the full logits: each chunk's are computed in fp32 (16-bit GEMM
+inputs with fp32 accumulation on GPU, `head_gemm`), recomputed in backward, and the weight gradient
+is accumulated chunk by chunk. It is the one the trainer uses.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megatron_gopd.logprobs.shared import (
     chunk_positions,
     tp_all_reduce,
 )
+from megatron_gopd.logprobs.head_gemm import fp32_addmm_, fp32_mm, head_gemm_dtype
 
 
 class _LogprobsFromHidden(torch.autograd.Function):
@@ -33,23 +35,23 @@ class _LogprobsFromHidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 tp_group: ProcessGroup, temperature: float, vocab_size: Optional[int],
-                chunk_size: Optional[int], with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_size: Optional[int], with_entropy: bool,
+                gemm_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         seq_len, batch, hidden_size = hidden.shape  # [s, b, h]
         local_vocab = weight.shape[0]  # weight: [v/tp, h]
         k = targets.shape[2]
         shard = VocabShard(local_vocab, tp_group, vocab_size)
         step = chunk_positions(seq_len, batch, local_vocab, chunk_size)
-        # fp32 copy of the real rows of the head (a view when the weight is already fp32):
-        # weight-sized, independent of the sequence length. Released after forward; backward
-        # makes it again rather than keep it alive in between.
-        weight_fp32 = weight[:shard.valid].float()  # [v_valid, h]
+        # The real rows of the head in the GEMM's dtype (a view unless that differs from the
+        # weight's): weight-sized, independent of the sequence length. Released after forward;
+        # backward makes it again rather than keep it alive in between.
+        head = weight[:shard.valid].to(gemm_dtype)  # [v_valid, h]
         logp = hidden.new_empty((seq_len, batch, k), dtype=torch.float32)
         log_norm = hidden.new_empty((seq_len, batch), dtype=torch.float32)
         entropy = hidden.new_empty((seq_len, batch) if with_entropy else (0,), dtype=torch.float32)
         for s0 in range(0, seq_len, step):
             s1 = min(s0 + step, seq_len)
-            hidden_fp32 = hidden[s0:s1].reshape(-1, hidden_size).float()  # [n, h]
-            z = _chunk_logits(hidden_fp32, weight_fp32, temperature)  # [n, v_valid]
+            z = _chunk_logits(hidden[s0:s1].reshape(-1, hidden_size), head, temperature, gemm_dtype)  # [n, v_valid]
             index, in_shard = shard.local_targets(targets[s0:s1].reshape(-1, k))
             chunk_logp, chunk_norm, chunk_entropy = chunk_forward(
                 z, index, in_shard, tp_group, with_entropy)
@@ -59,23 +61,23 @@ class _LogprobsFromHidden(torch.autograd.Function):
             if with_entropy:
                 entropy[s0:s1] = chunk_entropy.view(s1 - s0, batch)
         ctx.save_for_backward(hidden, weight, targets, log_norm, entropy)
-        ctx.config = (tp_group, temperature, vocab_size, step, with_entropy)
+        ctx.config = (tp_group, temperature, vocab_size, step, with_entropy, gemm_dtype)
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
         hidden, weight, targets, log_norm, entropy = ctx.saved_tensors
-        tp_group, temperature, vocab_size, step, with_entropy = ctx.config
+        tp_group, temperature, vocab_size, step, with_entropy, gemm_dtype = ctx.config
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not with_entropy:
             grad_entropy = None
         if (grad_logp is None and grad_entropy is None) or not (need_hidden or need_weight):
-            return (None,) * 8
+            return (None,) * 9
         seq_len, batch, hidden_size = hidden.shape
         k = targets.shape[2]
         shard = VocabShard(weight.shape[0], tp_group, vocab_size)
-        weight_fp32 = weight[:shard.valid].float()  # [v_valid, h]
+        head = weight[:shard.valid].to(gemm_dtype)  # [v_valid, h]
         # fp32 accumulators: [s, b, h] for the hidden states, [v/tp, h] for this shard's head rows.
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) \
             if need_hidden else None
@@ -83,8 +85,8 @@ class _LogprobsFromHidden(torch.autograd.Function):
             if need_weight else None
         for s0 in range(0, seq_len, step):
             s1 = min(s0 + step, seq_len)
-            hidden_fp32 = hidden[s0:s1].reshape(-1, hidden_size).float()  # [n, h]
-            z = _chunk_logits(hidden_fp32, weight_fp32, temperature)  # [n, v_valid]
+            hidden_chunk = hidden[s0:s1].reshape(-1, hidden_size)  # [n, h]
+            z = _chunk_logits(hidden_chunk, head, temperature, gemm_dtype)  # [n, v_valid]
             index, in_shard = shard.local_targets(targets[s0:s1].reshape(-1, k))
             grad_z = chunk_grad_logits(
                 z, log_norm[s0:s1].reshape(-1),
@@ -96,9 +98,9 @@ class _LogprobsFromHidden(torch.autograd.Function):
                 grad_z.div_(temperature)  # z = hidden @ W^T / T
             if grad_hidden is not None:
                 # [n, v_valid] @ [v_valid, h]: this shard's part of d/dhidden.
-                torch.mm(grad_z, weight_fp32, out=grad_hidden[s0:s1].view(-1, hidden_size))
+                grad_hidden[s0:s1].view(-1, hidden_size).copy_(fp32_mm(grad_z, head, gemm_dtype))
             if grad_weight is not None and shard.valid > 0:
-                grad_weight[:shard.valid].addmm_(grad_z.t(), hidden_fp32)  # [v_valid, h]
+                fp32_addmm_(grad_weight[:shard.valid], grad_z.t(), hidden_chunk, gemm_dtype)  # [v_valid, h]
             del z, grad_z
         if grad_hidden is not None:
             # Every rank saw only its vocabulary shard: the full gradient is the sum over TP.
@@ -106,13 +108,13 @@ class _LogprobsFromHidden(torch.autograd.Function):
             grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
-def _chunk_logits(hidden_fp32: torch.Tensor, weight_fp32: torch.Tensor,
-                  temperature: float) -> torch.Tensor:
-    """fp32 logits [n, v_valid] = hidden_fp32 [n, h] @ weight_fp32^T / T, a fresh tensor."""
-    z = hidden_fp32 @ weight_fp32.t()
+def _chunk_logits(hidden: torch.Tensor, head: torch.Tensor, temperature: float,
+                  gemm_dtype: torch.dtype) -> torch.Tensor:
+    """fp32 logits [n, v_valid] = hidden [n, h] @ head [v_valid, h]^T / T, a fresh tensor."""
+    z = fp32_mm(hidden, head.t(), gemm_dtype)
     if temperature != 1.0:
         z.div_(temperature)
     return z
@@ -128,11 +130,12 @@ def token_logprobs_from_hidden(
     vocab_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
     with_entropy: bool = False,
+    gemm_dtype: Optional[torch.dtype] = None,
 ) -> LogprobsOut:
     """Log-probs of `targets` (and entropy) from final hidden states and the vocab-parallel LM head.
 
-    Equivalent to ``token_logprobs_from_logits(hidden @ output_weight.T, ...)`` but the logits only
-    exist one fp32 chunk at a time, in forward and again (recomputed) in backward.
+    Equivalent to ``token_logprobs_from_logits(hidden @ output_weight.T, ...)`` with fp32 logits, but
+    the logits only exist one chunk at a time, in forward and again (recomputed) in backward.
 
     Args:
         hidden: ``[s, b, h]`` the final (post-norm) hidden states, complete and identical on every
@@ -146,6 +149,9 @@ def token_logprobs_from_hidden(
         targets: ``[s, b]`` (or ``[s, b, k]``) global token ids, same on every TP rank.
         tp_group, temperature, vocab_size, chunk_size, with_entropy: as in
             `token_logprobs_from_logits`.
+        gemm_dtype: the dtype of the head's GEMM inputs (accumulation and output are fp32 in every
+            case); default: the weight's on CUDA (bf16 models run bf16 tensor-core GEMMs), fp32 on
+            CPU (`megatron_gopd.logprobs.head_gemm`).
 
     Returns:
         fp32 log-probs ``[s, b]`` (``[s, b, k]``), and entropy ``[s, b]`` with ``with_entropy``.
@@ -159,6 +165,6 @@ def token_logprobs_from_hidden(
     targets_3d, has_k = as_targets_3d(targets, hidden.shape[0], hidden.shape[1])
     logp, entropy = _LogprobsFromHidden.apply(
         hidden, output_weight, targets_3d, tp_group, float(temperature), vocab_size, chunk_size,
-        with_entropy)
+        with_entropy, head_gemm_dtype(output_weight, gemm_dtype))
     logp = logp if has_k else logp.squeeze(-1)
     return (logp, entropy) if with_entropy else logp

@@ -7,8 +7,10 @@ rows x padded length, right padding, lengths rounded up to a multiple of TP for 
 parallelism) and runs them through Megatron's pipeline schedule (`get_forward_backward_func`, with
 the model's own groups and P2P communicator). Log-probs of the sampled tokens are taken at
 temperature 1 over the model's real vocabulary (Megatron's padded rows masked) with
-`megatron_gopd.logprobs`, in fp32 from the model's logits: a bf16 model's logits still carry bf16
-rounding (a step of ~0.125 near |z| ~ 20, so ~0.1 per token between engines). MoE models route
+`megatron_gopd.logprobs` from the model's final hidden states and output weight, a chunk of positions
+at a time, through the same head GEMM as the student's (`logprobs.head_gemm`: 16-bit inputs on GPU,
+fp32 accumulation and fp32 logits), so no model's log-probs carry bf16 logit rounding (a step of
+~0.125 near |z| ~ 20, ~0.1 nats per token) and full logits never exist. MoE models route
 dropless (set by the model builder), so a token's log-prob does not depend on its batch; replicas
 of one expert-parallel group run the same number of micro-batches (one-token dummies fill the gap)
 because their all-to-alls pair up.
@@ -25,6 +27,9 @@ from megatron_gopd import platform
 from megatron_gopd.batching import pad_token_rows
 from megatron_gopd.checkpointing import load_model_checkpoint
 from megatron_gopd.logprobs import token_logprobs_from_logits, topk_logprobs_from_logits
+from megatron_gopd.logprobs.head_gemm import fp32_mm, head_gemm_dtype
+from megatron_gopd.logprobs.shared import chunk_positions
+from megatron_gopd.models.output_head import OutputHead
 from megatron_gopd.scoring.plan import ModelPlan
 
 __all__ = ["ForwardBatch", "ScoredSequence", "collate_forward", "decode_sequences", "encode_sequences",
@@ -152,16 +157,33 @@ def run_forward(model: Any, plan: ModelPlan, pg_collection: Any, sequences: Sequ
     vocab_size = plan.arch.vocab_size
     results: list[Optional[torch.Tensor]] = [None] * len(sequences)
 
-    def loss_func(batch: ForwardBatch, output: torch.Tensor):
-        logits = output.transpose(0, 1)  # [s, b, V/tp] this TP rank's vocabulary shard
-        logprobs = token_logprobs_from_logits(logits, batch.targets, tp_group=pg_collection.tp,
-                                              vocab_size=vocab_size)  # [s, b(, 1 + k)] fp32
+    head = OutputHead(model)
+
+    def chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[c, b, V/tp] fp32 logits -> [c, b, w] columns (sampled, extra targets, top-k values, ids)."""
+        logprobs = token_logprobs_from_logits(logits, targets, tp_group=pg_collection.tp, vocab_size=vocab_size)
         if logprobs.dim() == 2:
             logprobs = logprobs.unsqueeze(-1)
         if topk:
-            values, ids = topk_logprobs_from_logits(logits, topk, tp_group=pg_collection.tp,
-                                                    vocab_size=vocab_size)  # [s, b, k]
+            values, ids = topk_logprobs_from_logits(logits, topk, tp_group=pg_collection.tp, vocab_size=vocab_size)
             logprobs = torch.cat([logprobs, values, ids.float()], dim=-1)
+        return logprobs
+
+    def loss_func(batch: ForwardBatch, output: torch.Tensor):
+        # The final hidden states: logits come from the same fp32-accumulated head GEMM as the
+        # student's (16-bit inputs on GPU), a chunk of positions at a time.
+        hidden = output.transpose(0, 1)  # [s, b, h]
+        seq_len, rows, width = hidden.shape
+        weight = head.weight  # [V/tp, h]
+        gemm = head_gemm_dtype(weight)
+        step = chunk_positions(seq_len, rows, weight.shape[0], None)
+        chunks = []
+        for s0 in range(0, seq_len, step):
+            s1 = min(s0 + step, seq_len)
+            logits = fp32_mm(hidden[s0:s1].reshape(-1, width), weight.t(), gemm).view(s1 - s0, rows, -1)
+            chunks.append(chunk_logprobs(logits, batch.targets[s0:s1]))
+            del logits
+        logprobs = torch.cat(chunks)  # [s, b, w]
         for row, index in enumerate(batch.indices):
             seq = sequences[index]
             # Position t predicts token t + 1: the response starts at the model's prompt length.
@@ -171,7 +193,9 @@ def run_forward(model: Any, plan: ModelPlan, pg_collection: Any, sequences: Sequ
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        return model(batch.tokens, batch.positions, None), lambda output: loss_func(batch, output)
+        with head.returning_hidden_states():
+            output = model(batch.tokens, batch.positions, None)
+        return output, lambda output: loss_func(batch, output)
 
     kwargs: dict[str, Any] = {"pg_collection": pg_collection}
     if plan.layout.pp > 1:
