@@ -182,20 +182,22 @@ def build_root(spec):
     except OSError:
         proc_mounted = False
 
+    try:  # no nested user namespaces for the candidate (the limit is per user namespace: ours)
+        write_file("/proc/sys/user/max_user_namespaces", "0")
+    except OSError:
+        pass
+
+    pivot_root = SYS_PIVOT_ROOT.get(os.uname().machine)
+    if pivot_root is None:
+        raise OSError(f"pivot_root: syscall number unknown on {os.uname().machine}")
     old = root + "/.old"
     os.mkdir(old)
-    _check(libc.syscall(SYS_PIVOT_ROOT[os.uname().machine], root.encode(), old.encode()),
-           "pivot_root")  # fmt: skip
+    _check(libc.syscall(pivot_root, root.encode(), old.encode()), "pivot_root")
     os.chdir("/")
     _check(libc.umount2(b"/.old", MNT_DETACH), "umount old root")  # the host tree is gone
     os.rmdir("/.old")
     mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     libc.sethostname(b"sandbox", 7)
-    if proc_mounted:  # no nested user namespaces for the candidate (best effort)
-        try:
-            write_file("/proc/sys/user/max_user_namespaces", "0")
-        except OSError:
-            pass
     return proc_mounted
 
 
@@ -226,18 +228,28 @@ def exec_candidate(spec):
 # Pid 1
 
 
-def anonymous_memory():
-    """Resident anonymous memory of every process in this pid namespace but pid 1, in bytes."""
+def candidate_memory():
+    """Resident anonymous and shared memory of every process here but pid 1, plus SysV shared
+    memory segments of this IPC namespace (they outlive their processes), in bytes.
+
+    Shared pages mapped by several processes count once per process (an overestimate).
+    """
     total = 0
+    try:
+        with open("/proc/sysvipc/shm", encoding="ascii") as f:
+            header = f.readline().split()
+            rss = header.index("rss")
+            total += sum(int(line.split()[rss]) for line in f if line.strip())
+    except (OSError, ValueError, IndexError):
+        pass
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or entry == "1":
             continue
         try:
             with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as f:
                 for line in f:
-                    if line.startswith("RssAnon:"):
+                    if line.startswith(("RssAnon:", "RssShmem:")):
                         total += int(line.split()[1]) * 1024
-                        break
         except (OSError, ValueError):  # exited while we looked
             continue
     return total
@@ -260,7 +272,7 @@ def supervise(spec, candidate, memory_watched):
             if pid == candidate:
                 status = wait_status
         if status is None and memory_watched:
-            used = anonymous_memory()
+            used = candidate_memory()
             peak = max(peak, used)
             if used > limit:
                 exceeded = True
@@ -276,7 +288,7 @@ def run_pid1(spec):
     try:
         memory_watched = build_root(spec)
         os.chdir(SANDBOX_DIR)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - reported, the verifier decides
         report(spec, error=f"cannot build the sandbox filesystem: {exc}")
         os._exit(1)
     candidate = os.fork()
@@ -306,7 +318,7 @@ def main():
         exec_candidate(spec)
     try:
         enter_namespaces(spec)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - reported, the verifier decides
         report(spec, error=f"cannot create user/pid/mount/network namespaces: {exc}")
         os._exit(1)
     pid1 = os.fork()  # the first child in a new pid namespace is its pid 1

@@ -23,9 +23,12 @@ install: only Linux's unprivileged user namespaces). Inside:
   from ``sandbox_uid_base..+sandbox_uid_count`` (uids without an account), so the program never has
   root's file access either.
 - Memory: ``RLIMIT_AS`` per process, and ``memory_total_bytes`` for all of its processes together,
-  enforced by the sandbox's pid 1, which sums their resident anonymous memory every
-  ``memory_poll_s`` and kills the whole sandbox past the limit (a process can overshoot by what it
-  allocates in one interval, never past its own ``RLIMIT_AS``). The tmpfs comes on top.
+  enforced by the sandbox's pid 1, which sums their resident anonymous and shared memory and the
+  SysV segments of its IPC namespace every ``memory_poll_s`` and kills the whole sandbox past the
+  limit (a process can overshoot by what it allocates in one interval, never past its own
+  ``RLIMIT_AS``). Not counted: the tmpfs, and memory held only through file descriptors
+  (``memfd_create``: at most ``max_open_files * file_size_bytes`` per process). No cgroups: they
+  are rarely delegated to users on clusters.
 
 When namespaces are unavailable (``kernel.unprivileged_userns_clone=0``, AppArmor's
 ``kernel.apparmor_restrict_unprivileged_userns``, ``user.max_user_namespaces=0``, a container's
