@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,7 +39,8 @@ LIMITS = SandboxConfig(
     max_processes=8,
 )
 ADD = "a, b = map(int, input().split())\nprint(a + b)"
-SANDBOX_MARKER = "runpy.run_path(sys.argv[0]"  # in the command line of every sandboxed process
+SANDBOX_MARKER = "-I\x00main.py"  # in the command line of every sandboxed candidate process
+ISOLATIONS = ["namespaces", "rlimits"]
 
 
 def fenced(code: str) -> str:
@@ -87,6 +90,30 @@ def test_extraction_is_linear_on_adversarial_input():
     start = time.monotonic()
     assert last_boxed(text) == "1"
     assert time.monotonic() - start < 2.0
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        "\\boxed $" * 25_000 + "\u00e9",  # a non-ASCII character makes each character 4 bytes
+        "\\fbox $" * 28_000 + "\U0001f600",
+        "\\boxed " * 25_000 + "\u00e9",
+        "answer is " * 20_000 + "\u00e9",
+    ],
+)
+def test_extraction_is_linear_on_a_flood_of_bare_boxes(flood):
+    # 200k characters; the slice-per-box extractor took 1.4-2.3 s on these (quadratic).
+    start = time.monotonic()
+    extract_final_answer(flood)
+    assert time.monotonic() - start < 0.5
+
+
+def test_program_extraction_is_linear_on_a_flood_of_fences():
+    # The fence regex restarted its rest-of-line scan at every backtick: 12 s for 60k characters.
+    start = time.monotonic()
+    assert extract_program("```" * 70_000) is None
+    assert extract_program("```python " + "```" * 70_000 + "\nprint(1)\n```") == "print(1)\n"
+    assert time.monotonic() - start < 0.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +270,7 @@ def test_cpu_time_limit_applies_before_wall_clock():
 
 
 def _alive_sandbox_processes(pids: list[int]) -> list[int]:
+    """Those of host ``pids`` that are still running candidate programs ("rlimits" mode)."""
     alive = []
     for pid in pids:
         try:
@@ -255,10 +283,40 @@ def _alive_sandbox_processes(pids: list[int]) -> list[int]:
     return alive
 
 
+def _alive_in_pid_namespace(namespace: str) -> list[int]:
+    """Host pids of live processes in pid namespace ``namespace`` (e.g. ``"pid:[4026532301]"``)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or os.readlink(entry / "ns" / "pid") != namespace:
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # gone, or not ours to inspect
+        if state not in ("Z", "X"):
+            alive.append(int(entry.name))
+    return alive
+
+
+# The candidate's first line names its pid namespace; the rest of its output are pids.
+PRINT_NAMESPACE = "import os\nprint(os.readlink('/proc/self/ns/pid'), flush=True)\n"
+
+
+def _assert_nothing_survived(run, isolation: str) -> None:
+    first, *rest = run.stdout.split("\n", 1)
+    pids = [int(line) for line in "".join(rest).split() if line.isdigit()]
+    assert pids, run  # the program did create processes
+    if isolation == "namespaces":
+        assert first.startswith("pid:[") and first != os.readlink("/proc/self/ns/pid")
+        assert _alive_in_pid_namespace(first) == []  # the kernel ended the whole namespace
+    else:
+        assert _alive_sandbox_processes(pids) == []  # all killed
+
+
 @pytest.mark.slow
-def test_fork_bomb_is_contained_and_parent_survives():
-    bomb = (
-        "import os\n"
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_fork_bomb_is_contained_and_parent_survives(isolation):
+    bomb = PRINT_NAMESPACE + (
         "while True:\n"
         "    try:\n"
         "        pid = os.fork()\n"
@@ -267,20 +325,23 @@ def test_fork_bomb_is_contained_and_parent_survives():
         "    if pid == 0:\n"
         "        print(os.getpid(), flush=True)\n"
     )
-    run = run_python(bomb, config=LIMITS)
+    config = dataclasses.replace(LIMITS, isolation=isolation)
+    run = run_python(bomb, config=config)
     assert not run.succeeded and run.timed_out
-    pids = [int(line) for line in run.stdout.split() if line.isdigit()]
+    pids = [int(line) for line in run.stdout.split()[1:] if line.isdigit()]
     assert 0 < len(pids) < 64  # children were created, but capped by RLIMIT_NPROC
-    assert _alive_sandbox_processes(pids) == []  # all killed
+    _assert_nothing_survived(run, isolation)
     check = subprocess.run([sys.executable, "-c", "print('alive')"], capture_output=True, text=True)
     assert check.stdout == "alive\n"
-    assert run_python("print('next sample')", config=LIMITS).stdout == "next sample\n"
+    assert run_python("print('next sample')", config=config).stdout == "next sample\n"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="setsid escapes are caught with a private uid (root)")
-def test_child_escaping_with_setsid_is_killed():
-    program = (
-        "import os, time\n"
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_child_escaping_with_setsid_is_killed(isolation):
+    if isolation == "rlimits" and os.geteuid() != 0:
+        pytest.skip("without namespaces, setsid escapes are caught only with a private uid (root)")
+    program = PRINT_NAMESPACE + (
+        "import time\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
         "    os.setsid()\n"
@@ -288,9 +349,9 @@ def test_child_escaping_with_setsid_is_killed():
         "else:\n"
         "    print(pid, flush=True)\n"
     )
-    run = run_python(program, config=LIMITS)
+    run = run_python(program, config=dataclasses.replace(LIMITS, isolation=isolation))
     assert run.succeeded
-    assert _alive_sandbox_processes([int(run.stdout)]) == []
+    _assert_nothing_survived(run, isolation)
 
 
 def test_huge_allocation_fails(code_verifier):
@@ -319,12 +380,19 @@ def test_parent_secrets_are_not_visible(monkeypatch):
     assert set(env) <= allowed
 
 
-def test_temporary_directory_is_removed():
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_temporary_directory_is_removed(isolation):
+    before = set(Path(tempfile.gettempdir()).glob("gopd-sandbox-*"))
     program = "import os\nopen('scratch.txt', 'w').write('x')\nprint(os.getcwd())"
-    run = run_python(program, config=LIMITS)
+    run = run_python(program, config=dataclasses.replace(LIMITS, isolation=isolation))
     workdir = Path(run.stdout.strip())
-    assert run.succeeded and workdir.name.startswith("gopd-sandbox-")
-    assert not workdir.exists()
+    assert run.succeeded
+    if isolation == "namespaces":
+        assert workdir == Path("/sandbox")  # a tmpfs of the run's own mount namespace
+    else:
+        assert workdir.parent.name.startswith("gopd-sandbox-")
+        assert not workdir.exists()
+    assert set(Path(tempfile.gettempdir()).glob("gopd-sandbox-*")) - before == set()
 
 
 # ----------------------------------------------------------------------------------------------

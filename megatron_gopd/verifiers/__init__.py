@@ -4,7 +4,8 @@ Owns:
     result          VerifierResult and the status vocabulary
     math_verifier   final-answer extraction + math-verify equivalence, in worker processes
     _math_worker    the worker process math_verifier talks to over stdin/stdout
-    code_sandbox    resource-limited subprocess runs of untrusted Python
+    code_sandbox    isolated (namespaces), resource-limited runs of untrusted Python
+    _sandbox_init   the launcher code_sandbox runs (namespaces, private root, pid 1, limits)
     code_verifier   program extraction + stdin/stdout or assert tests, via the sandbox
     registry        the verifier per sample (``verifier``/``domain``), score, score_batch
 
@@ -13,7 +14,13 @@ the rest of megatron_gopd, so that the trainer, the `gopd-eval` job (`megatron_g
 and scripts can all use it without pulling in torch or megatron-core. Importing it is cheap.
 """
 
-from megatron_gopd.verifiers.code_sandbox import ExecutionResult, SandboxConfig, run_python
+from megatron_gopd.verifiers.code_sandbox import (
+    ExecutionResult,
+    SandboxConfig,
+    SandboxUnavailableError,
+    check_sandbox,
+    run_python,
+)
 from megatron_gopd.verifiers.code_verifier import CodeVerifier, extract_program
 from megatron_gopd.verifiers.math_verifier import (
     MathVerifier,
@@ -36,10 +43,12 @@ __all__ = [
     "MathVerifier",
     "MathVerifierConfig",
     "SandboxConfig",
+    "SandboxUnavailableError",
     "UnknownVerifierError",
     "Verifier",
     "VerifierRegistry",
     "VerifierResult",
+    "check_sandbox",
     "default_registry",
     "extract_final_answer",
     "extract_program",

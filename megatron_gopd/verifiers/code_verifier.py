@@ -11,12 +11,16 @@ Test formats (the sample's ``tests`` field):
     (trailing whitespace of every line and trailing blank lines ignored). The APPS-style column
     form ``{"inputs": [...], "outputs": [...]}`` is accepted too.
 (b) assert-style test code, a string such as ``"assert add(1, 2) == 3"``: appended to the program
-    (after a newline) and run once with empty stdin; it passes when the process exits with code 0.
+    (after a newline) and run once with empty stdin; it passes when the process exits with code 0
+    *and* ran to its last line: the sandbox appends a line that prints a random nonce the program
+    is not told (see `code_sandbox.run_python`'s ``prove_completion``), so ``sys.exit(0)`` or
+    ``os._exit(0)`` before or between the asserts scores "wrong", not 1.
 
 A JSON string holding format (a) is decoded first (datasets often store tests as JSON text). All
 cases must pass for reward 1; the run stops at the first failing case. Every run goes through
-`code_sandbox.run_python`, so hangs, fork bombs and memory or file-size bombs fail the sample only
-(see that module for what the sandbox does and does not isolate: there is no network isolation).
+`code_sandbox.run_python`, so hangs, fork bombs, memory, file or directory bombs fail the sample
+only (see that module for what the sandbox isolates). A host where the sandbox cannot isolate
+raises `code_sandbox.SandboxUnavailableError` on the first code sample instead of scoring it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from megatron_gopd.verifiers.code_sandbox import ExecutionResult, SandboxConfig, run_python
 from megatron_gopd.verifiers.result import (
@@ -38,7 +42,8 @@ from megatron_gopd.verifiers.result import (
 
 VERIFIER_NAME = "code"
 
-_FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_FENCE = "```"
+_FENCE_TAG_RE = re.compile(r"[ \t]*([\w+-]*)")  # right after the opening fence
 _PYTHON_TAGS = ("python", "py", "python3")
 
 
@@ -56,14 +61,33 @@ Tests = Union[str, Sequence[Mapping[str, Any]], Mapping[str, Sequence[Any]]]
 def extract_program(response: str) -> Optional[str]:
     """The program in ``response`` (see the module docstring for the rule), or None."""
     tagged, untagged = None, None
-    for match in _FENCE_RE.finditer(response):
-        tag = match.group(1).lower()
+    for tag, body in _fenced_blocks(response):
         if tag in _PYTHON_TAGS:
-            tagged = match.group(2)
+            tagged = body
         elif not tag:
-            untagged = match.group(2)
+            untagged = body
     program = tagged if tagged is not None else untagged
     return program if program and program.strip() else None
+
+
+def _fenced_blocks(text: str) -> Iterator[tuple[str, str]]:
+    """(lower-cased tag, body) of every complete fenced block, in one left-to-right pass.
+
+    A block is an opening fence, its tag and the rest of that line, then everything up to the next
+    fence. Plain ``str.find`` keeps it linear: a regex scan restarted the rest-of-line match at
+    every backtick of an unterminated flood of fences (quadratic: 12 s for 60k characters).
+    """
+    pos = 0
+    while (start := text.find(_FENCE, pos)) != -1:
+        newline = text.find("\n", start + len(_FENCE))
+        if newline == -1:
+            return  # no later fence can start a block either: they all need this newline
+        end = text.find(_FENCE, newline + 1)
+        if end == -1:
+            return  # an unclosed block (truncated response) does not count
+        tag = _FENCE_TAG_RE.match(text, start + len(_FENCE), newline).group(1)
+        yield tag.lower(), text[newline + 1 : end]
+        pos = end + len(_FENCE)
 
 
 def normalize_output(text: str) -> str:
@@ -140,7 +164,7 @@ class CodeVerifier:
         return self._run_cases(program, parsed)
 
     def _run_asserts(self, program: str, test_code: str) -> VerifierResult:
-        run = run_python(program + "\n\n" + test_code + "\n", "", self.config)
+        run = run_python(program + "\n\n" + test_code + "\n", "", self.config, prove_completion=True)
         if run.succeeded:
             return VerifierResult.make(CORRECT, self.name, program, "all asserts passed")
         return VerifierResult.make(_failure_status(run), self.name, program, run.describe())
@@ -158,8 +182,12 @@ class CodeVerifier:
 
 
 def _failure_status(run: ExecutionResult) -> str:
+    if run.sandbox_error is not None:
+        return ERROR
     if run.timed_out:
         return TIMEOUT
+    if run.returncode == 0 and run.completed is False:
+        return WRONG  # exited cleanly before the last assert: the tests did not all pass
     stderr_lines = run.stderr.strip().splitlines()
     if stderr_lines and stderr_lines[-1].startswith("AssertionError"):
         return WRONG  # a failed test, as opposed to a crash

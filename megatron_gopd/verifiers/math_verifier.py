@@ -64,6 +64,7 @@ class ExtractedAnswer:
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_IS_RE = re.compile(r"answer(?:\s+is|\s*:)\s*(?:[:=]\s*)?(.+)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_BARE_TOKEN_RE = re.compile(r"[^\s$]+")  # the answer of "\boxed 5": up to whitespace or "$"
 
 
 def _matching_braces(text: str) -> dict[int, int]:
@@ -103,8 +104,9 @@ def last_boxed(text: str) -> Optional[str]:
         if pos < len(text) and text[pos] == "{":
             if pos in closing:
                 return text[pos + 1 : closing[pos]].strip()
-        elif pos > start:  # "\boxed 5": the token after the space, up to whitespace or "$"
-            token = re.match(r"[^\s$]+", text[pos:])
+        elif pos > start:  # "\boxed 5"
+            # Matched in place: slicing text[pos:] here made a flood of "\boxed $" quadratic.
+            token = _BARE_TOKEN_RE.match(text, pos)
             if token:
                 return token.group(0)
     return None
