@@ -266,6 +266,14 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
         if missing:
             raise ValueError(f"prompt domain(s) {missing} have no teacher; the teachers cover "
                              f"{sorted(cfg.scoring.routing())} (set scoring.teachers.<name>.domains)")
+    uses_reward = cfg.mode == "gopd" and (cfg.reward.only or cfg.reward.weight != 0.0)
+    if uses_reward and "code" in data_domains(cfg.data):
+        from megatron_gopd.verifiers import SandboxUnavailableError, check_sandbox
+
+        try:  # code rewards need the sandbox: fail now, with the reason, if it cannot run here
+            check_sandbox()
+        except SandboxUnavailableError as err:
+            raise ValueError(f"the prompts include code and the job uses a verifier reward: {err}") from err
     _check_memory_on_this_gpu(cfg, world_size)
     return TrainPlan(world_size=world_size, student_checkpoint=cfg.student.checkpoint, arch=arch, layout=layout,
                      scoring=scoring)
