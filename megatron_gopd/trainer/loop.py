@@ -7,7 +7,8 @@ Every rank runs the same loop (SPMD). The student lives in Megatron's global par
 teachers and references live in the `ScoringPool` with their own layouts. Per step:
 
 1. every data-parallel rank draws its slice of the step's prompts (`data.PromptSampler`);
-2. the student samples responses in place (`rollout.MegatronRolloutEngine`);
+2. the student samples responses: in place (`rollout.MegatronRolloutEngine`), or with vLLM
+   (`rollout.VLLMRolloutEngine`, ``rollout.engine=vllm``) after its weights are synced;
 3. the pool scores every response token with the prompt's teacher (and its reference);
 4. responses are packed into micro-batches by token count; Megatron's schedule runs forward and
    backward, and the loss (`TrainObjective`) takes the student's log-probs from that same forward
@@ -33,7 +34,8 @@ from megatron_gopd.config import dump_yaml
 from megatron_gopd.data import PromptRecord, build_prompt_sampler, shard_for_rank
 from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits
 from megatron_gopd.models.output_head import OutputHead
-from megatron_gopd.rollout import MegatronRolloutEngine, RolloutBatch, SamplingParams
+from megatron_gopd.rollout import (MegatronRolloutEngine, RolloutBatch, RolloutEngine, SamplingParams,
+                                   VLLMRolloutEngine)
 from megatron_gopd.scoring import ScoreRequest, ScoringPool
 from megatron_gopd.trainer.checkpoint import TrainCheckpointer
 from megatron_gopd.trainer.config import SFT_RESPONSE_FIELD, TrainConfig, check_train_config
@@ -74,9 +76,7 @@ class Trainer:
         self.pool = ScoringPool(cfg.scoring, student_checkpoint=cfg.student.checkpoint,
                                 student_layout=self.layout) if cfg.needs_teachers else None
         self._build_student()
-        self.engine = MegatronRolloutEngine(self.model.module, self.arch,
-                                            eos_token_ids=_eos_ids(self.tokenizer),
-                                            max_batch_size=cfg.rollout.max_batch_size) if cfg.mode == "gopd" else None
+        self.engine = self._build_engine() if cfg.mode == "gopd" else None
         student_meta = read_checkpoint_meta(cfg.student.checkpoint)
         self.checkpointer = TrainCheckpointer(
             self.checkpoint_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -87,6 +87,19 @@ class Trainer:
         if dist.get_rank() == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.output_dir / "config.yaml")
+
+    def _build_engine(self) -> RolloutEngine:
+        """The rollout engine `rollout.engine` names, over this rank's student."""
+        r = self.cfg.rollout
+        if r.engine == "vllm":
+            return VLLMRolloutEngine(
+                self.model.module, self.arch, Path(self.cfg.student.checkpoint) / HF_SUBDIR,
+                eos_token_ids=_eos_ids(self.tokenizer), max_batch_size=r.max_batch_size,
+                kv_cache_gb=r.vllm_kv_cache_gb, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                enforce_eager=r.vllm_enforce_eager, sleep_between_steps=r.vllm_sleep_between_steps,
+                seed=self.cfg.seed)
+        return MegatronRolloutEngine(self.model.module, self.arch, eos_token_ids=_eos_ids(self.tokenizer),
+                                     max_batch_size=r.max_batch_size)
 
     def _build_student(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -130,9 +143,14 @@ class Trainer:
             return self._sft_step(records)
 
         self.model.eval()
+        if self.engine.holds_weight_copy:  # the engine samples from its own copy: bring it up to date
+            sync_start = time.perf_counter()
+            self.engine.sync_weights()
+            timings["time/weight_sync_s"] = time.perf_counter() - sync_start
         with torch.no_grad():
             rollouts = self.engine.generate([r.input_ids for r in records], self._sampling(step))
-        timings["time/rollout_s"] = time.perf_counter() - start
+        self.engine.sleep()
+        timings["time/rollout_s"] = time.perf_counter() - start - timings.get("time/weight_sync_s", 0.0)
 
         start = time.perf_counter()
         rewards = (verifier_rewards(records, rollouts, self.tokenizer) if self._uses_reward
@@ -365,9 +383,11 @@ class Trainer:
         logger.info("exported the student to %s", out)
 
     def close(self) -> None:
-        """Release the scoring pool's process groups and models."""
+        """Release the scoring pool's process groups and models, then the rollout engine."""
         if getattr(self, "pool", None) is not None:
             self.pool.close()
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
 
 
 def _eos_ids(tokenizer) -> list[int]:
