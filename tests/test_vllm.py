@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -249,7 +248,7 @@ def test_vllm_engine_inside_the_trainer(assets, tmp_path, tp):
             assert got["stop"]["vllm"] == got["stop"]["megatron"]
             assert got["stop"]["vllm"][0][1] == "stop"
             sampled = got["sampled"]
-            assert sampled["order"] == [(p, j) for p in range(4) for j in range(2)]  # prompt-major
+            assert sampled["order"] == [[p, j] for p in range(4) for j in range(2)]  # prompt-major (JSON lists)
             assert sampled["logprob_gap"] < 1e-4 and sampled["sampler_gap"] == 0.0
             assert sampled["tokens"] == sampled["repeat_tokens"]  # per-sample seeds: reproducible
             assert sampled["tokens"][0] != sampled["tokens"][1]  # ... and distinct within a prompt
