@@ -273,7 +273,7 @@ def main(argv: list[str]) -> None:
 
 WEIGHT_SYNC_SHAPES = {
     # the vLLM tests' tiny Qwen3 (head_dim 32: vLLM's CPU attention has no kernel for 16)
-    "tiny (0.1M params)": ["--hidden", "64", "--layers", "4", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
+    "tiny": ["--hidden", "64", "--layers", "4", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
                            "--ffn", "128", "--vocab", "130"],
     "~100M params": ["--hidden", "768", "--layers", "8", "--heads", "12", "--kv-heads", "4", "--head-dim", "64",
                      "--ffn", "2048", "--vocab", "32000"],
