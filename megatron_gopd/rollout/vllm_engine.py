@@ -73,6 +73,15 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _import_vllm():
+    """``import vllm``, its log level defaulting to WARNING (vLLM logs every weight reload and
+    prefix-cache reset at INFO, which would bury the trainer's own log); VLLM_LOGGING_LEVEL overrides."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import vllm
+
+    return vllm
+
+
 def check_vllm_support(arch: ModelArchitecture, *, tp: int, pp: int, where: str) -> None:
     """Raise ValueError when vLLM cannot serve this model here; call before any model is built.
 
@@ -88,9 +97,7 @@ def check_vllm_support(arch: ModelArchitecture, *, tp: int, pp: int, where: str)
     if pp != 1:
         raise ValueError(f"{where}: the vLLM engine needs a student with pp=1 (got pp={pp}): vLLM orders "
                          "pipeline ranks differently from Megatron. Use tp only, or rollout.engine=megatron")
-    from vllm import ModelRegistry
-
-    supported = set(ModelRegistry.get_supported_archs())
+    supported = set(_import_vllm().ModelRegistry.get_supported_archs())
     if arch.hf_architecture not in supported:
         raise ValueError(f"{where}: vLLM cannot serve {arch.hf_architecture} (not in its model registry); "
                          "use rollout.engine=megatron")
@@ -187,11 +194,9 @@ class VLLMRolloutEngine(RolloutEngine):
         # plain Python run in one process).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-        from vllm import LLM
-
         started = time.perf_counter()
         with platform.device_rewrites_paused():
-            self.llm = LLM(**options)
+            self.llm = _import_vllm().LLM(**options)
         logger.info("vLLM engine started in %.1f s (tp=%d, kv cache %s)", time.perf_counter() - started,
                     tp_size, f"{kv_cache_gb} GB" if kv_cache_gb else f"{gpu_memory_utilization:.0%} of the GPU")
 

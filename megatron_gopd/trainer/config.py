@@ -172,6 +172,11 @@ class TrainConfig:
             raise ValueError("loss.kind=topk distils the teachers' distributions: it needs mode=gopd "
                              "with teachers (not mode=sft or reward.only=true)")
         r = self.rollout
+        if r.vllm_kv_cache_gb is not None and not r.vllm_kv_cache_gb > 0:
+            raise ValueError(f"rollout.vllm_kv_cache_gb must be > 0 or null, got {r.vllm_kv_cache_gb}")
+        if not 0 < r.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got "
+                             f"{r.vllm_gpu_memory_utilization}")
         biased = [f"{name}={value}" for name, value, neutral in (("temperature", r.temperature, 1.0),
                   ("top_p", r.top_p, 1.0), ("top_k", r.top_k, 0)) if value != neutral]
         if self.mode == "gopd" and biased and not r.allow_biased_sampling:
