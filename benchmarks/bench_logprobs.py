@@ -46,33 +46,12 @@ from megatron_gopd.logprobs import (  # noqa: E402
     token_logprobs_from_hidden,
     token_logprobs_from_logits,
 )
+from megatron_gopd.testing.memory import reset_peak_rss as _reset_peak_rss  # noqa: E402
+from megatron_gopd.testing.memory import rss_field_bytes as _rss_bytes  # noqa: E402
 
 VARIANTS = ("hidden-chunked", "hidden-naive", "logits-chunked", "logits-naive")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIB = 2**20
-
-
-# ----------------------------------------------------------------------------------------------
-# Memory accounting (Linux)
-
-
-def _rss_bytes(field: str) -> int:
-    """A field of /proc/self/status ('VmRSS', 'VmHWM'), in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter to the current RSS; False where not supported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -150,26 +150,50 @@ def transformer_config(arch: ModelArchitecture, layout: ParallelLayout, *, dtype
     )
 
 
-def layer_spec(arch: ModelArchitecture, layers_per_stage: int):
+def layer_spec(arch: ModelArchitecture, layers_per_stage: int, *, attention: str = "auto"):
     """The decoder spec for one pipeline stage of `arch`.
 
     Transformer Engine's layer spec when TE imports (GPU); otherwise Megatron's local spec with every
     norm (input, pre-MLP, q/k and final) swapped for `SequenceParallelRMSNorm`, the one local norm
     that allows sequence parallelism.
+
+    `attention` picks the core attention (one of `ATTENTION_BACKENDS`): ``auto`` keeps TE's own
+    where TE imports and uses `SDPAttention` otherwise; ``sdpa`` / ``local`` put `SDPAttention` /
+    megatron-core's `DotProductAttention` (the [b, heads, s, s] scores; no packing) into whichever
+    spec is in use.
     """
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+    from megatron_gopd.models.attention import ATTENTION_BACKENDS
+
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention={attention!r} is not supported; choose one of "
+                         f"{list(ATTENTION_BACKENDS)}")
     num_experts = arch.num_experts if arch.is_moe else None
     if platform.have_transformer_engine():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=arch.is_moe, qk_layernorm=arch.qk_layernorm)
+        if attention != "auto":
+            _set_core_attention(spec, attention)
+        return spec
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
         num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_layernorm,
         normalization="RMSNorm")
     _replace_norms(spec)
+    _set_core_attention(spec, "sdpa" if attention == "auto" else attention)
     return TransformerBlockSubmodules(layer_specs=[spec] * layers_per_stage,
                                       layer_norm=SequenceParallelRMSNorm)
+
+
+def _set_core_attention(spec, attention: str) -> None:
+    """Put the core attention named by `attention` (``sdpa`` / ``local``) into a layer spec."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_gopd.models.attention import SDPAttention
+
+    core = SDPAttention if attention == "sdpa" else DotProductAttention
+    spec.submodules.self_attention.submodules.core_attention = core
 
 
 def _replace_norms(spec) -> None:
@@ -190,12 +214,14 @@ def _replace_norms(spec) -> None:
 def build_gpt_model(arch: ModelArchitecture, layout: ParallelLayout, *, dtype: str = "float32",
                     pg_collection=None, pre_process: Optional[bool] = None,
                     post_process: Optional[bool] = None, perform_initialization: bool = True,
-                    recompute: bool = False, calculate_per_token_loss: bool = False):
+                    recompute: bool = False, calculate_per_token_loss: bool = False,
+                    attention: str = "auto"):
     """Build this rank's pipeline stage of `arch` as a Megatron `GPTModel` on `platform.device()`.
 
     `pg_collection` gives the model its own process groups (a teacher laid out differently from the
     student); without it Megatron's global parallel state is used. The output layer returns
-    vocab-parallel logits ``[s, b, padded_vocab / tp]`` (``parallel_output=True``).
+    vocab-parallel logits ``[s, b, padded_vocab / tp]`` (``parallel_output=True``). `attention`
+    picks the core attention (see `layer_spec`).
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core import parallel_state
@@ -214,7 +240,7 @@ def build_gpt_model(arch: ModelArchitecture, layout: ParallelLayout, *, dtype: s
                          f"pipeline_parallel={layout.pp}")
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, arch.num_layers // layout.pp),
+        transformer_layer_spec=layer_spec(arch, arch.num_layers // layout.pp, attention=attention),
         vocab_size=arch.padded_vocab_size(layout.tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=stage == 0 if pre_process is None else pre_process,
