@@ -44,10 +44,22 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-HF_CONFIG = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=128,
-                 intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=16384,
-                 rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, hidden_act="silu")
+HF_CONFIG = dict(
+    architectures=["Qwen3ForCausalLM"],
+    model_type="qwen3",
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=512,
+    max_position_embeddings=16384,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+)
 VARIANTS = ("sdpa", "local")
 MIB = 2**20
 
@@ -83,7 +95,7 @@ def _worker(variant: str, tokens: int, device: str, dtype: str, threads: int) ->
         ids = torch.randint(0, arch.vocab_size, (1, length), generator=gen).to(platform.device())
         positions = torch.arange(length, device=ids.device)[None]  # [1, s]
         logits = model(ids, positions, None)  # [1, s, V]
-        logits[..., :arch.vocab_size].float().log_softmax(-1)[..., :50].mean().backward()
+        logits[..., : arch.vocab_size].float().log_softmax(-1)[..., :50].mean().backward()
 
     step(128)
     for param in model.parameters():
@@ -105,8 +117,14 @@ def _worker(variant: str, tokens: int, device: str, dtype: str, threads: int) ->
             torch.cuda.synchronize()
         wall, cpu = time.perf_counter() - wall_start, time.process_time() - cpu_start
     peak = torch.cuda.max_memory_allocated() - before if on_cuda else growth.bytes
-    return {"variant": variant, "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "peak_bytes": peak,
-            "exact_peak": on_cuda or growth.exact}
+    return {
+        "variant": variant,
+        "tokens": tokens,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "peak_bytes": peak,
+        "exact_peak": on_cuda or growth.exact,
+    }
 
 
 def _free_port() -> int:
@@ -116,10 +134,28 @@ def _free_port() -> int:
 
 
 def _run_in_subprocess(variant: str, tokens: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--tokens", str(tokens),
-           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--tokens",
+        str(tokens),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+    }
     if args.device == "cpu":
         env["GOPD_FORCE_CPU"] = "1"
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
@@ -135,14 +171,23 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 16384])
     parser.add_argument("--repeats", type=int, default=3, help="fresh-process runs per variant")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads per run (0: torch's default; default 1 on CPU, "
-                             "where a busy shared machine makes OpenMP threads spin on each other "
-                             "and time vary several-fold)")
-    parser.add_argument("--local-limit-gb", type=float, default=8.0,
-                        help="skip local runs whose estimated peak exceeds this (CPU)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="model dtype (default: float32 on CPU, bfloat16 on CUDA)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per run (0: torch's default; default 1 on CPU, "
+        "where a busy shared machine makes OpenMP threads spin on each other "
+        "and time vary several-fold)",
+    )
+    parser.add_argument(
+        "--local-limit-gb", type=float, default=8.0, help="skip local runs whose estimated peak exceeds this (CPU)"
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dtype is None:
@@ -159,41 +204,51 @@ def _print_summary(runs: dict[tuple[str, int], list[dict]], tokens_list: list[in
             measured = runs.get((variant, tokens))
             if not measured:
                 continue
-            medians[variant] = {key: statistics.median(r[key] for r in measured)
-                                for key in ("peak_bytes", "wall_s", "cpu_s")}
+            medians[variant] = {
+                key: statistics.median(r[key] for r in measured) for key in ("peak_bytes", "wall_s", "cpu_s")
+            }
             median = medians[variant]
             note = "" if all(r["exact_peak"] for r in measured) else " (ru_maxrss upper bound)"
-            print(f"  median s={tokens:6d} {variant:5s} peak {median['peak_bytes'] / MIB:9.1f} MiB"
-                  f"{note}   wall {median['wall_s']:7.2f} s   cpu {median['cpu_s']:7.2f} s")
+            print(
+                f"  median s={tokens:6d} {variant:5s} peak {median['peak_bytes'] / MIB:9.1f} MiB"
+                f"{note}   wall {median['wall_s']:7.2f} s   cpu {median['cpu_s']:7.2f} s"
+            )
         if len(medians) == 2:
             ratio = {key: medians["sdpa"][key] / medians["local"][key] for key in medians["sdpa"]}
-            print(f"  ratio  s={tokens:6d} sdpa / local: peak memory {ratio['peak_bytes']:.3f}x   "
-                  f"wall {ratio['wall_s']:.3f}x   cpu {ratio['cpu_s']:.3f}x   "
-                  "(targets at 8K: <= 0.1x memory, <= 1.0x time)", flush=True)
+            print(
+                f"  ratio  s={tokens:6d} sdpa / local: peak memory {ratio['peak_bytes']:.3f}x   "
+                f"wall {ratio['wall_s']:.3f}x   cpu {ratio['cpu_s']:.3f}x   "
+                "(targets at 8K: <= 0.1x memory, <= 1.0x time)",
+                flush=True,
+            )
 
 
 def main(argv: list[str]) -> None:
     args = _parse(argv)
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.tokens[0], args.device, args.dtype,
-                                 args.threads)))
+        print(json.dumps(_worker(args.worker, args.tokens[0], args.device, args.dtype, args.threads)))
         return
     import torch
 
     threads = args.threads or torch.get_num_threads()
-    print(f"forward + backward of one [1, s] sequence, {HF_CONFIG['num_hidden_layers']} layers, "
-          f"{HF_CONFIG['num_attention_heads']} query / {HF_CONFIG['num_key_value_heads']} kv heads "
-          f"of {HF_CONFIG['head_dim']}, {args.dtype} on {args.device}, torch {torch.__version__}, "
-          f"{threads} threads, median of {args.repeats} fresh processes", flush=True)
+    print(
+        f"forward + backward of one [1, s] sequence, {HF_CONFIG['num_hidden_layers']} layers, "
+        f"{HF_CONFIG['num_attention_heads']} query / {HF_CONFIG['num_key_value_heads']} kv heads "
+        f"of {HF_CONFIG['head_dim']}, {args.dtype} on {args.device}, torch {torch.__version__}, "
+        f"{threads} threads, median of {args.repeats} fresh processes",
+        flush=True,
+    )
     print(f"  load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     plan = []
     for tokens in args.tokens:
         for variant in VARIANTS:
             estimate = local_bytes_estimate(tokens, 4 if args.dtype == "float32" else 2)
-            if (variant == "local" and args.device == "cpu"
-                    and estimate > args.local_limit_gb * 2**30):
-                print(f"  skip local at s={tokens}: needs ~{estimate / 2**30:.1f} GiB "
-                      f"(> --local-limit-gb {args.local_limit_gb})", flush=True)
+            if variant == "local" and args.device == "cpu" and estimate > args.local_limit_gb * 2**30:
+                print(
+                    f"  skip local at s={tokens}: needs ~{estimate / 2**30:.1f} GiB "
+                    f"(> --local-limit-gb {args.local_limit_gb})",
+                    flush=True,
+                )
                 continue
             plan.append((variant, tokens))
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -204,11 +259,16 @@ def main(argv: list[str]) -> None:
         for variant, tokens in plan:
             run = _run_in_subprocess(variant, tokens, args)
             runs.setdefault((variant, tokens), []).append(run)
-            print(f"  [{time.perf_counter() - start:6.0f} s] round {round_index + 1} s={tokens:6d} "
-                  f"{variant:5s} wall {run['wall_s']:7.2f} s  cpu {run['cpu_s']:7.2f} s  "
-                  f"peak {run['peak_bytes'] / MIB:9.1f} MiB", flush=True)
-    print(f"  load average at end: {os.getloadavg()[0]:.1f}  (wall times are only comparable on "
-          "an otherwise idle machine)")
+            print(
+                f"  [{time.perf_counter() - start:6.0f} s] round {round_index + 1} s={tokens:6d} "
+                f"{variant:5s} wall {run['wall_s']:7.2f} s  cpu {run['cpu_s']:7.2f} s  "
+                f"peak {run['peak_bytes'] / MIB:9.1f} MiB",
+                flush=True,
+            )
+    print(
+        f"  load average at end: {os.getloadavg()[0]:.1f}  (wall times are only comparable on "
+        "an otherwise idle machine)"
+    )
     _print_summary(runs, args.tokens)
 
 

@@ -36,18 +36,23 @@ def _dir_bytes(path: Path) -> int:
 
 def _worker_convert(hf_dir: str, out: str, tp: int) -> None:
     """One rank of the conversion (run under torchrun); writes its RSS figures to a JSON file."""
+    import megatron.core  # noqa: F401
     import torch  # noqa: F401 - imported before measuring the baseline
+
     from megatron_gopd import platform
     from megatron_gopd.bridge.convert import hf_to_mcore
     from megatron_gopd.models import ParallelLayout
 
-    import megatron.core  # noqa: F401
-
     baseline = _rss_mb()
     env = platform.init_distributed()
     report = hf_to_mcore(hf_dir, out, ParallelLayout(tp=tp))
-    result = {"rank": env.rank, "baseline_mb": baseline, "peak_mb": _rss_mb(), "seconds": report.seconds,
-              "bytes_read": report.bytes}
+    result = {
+        "rank": env.rank,
+        "baseline_mb": baseline,
+        "peak_mb": _rss_mb(),
+        "seconds": report.seconds,
+        "bytes_read": report.bytes,
+    }
     Path(os.environ[_RSS_ENV], f"rank{env.rank}.json").write_text(json.dumps(result))
     platform.shutdown_distributed()
 
@@ -62,15 +67,25 @@ def _worker_full_load(hf_dir: str) -> None:
     state = {}
     for file in sorted(Path(hf_dir).glob("*.safetensors")):
         state.update({k: v.clone() for k, v in load_file(str(file)).items()})  # clone: own the memory
-    result = {"rank": 0, "baseline_mb": baseline, "peak_mb": _rss_mb(), "seconds": time.perf_counter() - start,
-              "tensors": len(state)}
+    result = {
+        "rank": 0,
+        "baseline_mb": baseline,
+        "peak_mb": _rss_mb(),
+        "seconds": time.perf_counter() - start,
+        "tensors": len(state),
+    }
     Path(os.environ[_RSS_ENV], "rank0.json").write_text(json.dumps(result))
 
 
 def _run(cmd: list[str], rss_dir: Path) -> list[dict]:
     rss_dir.mkdir()
-    subprocess.run(cmd, check=True, env={**os.environ, _RSS_ENV: str(rss_dir)},
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        cmd,
+        check=True,
+        env={**os.environ, _RSS_ENV: str(rss_dir)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return [json.loads(p.read_text()) for p in sorted(rss_dir.glob("rank*.json"))]
 
 
@@ -96,37 +111,78 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gopd-bench-convert-"))
     hf_dir = work / "hf"
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=max(1, args.hidden // 256), head_dim=64, tie_word_embeddings=False)
+    config = Qwen3Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
+        head_dim=64,
+        tie_word_embeddings=False,
+    )
     Qwen3ForCausalLM(config).save_pretrained(hf_dir, max_shard_size="200MB")
     size_mb = _dir_bytes(hf_dir) / 1e6
     print(f"checkpoint: Qwen3 hidden={args.hidden} layers={args.layers} vocab={args.vocab}: {size_mb:.0f} MB fp32")
 
     me = [sys.executable, __file__]
     runs = {
-        "naive full load (baseline)": _run([*me, "--worker", "full-load", "--hf-dir", str(hf_dir)],
-                                           work / "rss_full"),
+        "naive full load (baseline)": _run([*me, "--worker", "full-load", "--hf-dir", str(hf_dir)], work / "rss_full"),
         "gopd-convert tp=1, 1 rank": _run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", __file__,
-             "--worker", "convert", "--hf-dir", str(hf_dir), "--out", str(work / "ck1"), "--tp", "1"],
-            work / "rss_tp1"),
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "1",
+                __file__,
+                "--worker",
+                "convert",
+                "--hf-dir",
+                str(hf_dir),
+                "--out",
+                str(work / "ck1"),
+                "--tp",
+                "1",
+            ],
+            work / "rss_tp1",
+        ),
         f"gopd-convert tp={args.ranks}, {args.ranks} ranks": _run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.ranks), __file__,
-             "--worker", "convert", "--hf-dir", str(hf_dir), "--out", str(work / "ckN"), "--tp", str(args.ranks)],
-            work / "rss_tpN"),
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                str(args.ranks),
+                __file__,
+                "--worker",
+                "convert",
+                "--hf-dir",
+                str(hf_dir),
+                "--out",
+                str(work / "ckN"),
+                "--tp",
+                str(args.ranks),
+            ],
+            work / "rss_tpN",
+        ),
     }
     print(f"{'run':<42} {'s':>7} {'GB/s':>7}  peak RSS above imports per rank (x checkpoint size)")
     for name, ranks in runs.items():
         seconds = max(r["seconds"] for r in ranks)
-        per_rank = "  ".join(f"r{r['rank']}: {r['peak_mb'] - r['baseline_mb']:.0f} MB "
-                             f"({(r['peak_mb'] - r['baseline_mb']) / size_mb:.2f}x)" for r in ranks)
+        per_rank = "  ".join(
+            f"r{r['rank']}: {r['peak_mb'] - r['baseline_mb']:.0f} MB "
+            f"({(r['peak_mb'] - r['baseline_mb']) / size_mb:.2f}x)"
+            for r in ranks
+        )
         print(f"{name:<42} {seconds:7.2f} {size_mb / 1e3 / seconds:7.3f}  {per_rank}")
     base = runs["naive full load (baseline)"][0]
     tpn = runs[f"gopd-convert tp={args.ranks}, {args.ranks} ranks"]
     worst = max(r["peak_mb"] - r["baseline_mb"] for r in tpn)
-    print(f"ratio: worst tp={args.ranks} rank peak / naive full-load peak = "
-          f"{worst / (base['peak_mb'] - base['baseline_mb']):.2f}")
+    print(
+        f"ratio: worst tp={args.ranks} rank peak / naive full-load peak = "
+        f"{worst / (base['peak_mb'] - base['baseline_mb']):.2f}"
+    )
 
 
 if __name__ == "__main__":

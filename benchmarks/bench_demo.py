@@ -31,18 +31,43 @@ def launch_baseline(out: Path, nproc: int, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "megatron_gopd.cli", "gopd-eval", "--model", str(out / "init" / "hf"),
-                        "--data", str(out / "data" / "eval.jsonl"), "--k", "1", "--max-prompts", "2",
-                        "--max-new-tokens", "1", "--nproc", str(nproc), "--log-level", "WARNING"],
-                       cwd=REPO, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "megatron_gopd.cli",
+                "gopd-eval",
+                "--model",
+                str(out / "init" / "hf"),
+                "--data",
+                str(out / "data" / "eval.jsonl"),
+                "--k",
+                "1",
+                "--max-prompts",
+                "2",
+                "--max-new-tokens",
+                "1",
+                "--nproc",
+                str(nproc),
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None,
-                        help="a demo output directory to report (run the demo there first if incomplete)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="a demo output directory to report (run the demo there first if incomplete)",
+    )
     parser.add_argument("--smoke", action="store_true", help="time the 2-step smoke demo instead")
     parser.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args()
@@ -61,8 +86,10 @@ def main() -> int:
         print(f"{name:<{width}}  {seconds:7.1f}  {seconds / baseline:8.1f}")
     print(f"{'total':<{width}}  {total:7.1f}  {total / baseline:8.1f}")
     print(f"\nbaseline: one minimal gopd-eval launch on {args.nproc} ranks = {baseline:.1f} s (median of 3)")
-    print(f"{launches} distributed launches ~ {launches * baseline:.0f} s = "
-          f"{100 * launches * baseline / total:.0f}% of the demo's wall time is start-up")
+    print(
+        f"{launches} distributed launches ~ {launches * baseline:.0f} s = "
+        f"{100 * launches * baseline / total:.0f}% of the demo's wall time is start-up"
+    )
     return 0
 
 

@@ -90,7 +90,8 @@ def _make_step(variant: str, args: argparse.Namespace) -> tuple[Callable[[int], 
             hidden_n, targets_n = _first(hidden, n), _first(targets, n)
             if variant == "hidden-chunked":
                 logp, entropy = token_logprobs_from_hidden(
-                    hidden_n, weight, targets_n, chunk_size=chunk, with_entropy=True)
+                    hidden_n, weight, targets_n, chunk_size=chunk, with_entropy=True
+                )
             else:
                 logp, entropy = _naive(hidden_n @ weight.t(), targets_n)
             (logp.sum() + entropy.sum()).backward()
@@ -103,11 +104,11 @@ def _make_step(variant: str, args: argparse.Namespace) -> tuple[Callable[[int], 
         def step(n: int) -> None:
             logits_n, targets_n = _first(logits, n), _first(targets, n)
             if variant == "logits-chunked":
-                logp, entropy = token_logprobs_from_logits(
-                    logits_n, targets_n, chunk_size=chunk, with_entropy=True)
+                logp, entropy = token_logprobs_from_logits(logits_n, targets_n, chunk_size=chunk, with_entropy=True)
             else:
                 logp, entropy = _naive(logits_n, targets_n)
             (logp.sum() + entropy.sum()).backward()
+
     return step, inputs
 
 
@@ -127,10 +128,8 @@ def _worker(variant: str, args: argparse.Namespace) -> dict:
     if exact:
         peak = _rss_bytes("VmHWM") - rss_before
     else:  # ru_maxrss is a lifetime maximum: an upper bound of the call's peak
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - min(rss_before,
-                                                                                 maxrss_before)
-    return {"variant": variant, "wall_s": wall, "cpu_s": cpu, "peak_bytes": peak,
-            "exact_peak": exact}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - min(rss_before, maxrss_before)
+    return {"variant": variant, "wall_s": wall, "cpu_s": cpu, "peak_bytes": peak, "exact_peak": exact}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,8 +138,9 @@ def _worker(variant: str, args: argparse.Namespace) -> dict:
 
 def _run_in_subprocess(variant: str, argv: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, *argv]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    out = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -151,8 +151,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size h")
     parser.add_argument("--hidden-dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--logits-dtype", choices=DTYPES, default="bf16")
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="tokens per chunk (default: the library's ~256 MiB chunks)")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="tokens per chunk (default: the library's ~256 MiB chunks)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="fresh-process runs per variant")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -164,17 +165,28 @@ def main(argv: list[str]) -> None:
     if args.worker:
         print(json.dumps(_worker(args.worker, args)))
         return
-    forwarded = ["--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden",
-                 str(args.hidden), "--hidden-dtype", args.hidden_dtype, "--logits-dtype",
-                 args.logits_dtype]
+    forwarded = [
+        "--tokens",
+        str(args.tokens),
+        "--vocab",
+        str(args.vocab),
+        "--hidden",
+        str(args.hidden),
+        "--hidden-dtype",
+        args.hidden_dtype,
+        "--logits-dtype",
+        args.logits_dtype,
+    ]
     if args.chunk_size is not None:
         forwarded += ["--chunk-size", str(args.chunk_size)]
-    print(f"log-prob + entropy + backward, V={args.vocab}, T={args.tokens}, h={args.hidden}, "
-          f"hidden/weight {args.hidden_dtype}, logits {args.logits_dtype}, "
-          f"chunk={args.chunk_size or 'auto'}, torch threads={torch.get_num_threads()}, "
-          f"median of {args.repeats} fresh processes per variant", flush=True)
-    print(f"  load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
-          flush=True)
+    print(
+        f"log-prob + entropy + backward, V={args.vocab}, T={args.tokens}, h={args.hidden}, "
+        f"hidden/weight {args.hidden_dtype}, logits {args.logits_dtype}, "
+        f"chunk={args.chunk_size or 'auto'}, torch threads={torch.get_num_threads()}, "
+        f"median of {args.repeats} fresh processes per variant",
+        flush=True,
+    )
+    print(f"  load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     # Rounds interleave the variants, so that load from other processes on a shared machine hits
     # every variant alike rather than whichever happened to run during a busy minute.
     all_runs: dict[str, list[dict]] = {variant: [] for variant in args.variants}
@@ -183,26 +195,36 @@ def main(argv: list[str]) -> None:
         for variant in args.variants:
             run = _run_in_subprocess(variant, forwarded)
             all_runs[variant].append(run)
-            print(f"  [{time.perf_counter() - bench_start:6.0f} s] round {round_index + 1} "
-                  f"{variant:15s} wall {run['wall_s']:7.2f} s  cpu {run['cpu_s']:7.2f} s  "
-                  f"peak {run['peak_bytes'] / MIB:8.1f} MiB", flush=True)
-    print(f"  load average at end: {os.getloadavg()[0]:.1f}  (wall times are only comparable on "
-          "an otherwise idle machine; process CPU time is less sensitive to other load)")
+            print(
+                f"  [{time.perf_counter() - bench_start:6.0f} s] round {round_index + 1} "
+                f"{variant:15s} wall {run['wall_s']:7.2f} s  cpu {run['cpu_s']:7.2f} s  "
+                f"peak {run['peak_bytes'] / MIB:8.1f} MiB",
+                flush=True,
+            )
+    print(
+        f"  load average at end: {os.getloadavg()[0]:.1f}  (wall times are only comparable on "
+        "an otherwise idle machine; process CPU time is less sensitive to other load)"
+    )
     medians: dict[str, dict[str, float]] = {}
     for variant, runs in all_runs.items():
-        medians[variant] = {key: statistics.median(r[key] for r in runs)
-                            for key in ("peak_bytes", "wall_s", "cpu_s")}
+        medians[variant] = {key: statistics.median(r[key] for r in runs) for key in ("peak_bytes", "wall_s", "cpu_s")}
         note = "" if all(r["exact_peak"] for r in runs) else " (ru_maxrss upper bound)"
         median = medians[variant]
-        print(f"  median {variant:15s} peak {median['peak_bytes'] / MIB:9.1f} MiB{note}"
-              f"   wall {median['wall_s']:7.2f} s   cpu {median['cpu_s']:7.2f} s", flush=True)
+        print(
+            f"  median {variant:15s} peak {median['peak_bytes'] / MIB:9.1f} MiB{note}"
+            f"   wall {median['wall_s']:7.2f} s   cpu {median['cpu_s']:7.2f} s",
+            flush=True,
+        )
     for path in ("hidden", "logits"):
         chunked, naive = medians.get(f"{path}-chunked"), medians.get(f"{path}-naive")
         if chunked and naive:
             ratio = {key: chunked[key] / naive[key] for key in chunked}
-            print(f"  ratio {path:6s} chunked / naive: peak memory {ratio['peak_bytes']:.3f}x   "
-                  f"wall {ratio['wall_s']:.3f}x   cpu {ratio['cpu_s']:.3f}x   "
-                  "(target: <= 0.25x memory at <= 1.5x time)")
+            print(
+                f"  ratio {path:6s} chunked / naive: peak memory {ratio['peak_bytes']:.3f}x   "
+                f"wall {ratio['wall_s']:.3f}x   cpu {ratio['cpu_s']:.3f}x   "
+                "(target: <= 0.25x memory at <= 1.5x time)"
+            )
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -68,9 +68,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _interleaved_medians(runs: dict[str, Callable[[int], None]], repeats: int,
-                         synchronize: Callable[[], None] = lambda: None
-                         ) -> tuple[dict[str, float], dict[str, float]]:
+def _interleaved_medians(
+    runs: dict[str, Callable[[int], None]], repeats: int, synchronize: Callable[[], None] = lambda: None
+) -> tuple[dict[str, float], dict[str, float]]:
     """Median wall-clock and CPU seconds of every ``run(repeat_index)`` over `repeats` rounds.
 
     One warm-up round first. The runs alternate within each round, so that load from other
@@ -91,15 +91,20 @@ def _interleaved_medians(runs: dict[str, Callable[[int], None]], repeats: int,
                 wall[name].append(time.perf_counter() - wall_start)
                 cpu[name].append(time.process_time() - cpu_start)
         print(f"round {repeat + 2}/{repeats + 1} done" + (" (warm-up)" if repeat < 0 else ""), file=sys.stderr)
-    return ({name: statistics.median(v) for name, v in wall.items()},
-            {name: statistics.median(v) for name, v in cpu.items()})
+    return (
+        {name: statistics.median(v) for name, v in wall.items()},
+        {name: statistics.median(v) for name, v in cpu.items()},
+    )
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--engine", choices=("fast", "megatron", "both", "vllm"), default="both",
-                        help="vllm: compare vLLM with the native engine and transformers, and time its weight "
-                             "sync (see vllm_main)")
+    parser.add_argument(
+        "--engine",
+        choices=("fast", "megatron", "both", "vllm"),
+        default="both",
+        help="vllm: compare vLLM with the native engine and transformers, and time its weight sync (see vllm_main)",
+    )
     parser.add_argument("--sync-only", action="store_true", help=argparse.SUPPRESS)  # vllm_main's child runs
     parser.add_argument("--lengths", choices=("fixed", "heavy-tailed"), default="fixed")
     parser.add_argument("--hidden", type=int, default=512)
@@ -112,18 +117,28 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="prompts of the fixed-length runs")
     parser.add_argument("--length", type=int, default=64, help="response length L (also timed at 4L)")
     parser.add_argument("--prompt-length", type=int, default=16, help="shortest prompt length")
-    parser.add_argument("--prompt-spread", type=int, default=8,
-                        help="prompt i has prompt-length + i %% spread tokens (1: all equal)")
-    parser.add_argument("--slots", type=int, default=0,
-                        help="fast engine KV slots (default: --batch; heavy-tailed: --samples / 4)")
+    parser.add_argument(
+        "--prompt-spread", type=int, default=8, help="prompt i has prompt-length + i %% spread tokens (1: all equal)"
+    )
+    parser.add_argument(
+        "--slots", type=int, default=0, help="fast engine KV slots (default: --batch; heavy-tailed: --samples / 4)"
+    )
     parser.add_argument("--samples", type=int, default=64, help="heavy-tailed: prompts (one sample each)")
     parser.add_argument("--sigma", type=float, default=1.0, help="heavy-tailed: log-normal sigma of the lengths")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every engine")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: the GPU where CUDA is available, else the CPU")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="parameter dtype of all models (bfloat16 needs a GPU to be fast)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: the GPU where CUDA is available, else the CPU",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="parameter dtype of all models (bfloat16 needs a GPU to be fast)",
+    )
     return parser.parse_args(argv)
 
 
@@ -149,10 +164,17 @@ def _qwen3_config(args: argparse.Namespace, max_positions: int):
     from transformers import Qwen3Config
 
     heads = args.heads or max(1, args.hidden // 64)
-    return Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn or 4 * args.hidden,
-                       num_hidden_layers=args.layers, num_attention_heads=heads,
-                       num_key_value_heads=args.kv_heads or max(1, heads // 2), head_dim=args.head_dim,
-                       max_position_embeddings=max_positions, tie_word_embeddings=False)
+    return Qwen3Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn or 4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=args.kv_heads or max(1, heads // 2),
+        head_dim=args.head_dim,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+    )
 
 
 def _same_weights(config, hf_dir: str, dtype: str):
@@ -239,26 +261,40 @@ def _fixed_lengths(setup: _Setup) -> None:
     def engine_run(name: str, new_tokens: int) -> Callable[[int], None]:
         def run(repeat: int) -> None:
             engine = engines[name]
-            batch = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=repeat + 1))
+            batch = engine.generate(
+                prompts, SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=repeat + 1)
+            )
             assert batch.num_tokens == args.batch * new_tokens
             decode_per_token[f"{name}{new_tokens}"].append(
-                engine.last_stats.decode_seconds / engine.last_stats.decode_steps)
+                engine.last_stats.decode_seconds / engine.last_stats.decode_steps
+            )
+
         return run
 
     def hf_run(new_tokens: int) -> Callable[[int], None]:
         def run(repeat: int) -> None:
             torch.manual_seed(repeat + 1)
             with torch.no_grad():
-                out = setup.hf_model.generate(hf_input_ids, attention_mask=hf_attention_mask, do_sample=True,
-                                              temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                                              min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
-                                              use_cache=True)
+                out = setup.hf_model.generate(
+                    hf_input_ids,
+                    attention_mask=hf_attention_mask,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                    use_cache=True,
+                )
             assert out.shape == (args.batch, width + new_tokens)
+
         return run
 
     # The bare models, no engine: a prefill then L one-token forwards with each library's own KV
     # cache, so that an engine's own cost can be told apart from the model forward's.
-    equal_prompts = torch.tensor([p[:min(lengths)] for p in prompts], device=device)  # [b, shortest prompt]
+    equal_prompts = torch.tensor([p[: min(lengths)] for p in prompts], device=device)  # [b, shortest prompt]
 
     def megatron_forwards(repeat: int) -> None:
         from megatron.core.inference.contexts import StaticInferenceContext
@@ -268,12 +304,22 @@ def _fixed_lengths(setup: _Setup) -> None:
         model.eval()
         # as the engine runs it: without the CPU layer's per-call device rewriting
         with torch.inference_mode(), platform.device_rewrites_paused():
-            model(equal_prompts, torch.arange(min(lengths), device=device).expand(args.batch, -1), None,
-                  inference_context=context, runtime_gather_output=True)
+            model(
+                equal_prompts,
+                torch.arange(min(lengths), device=device).expand(args.batch, -1),
+                None,
+                inference_context=context,
+                runtime_gather_output=True,
+            )
             for position in range(min(lengths), min(lengths) + args.length - 1):
                 context.sequence_len_offset = position
-                model(step, torch.full((args.batch, 1), position, device=device), None,
-                      inference_context=context, runtime_gather_output=True)
+                model(
+                    step,
+                    torch.full((args.batch, 1), position, device=device),
+                    None,
+                    inference_context=context,
+                    runtime_gather_output=True,
+                )
 
     def hf_forwards(repeat: int) -> None:
         from transformers import DynamicCache
@@ -283,8 +329,12 @@ def _fixed_lengths(setup: _Setup) -> None:
         with torch.inference_mode():
             setup.hf_model(equal_prompts, past_key_values=cache, use_cache=True)
             for position in range(min(lengths), min(lengths) + args.length - 1):
-                setup.hf_model(step, past_key_values=cache, use_cache=True,
-                               position_ids=torch.full((args.batch, 1), position, device=device))
+                setup.hf_model(
+                    step,
+                    past_key_values=cache,
+                    use_cache=True,
+                    position_ids=torch.full((args.batch, 1), position, device=device),
+                )
 
     runs = {f"{e}{n}": engine_run(e, n) for e in engines for n in (short, long)}
     runs |= {f"hf{n}": hf_run(n) for n in (short, long)}
@@ -299,51 +349,73 @@ def _fixed_lengths(setup: _Setup) -> None:
     where = torch.cuda.get_device_name(device) if setup.on_gpu else f"CPU, {args.threads} thread(s)"
     labels = {"fast": "fast engine", "megatron": "megatron engine", "hf": "transformers generate"}
 
-    print(f"model: Qwen3 hidden {args.hidden}, {args.layers} layers, {setup.hf_config.num_attention_heads}/"
-          f"{setup.hf_config.num_key_value_heads} heads, vocab {args.vocab}, {args.dtype}; batch {args.batch}, "
-          f"prompts {min(lengths)}-{max(lengths)} tokens, L = {short}; {where}; median of {args.repeats} rounds")
+    print(
+        f"model: Qwen3 hidden {args.hidden}, {args.layers} layers, {setup.hf_config.num_attention_heads}/"
+        f"{setup.hf_config.num_key_value_heads} heads, vocab {args.vocab}, {args.dtype}; batch {args.batch}, "
+        f"prompts {min(lengths)}-{max(lengths)} tokens, L = {short}; {where}; median of {args.repeats} rounds"
+    )
     print()
     print(f"{'':44}{'L = ' + str(short):>12}{'4L = ' + str(long):>12}")
     for clock, seconds in clocks:
         for who in [*engines, "hf"]:
-            print(f"{labels[who] + ' tokens/s (' + clock + ')':44}"
-                  + "".join(f"{args.batch * n / seconds[f'{who}{n}']:12.1f}" for n in (short, long)))
+            print(
+                f"{labels[who] + ' tokens/s (' + clock + ')':44}"
+                + "".join(f"{args.batch * n / seconds[f'{who}{n}']:12.1f}" for n in (short, long))
+            )
     for who in engines:
-        print(f"{labels[who] + ' ms / decode step (wall)':44}{decode_ms[f'{who}{short}']:12.3f}"
-              f"{decode_ms[f'{who}{long}']:12.3f}")
+        print(
+            f"{labels[who] + ' ms / decode step (wall)':44}{decode_ms[f'{who}{short}']:12.3f}"
+            f"{decode_ms[f'{who}{long}']:12.3f}"
+        )
     if "megatron" in engines:
-        print(f"bare model forwards at L (no engine, {bare_clock} ms per forward): megatron-core GPTModel + "
-              f"StaticInferenceContext {1e3 * bare['megatron_forwards'] / short:.2f}, transformers Qwen3 + "
-              f"DynamicCache {1e3 * bare['hf_forwards'] / short:.2f}")
+        print(
+            f"bare model forwards at L (no engine, {bare_clock} ms per forward): megatron-core GPTModel + "
+            f"StaticInferenceContext {1e3 * bare['megatron_forwards'] / short:.2f}, transformers Qwen3 + "
+            f"DynamicCache {1e3 * bare['hf_forwards'] / short:.2f}"
+        )
     if "fast" in engines:
         stats = engines["fast"].last_stats
-        print(f"fast engine: {stats.slots} KV slots x {stats.slot_tokens} tokens = {stats.kv_cache_bytes / 1e6:.1f} MB, "
-              f"attention {stats.attention_backend}, {stats.cuda_graphs} CUDA graphs")
+        print(
+            f"fast engine: {stats.slots} KV slots x {stats.slot_tokens} tokens = {stats.kv_cache_bytes / 1e6:.1f} MB, "
+            f"attention {stats.attention_backend}, {stats.cuda_graphs} CUDA graphs"
+        )
     if setup.on_gpu:
-        print("peak device memory of one call at L (GB): "
-              + ", ".join(f"{labels[who]} {peaks[who]:.3f}" for who in peaks))
+        print(
+            "peak device memory of one call at L (GB): " + ", ".join(f"{labels[who]} {peaks[who]:.3f}" for who in peaks)
+        )
     else:
-        print(f"process peak RSS so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB "
-              "(all engines together; no per-engine figure on CPU)")
+        print(
+            f"process peak RSS so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB "
+            "(all engines together; no per-engine figure on CPU)"
+        )
     print()
     targets = {"fast": 1.5, "megatron": 1.0}
     for who in engines:
         for clock, seconds in clocks:
             for n in (short, long):
                 ratio = seconds[f"hf{n}"] / seconds[f"{who}{n}"]
-                verdict = (f"   (target >= {targets[who]}: " + ("met)" if ratio >= targets[who] else "NOT met)")
-                           if n == short else "")
-                print(f"throughput {labels[who]} / transformers at {'L ' if n == short else '4L'} ({clock}): "
-                      f"{ratio:5.2f}x{verdict}")
+                verdict = (
+                    f"   (target >= {targets[who]}: " + ("met)" if ratio >= targets[who] else "NOT met)")
+                    if n == short
+                    else ""
+                )
+                print(
+                    f"throughput {labels[who]} / transformers at {'L ' if n == short else '4L'} ({clock}): "
+                    f"{ratio:5.2f}x{verdict}"
+                )
     growth_targets = {"fast": 1.3, "megatron": 1.5}
     for who in engines:
         growth = decode_ms[f"{who}{long}"] / decode_ms[f"{who}{short}"]
-        print(f"{labels[who]} per-token decode time 4L / L (wall): {growth:5.2f}    (target <= "
-              f"{growth_targets[who]}: {'met' if growth <= growth_targets[who] else 'NOT met'})")
+        print(
+            f"{labels[who]} per-token decode time 4L / L (wall): {growth:5.2f}    (target <= "
+            f"{growth_targets[who]}: {'met' if growth <= growth_targets[who] else 'NOT met'})"
+        )
     for who in [*engines, "hf"]:
         per_token = {n: bare[f"{who}{n}"] / n for n in (short, long)}
-        print(f"{labels[who] + ' per-token time of a call 4L / L (' + bare_clock + '):':58}"
-              f"{per_token[long] / per_token[short]:5.2f}")
+        print(
+            f"{labels[who] + ' per-token time of a call 4L / L (' + bare_clock + '):':58}"
+            f"{per_token[long] / per_token[short]:5.2f}"
+        )
 
 
 def _heavy_tailed(setup: _Setup) -> None:
@@ -355,37 +427,49 @@ def _heavy_tailed(setup: _Setup) -> None:
     prompts = _prompts(args, args.samples)
     rng = np.random.default_rng(0)
     # Log-normal with mean L: exp(N(log L - sigma^2 / 2, sigma)); at most 4L (the context).
-    draws = rng.lognormal(np.log(args.length) - args.sigma ** 2 / 2, args.sigma, size=args.samples)
+    draws = rng.lognormal(np.log(args.length) - args.sigma**2 / 2, args.sigma, size=args.samples)
     limits = np.clip(np.round(draws), 1, 4 * args.length).astype(int).tolist()
-    engines = {mode: FastRolloutEngine(setup.model, setup.arch, max_slots=slots, continuous_batching=mode == "continuous")
-               for mode in ("continuous", "static")}
+    engines = {
+        mode: FastRolloutEngine(setup.model, setup.arch, max_slots=slots, continuous_batching=mode == "continuous")
+        for mode in ("continuous", "static")
+    }
     stats: dict[str, list] = {mode: [] for mode in engines}
 
     def run_of(mode: str) -> Callable[[int], None]:
         def run(repeat: int) -> None:
-            batch = engines[mode].generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=4 * args.length,
-                                                                   seed=repeat + 1), max_new_tokens_per_prompt=limits)
+            batch = engines[mode].generate(
+                prompts,
+                SamplingParams(temperature=1.0, max_new_tokens=4 * args.length, seed=repeat + 1),
+                max_new_tokens_per_prompt=limits,
+            )
             assert batch.response_lengths == limits  # no EOS: the lengths are exactly the drawn ones
             stats[mode].append(engines[mode].last_stats)
+
         return run
 
     wall, cpu = _interleaved_medians({mode: run_of(mode) for mode in engines}, args.repeats, setup.synchronize)
     clocks = (("wall", wall),) if setup.on_gpu else (("wall", wall), ("cpu", cpu))
     tokens = sum(limits)
-    print(f"heavy-tailed: {args.samples} samples, response lengths log-normal mean {args.length} sigma {args.sigma} "
-          f"(drawn: mean {np.mean(limits):.0f}, median {np.median(limits):.0f}, max {max(limits)}), {slots} slots, "
-          f"{args.dtype}, {'GPU' if setup.on_gpu else f'CPU {args.threads} thread(s)'}; median of {args.repeats} rounds")
+    print(
+        f"heavy-tailed: {args.samples} samples, response lengths log-normal mean {args.length} sigma {args.sigma} "
+        f"(drawn: mean {np.mean(limits):.0f}, median {np.median(limits):.0f}, max {max(limits)}), {slots} slots, "
+        f"{args.dtype}, {'GPU' if setup.on_gpu else f'CPU {args.threads} thread(s)'}; median of {args.repeats} rounds"
+    )
     for mode in engines:
         last = stats[mode][-1]
         line = ", ".join(f"{tokens / seconds[mode]:.1f} tokens/s ({clock})" for clock, seconds in clocks)
-        print(f"{mode + ' batching:':22}{line}; slot occupancy {100 * last.occupancy_while_queued:.1f}% while "
-              f"queued, {100 * last.occupancy:.1f}% overall; {last.decode_steps} decode steps")
+        print(
+            f"{mode + ' batching:':22}{line}; slot occupancy {100 * last.occupancy_while_queued:.1f}% while "
+            f"queued, {100 * last.occupancy:.1f}% overall; {last.decode_steps} decode steps"
+        )
     for clock, seconds in clocks:
         ratio = seconds["static"] / seconds["continuous"]
         print(f"continuous / static ({clock}): {ratio:5.2f}x   (target >= 1.5: {'met' if ratio >= 1.5 else 'NOT met'})")
     occupancy = stats["continuous"][-1].occupancy_while_queued
-    print(f"continuous mean slot occupancy until the queue empties: {100 * occupancy:.1f}%   (target >= 85%: "
-          f"{'met' if occupancy >= 0.85 else 'NOT met'})")
+    print(
+        f"continuous mean slot occupancy until the queue empties: {100 * occupancy:.1f}%   (target >= 85%: "
+        f"{'met' if occupancy >= 0.85 else 'NOT met'})"
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -400,8 +484,10 @@ def main(argv: list[str]) -> None:
         _fixed_lengths(setup)
     else:
         if args.engine == "megatron":
-            raise SystemExit("--lengths heavy-tailed compares the fast engine's continuous and static batching; "
-                             "use --engine fast or both")
+            raise SystemExit(
+                "--lengths heavy-tailed compares the fast engine's continuous and static batching; "
+                "use --engine fast or both"
+            )
         _heavy_tailed(setup)
     platform.shutdown_distributed()
 
@@ -412,10 +498,38 @@ def main(argv: list[str]) -> None:
 
 WEIGHT_SYNC_SHAPES = {
     # the vLLM tests' tiny Qwen3 (head_dim 32: vLLM's CPU attention has no kernel for 16)
-    "tiny": ["--hidden", "64", "--layers", "4", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
-                           "--ffn", "128", "--vocab", "130"],
-    "~100M params": ["--hidden", "768", "--layers", "8", "--heads", "12", "--kv-heads", "4", "--head-dim", "64",
-                     "--ffn", "2048", "--vocab", "32000"],
+    "tiny": [
+        "--hidden",
+        "64",
+        "--layers",
+        "4",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "32",
+        "--ffn",
+        "128",
+        "--vocab",
+        "130",
+    ],
+    "~100M params": [
+        "--hidden",
+        "768",
+        "--layers",
+        "8",
+        "--heads",
+        "12",
+        "--kv-heads",
+        "4",
+        "--head-dim",
+        "64",
+        "--ffn",
+        "2048",
+        "--vocab",
+        "32000",
+    ],
 }
 
 
@@ -440,8 +554,17 @@ def vllm_main(args: argparse.Namespace) -> None:
     config = _qwen3_config(args, max_positions=args.prompt_length + args.prompt_spread + args.length)
     with tempfile.TemporaryDirectory(prefix="bench_rollout_vllm_") as hf_dir:
         hf_model, arch, model = _same_weights(config, hf_dir, args.dtype)
-        kv_gb = max(0.0625, 4 * args.batch * arch.num_layers * arch.num_query_groups * arch.kv_channels
-                    * config.max_position_embeddings * 2 / 1024**3)
+        kv_gb = max(
+            0.0625,
+            4
+            * args.batch
+            * arch.num_layers
+            * arch.num_query_groups
+            * arch.kv_channels
+            * config.max_position_embeddings
+            * 2
+            / 1024**3,
+        )
         vllm_engine = VLLMRolloutEngine(model, arch, hf_dir, kv_cache_gb=kv_gb, seed=0)
     params = sum(p.numel() for p in model.parameters())
     sync_seconds = []
@@ -464,34 +587,64 @@ def vllm_main(args: argparse.Namespace) -> None:
 
     def engine_run(engine) -> Callable[[int], None]:
         def run(repeat: int) -> None:
-            batch = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=args.length,
-                                                            seed=repeat + 1))
+            batch = engine.generate(
+                prompts, SamplingParams(temperature=1.0, max_new_tokens=args.length, seed=repeat + 1)
+            )
             assert batch.num_tokens == args.batch * args.length
+
         return run
 
     def hf_run(repeat: int) -> None:
         torch.manual_seed(repeat + 1)
         with torch.no_grad():
-            hf_model.generate(hf_input_ids, attention_mask=hf_attention_mask, do_sample=True, temperature=1.0,
-                              top_k=0, top_p=1.0, max_new_tokens=args.length, min_new_tokens=args.length,
-                              eos_token_id=None, pad_token_id=0, use_cache=True)
+            hf_model.generate(
+                hf_input_ids,
+                attention_mask=hf_attention_mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.length,
+                min_new_tokens=args.length,
+                eos_token_id=None,
+                pad_token_id=0,
+                use_cache=True,
+            )
 
-    wall, cpu = _interleaved_medians({"vllm": engine_run(vllm_engine), "megatron": engine_run(native),
-                                      "transformers": hf_run}, args.repeats)
+    wall, cpu = _interleaved_medians(
+        {"vllm": engine_run(vllm_engine), "megatron": engine_run(native), "transformers": hf_run}, args.repeats
+    )
     vllm_engine.close()
-    print(f"model: Qwen3 hidden {args.hidden}, {args.layers} layers, head_dim {args.head_dim}, vocab {args.vocab}, "
-          f"{params / 1e6:.1f}M params, {args.dtype}; batch {args.batch}, prompts {min(lengths)}-{width} tokens, "
-          f"L = {args.length}; CPU, {args.threads} thread(s); median of {args.repeats} rounds")
+    print(
+        f"model: Qwen3 hidden {args.hidden}, {args.layers} layers, head_dim {args.head_dim}, vocab {args.vocab}, "
+        f"{params / 1e6:.1f}M params, {args.dtype}; batch {args.batch}, prompts {min(lengths)}-{width} tokens, "
+        f"L = {args.length}; CPU, {args.threads} thread(s); median of {args.repeats} rounds"
+    )
     for clock, seconds in (("wall", wall), ("cpu", cpu)):
-        print(f"tokens/s ({clock}): " + ", ".join(f"{name} {args.batch * args.length / seconds[name]:.1f}"
-                                                  for name in ("vllm", "megatron", "transformers"))
-              + f"; vllm / megatron {seconds['megatron'] / seconds['vllm']:.2f}x, vllm / transformers "
-              f"{seconds['transformers'] / seconds['vllm']:.2f}x")
+        print(
+            f"tokens/s ({clock}): "
+            + ", ".join(
+                f"{name} {args.batch * args.length / seconds[name]:.1f}"
+                for name in ("vllm", "megatron", "transformers")
+            )
+            + f"; vllm / megatron {seconds['megatron'] / seconds['vllm']:.2f}x, vllm / transformers "
+            f"{seconds['transformers'] / seconds['vllm']:.2f}x"
+        )
     print(f"weight sync, this model: {sync_median:.4f} s (median of {args.repeats})")
     platform.shutdown_distributed()
     for name, shape in WEIGHT_SYNC_SHAPES.items():
-        child = [sys.executable, __file__, "--engine", "vllm", "--sync-only", "--repeats", str(args.repeats),
-                 "--threads", str(args.threads), *shape]
+        child = [
+            sys.executable,
+            __file__,
+            "--engine",
+            "vllm",
+            "--sync-only",
+            "--repeats",
+            str(args.repeats),
+            "--threads",
+            str(args.threads),
+            *shape,
+        ]
         lines = [line for line in _run_child(child).splitlines() if line.startswith("SYNC ")]
         _, child_params, seconds = lines[-1].split()
         target = "   (target < 0.1 s: " + ("met)" if float(seconds) < 0.1 else "NOT met)") if "tiny" in name else ""

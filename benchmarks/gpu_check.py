@@ -42,16 +42,46 @@ sys.path.insert(0, str(REPO_ROOT))
 
 # Public Hugging Face configs (Qwen/Qwen3-0.6B, Qwen/Qwen3-1.7B), the fields the check needs.
 SHAPES: dict[str, dict[str, Any]] = {
-    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
-                       rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960),
-    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
-                       rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960),
+    "qwen3-0.6b": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+    ),
+    "qwen3-1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+    ),
 }
-TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, vocab_size=1000, tie_word_embeddings=True, rope_theta=1e6,
-                  rms_norm_eps=1e-6, max_position_embeddings=1024)
+TINY_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=1000,
+    tie_word_embeddings=True,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=1024,
+)
 
 
 def _free_port() -> int:
@@ -106,10 +136,14 @@ def _environment(device: torch.device) -> dict:
 
     from megatron_gopd.rollout.fast_attention import attention_entry_points
 
-    return dict(torch=torch.__version__, transformers=transformers.__version__,
-                megatron_core=getattr(megatron.core, "__version__", "?"), cuda=torch.version.cuda,
-                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                attention=attention_entry_points())
+    return dict(
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        megatron_core=getattr(megatron.core, "__version__", "?"),
+        cuda=torch.version.cuda,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        attention=attention_entry_points(),
+    )
 
 
 def _copy_bandwidth(device: torch.device, gigabytes: float) -> dict:
@@ -128,24 +162,40 @@ def _copy_bandwidth(device: torch.device, gigabytes: float) -> dict:
 
 def _kernels(device: torch.device, dtype: torch.dtype) -> dict:
     """The fast attention kernels against their oracles, in `dtype` on `device` (largest abs error)."""
-    from megatron_gopd.rollout.fast_attention import (grouped_decode_attention, packed_prefill_attention,
-                                                      reference_decode_attention, reference_prefill_attention)
+    from megatron_gopd.rollout.fast_attention import (
+        grouped_decode_attention,
+        packed_prefill_attention,
+        reference_decode_attention,
+        reference_prefill_attention,
+    )
 
     generator = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(64, 16, 128, device=device, dtype=dtype, generator=generator)
     keys, values = torch.randn(2, 64, 8, 1024, 128, device=device, dtype=dtype, generator=generator)
     lengths = torch.randint(1, 1025, (64,), device=device, generator=generator)
-    decode = (grouped_decode_attention(q, keys, values, lengths, 128 ** -0.5).float()
-              - reference_decode_attention(q, keys, values, lengths, 128 ** -0.5).float()).abs().max().item()
+    decode = (
+        (
+            grouped_decode_attention(q, keys, values, lengths, 128**-0.5).float()
+            - reference_decode_attention(q, keys, values, lengths, 128**-0.5).float()
+        )
+        .abs()
+        .max()
+        .item()
+    )
     cu_seqlens = [0, 100, 357, 1000]
     packed_q = torch.randn(1000, 16, 128, device=device, dtype=dtype, generator=generator)
     packed_k, packed_v = torch.randn(2, 1000, 8, 128, device=device, dtype=dtype, generator=generator)
-    prefill = (packed_prefill_attention(packed_q, packed_k, packed_v, cu_seqlens, 128 ** -0.5).float()
-               - reference_prefill_attention(packed_q, packed_k, packed_v, cu_seqlens, 128 ** -0.5).float())
+    prefill = (
+        packed_prefill_attention(packed_q, packed_k, packed_v, cu_seqlens, 128**-0.5).float()
+        - reference_prefill_attention(packed_q, packed_k, packed_v, cu_seqlens, 128**-0.5).float()
+    )
     from megatron_gopd.rollout import fast_attention
 
-    return {"decode_max_abs_error": decode, "prefill_max_abs_error": prefill.abs().max().item(),
-            "prefill_used_varlen": fast_attention._VARLEN_PREFILL is True}
+    return {
+        "decode_max_abs_error": decode,
+        "prefill_max_abs_error": prefill.abs().max().item(),
+        "prefill_used_varlen": fast_attention._VARLEN_PREFILL is True,
+    }
 
 
 def _build(shape: dict, dtype: str, device: torch.device):
@@ -184,7 +234,9 @@ def _correctness(model, arch, device: torch.device, samples: int, new_tokens: in
         for prompt, sample in zip(prompts, batch):
             tokens = torch.tensor([prompt + sample.token_ids], device=device)  # [1, s]
             logits = model(tokens, torch.arange(tokens.shape[1], device=device)[None, :], None)  # [1, s, V_padded]
-            scored = logits[0, len(prompt) - 1:-1, :arch.vocab_size].float().log_softmax(-1)  # predicts each response token
+            scored = (
+                logits[0, len(prompt) - 1 : -1, : arch.vocab_size].float().log_softmax(-1)
+            )  # predicts each response token
             reference = scored.gather(1, torch.tensor(sample.token_ids, device=device)[:, None]).squeeze(1)
             gaps.append((reference - torch.tensor(sample.logprobs, device=device)).abs())
     gaps = torch.cat(gaps).float()
@@ -192,15 +244,22 @@ def _correctness(model, arch, device: torch.device, samples: int, new_tokens: in
     fast_greedy = fast.generate(prompts, greedy)
     reference_greedy = MegatronRolloutEngine(model, arch).generate(prompts, greedy)
     fast.release()
-    agree = [sum(a == b for a, b in zip(x.token_ids, y.token_ids)) / len(y.token_ids)
-             for x, y in zip(fast_greedy, reference_greedy)]
-    return {"logprob_gap_mean": gaps.mean().item(), "logprob_gap_p99": gaps.quantile(0.99).item(),
-            "targets": {"mean": 5e-3, "p99": 5e-2}, "tokens": gaps.numel(),
-            "greedy_token_agreement_with_megatron_engine": sum(agree) / len(agree)}
+    agree = [
+        sum(a == b for a, b in zip(x.token_ids, y.token_ids)) / len(y.token_ids)
+        for x, y in zip(fast_greedy, reference_greedy)
+    ]
+    return {
+        "logprob_gap_mean": gaps.mean().item(),
+        "logprob_gap_p99": gaps.quantile(0.99).item(),
+        "targets": {"mean": 5e-3, "p99": 5e-2},
+        "tokens": gaps.numel(),
+        "greedy_token_agreement_with_megatron_engine": sum(agree) / len(agree),
+    }
 
 
-def _throughput(hf_model, model, arch, device: torch.device, samples: int, new_tokens: int,
-                megatron_new_tokens: int) -> dict:
+def _throughput(
+    hf_model, model, arch, device: torch.device, samples: int, new_tokens: int, megatron_new_tokens: int
+) -> dict:
     """Tokens/s of a whole generate call (one warm-up call first) for each engine and transformers."""
     from megatron_gopd.rollout import FastRolloutEngine, MegatronRolloutEngine, SamplingParams
 
@@ -211,11 +270,25 @@ def _throughput(hf_model, model, arch, device: torch.device, samples: int, new_t
     fast = FastRolloutEngine(model, arch, max_slots=samples)
     runs = {
         "fast": (new_tokens, lambda n: fast.generate(prompts, SamplingParams(max_new_tokens=n, seed=1))),
-        "megatron": (megatron_new_tokens,
-                     lambda n: MegatronRolloutEngine(model, arch).generate(prompts, SamplingParams(max_new_tokens=n, seed=1))),
-        "transformers": (new_tokens, lambda n: hf_model.generate(
-            hf_ids, attention_mask=hf_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n,
-            min_new_tokens=n, eos_token_id=None, pad_token_id=0)),
+        "megatron": (
+            megatron_new_tokens,
+            lambda n: MegatronRolloutEngine(model, arch).generate(prompts, SamplingParams(max_new_tokens=n, seed=1)),
+        ),
+        "transformers": (
+            new_tokens,
+            lambda n: hf_model.generate(
+                hf_ids,
+                attention_mask=hf_mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                eos_token_id=None,
+                pad_token_id=0,
+            ),
+        ),
     }
     out: dict[str, Any] = {"samples": samples}
     for name, (tokens, run) in runs.items():
@@ -226,18 +299,25 @@ def _throughput(hf_model, model, arch, device: torch.device, samples: int, new_t
             run(tokens)
             _synchronize(device)
         seconds = time.perf_counter() - started
-        out[name] = {"new_tokens": tokens, "tokens_per_s": round(samples * tokens / seconds, 1),
-                     "seconds": round(seconds, 2)}
+        out[name] = {
+            "new_tokens": tokens,
+            "tokens_per_s": round(samples * tokens / seconds, 1),
+            "seconds": round(seconds, 2),
+        }
     stats = fast.last_stats
-    out["fast"].update(cuda_graphs=stats.cuda_graphs, slots=stats.slots,
-                       decode_host_fraction=round(stats.decode_host_seconds / max(stats.decode_seconds, 1e-9), 3))
+    out["fast"].update(
+        cuda_graphs=stats.cuda_graphs,
+        slots=stats.slots,
+        decode_host_fraction=round(stats.decode_host_seconds / max(stats.decode_seconds, 1e-9), 3),
+    )
     out["fast_vs_transformers"] = round(out["fast"]["tokens_per_s"] / out["transformers"]["tokens_per_s"], 2)
     fast.release()
     return out
 
 
-def _long_context(model, arch, device: torch.device, slots: int, context: int, new_tokens: int,
-                  bandwidth_gb_s: float) -> dict:
+def _long_context(
+    model, arch, device: torch.device, slots: int, context: int, new_tokens: int, bandwidth_gb_s: float
+) -> dict:
     """Decode at ~`context` tokens on `slots` slots against the bandwidth bound."""
     from megatron_gopd.rollout import FastRolloutEngine, SamplingParams
     from megatron_gopd.rollout.kv_slots import KVSlotShape
@@ -258,11 +338,17 @@ def _long_context(model, arch, device: torch.device, slots: int, context: int, n
     decode_tps = slots * stats.decode_steps / stats.decode_seconds
     bound = slots * bandwidth_gb_s * 1e9 / step_bytes
     engine.release()
-    return {"slots": slots, "context": round(mean_context), "decode_tokens_per_s": round(decode_tps, 1),
-            "bandwidth_bound_tokens_per_s": round(bound, 1), "fraction_of_bound": round(decode_tps / bound, 3),
-            "achieved_gb_per_s": round(step_bytes * stats.decode_steps / stats.decode_seconds / 1e9, 1),
-            "decode_host_fraction": round(stats.decode_host_seconds / stats.decode_seconds, 3),
-            "cuda_graphs": stats.cuda_graphs, "prefill_seconds": round(stats.prefill_seconds, 2)}
+    return {
+        "slots": slots,
+        "context": round(mean_context),
+        "decode_tokens_per_s": round(decode_tps, 1),
+        "bandwidth_bound_tokens_per_s": round(bound, 1),
+        "fraction_of_bound": round(decode_tps / bound, 3),
+        "achieved_gb_per_s": round(step_bytes * stats.decode_steps / stats.decode_seconds / 1e9, 1),
+        "decode_host_fraction": round(stats.decode_host_seconds / stats.decode_seconds, 3),
+        "cuda_graphs": stats.cuda_graphs,
+        "prefill_seconds": round(stats.prefill_seconds, 2),
+    }
 
 
 def _lm_head(device: torch.device, dtype: torch.dtype, tokens: int, vocab: int, hidden: int) -> dict:
@@ -273,7 +359,7 @@ def _lm_head(device: torch.device, dtype: torch.dtype, tokens: int, vocab: int, 
 
     generator = torch.Generator(device=device).manual_seed(0)
     hidden_states = (torch.randn(tokens, 1, hidden, device=device, generator=generator) * 0.5).to(dtype)
-    weight = (torch.randn(vocab, hidden, device=device, generator=generator) * hidden ** -0.5).to(dtype)
+    weight = (torch.randn(vocab, hidden, device=device, generator=generator) * hidden**-0.5).to(dtype)
     targets = torch.randint(0, vocab, (tokens, 1), device=device, generator=generator)
 
     def chunked(gemm_dtype):
@@ -282,6 +368,7 @@ def _lm_head(device: torch.device, dtype: torch.dtype, tokens: int, vocab: int, 
             logp, entropy = token_logprobs_from_hidden(h, w, targets, with_entropy=True, gemm_dtype=gemm_dtype)
             (logp.sum() + entropy.sum()).backward()
             return logp.detach()
+
         return run
 
     def naive():
@@ -337,29 +424,58 @@ def main(argv: list[str]) -> None:
     from megatron_gopd.models.builder import torch_dtype
 
     report.phase(report.data, "attention_kernels", lambda: _kernels(device, torch_dtype(args.dtype)))
-    report.phase(report.data, "lm_head", lambda: _lm_head(device, torch_dtype(args.dtype), *(
-        (256, 1024, 64) if args.tiny else (4096, 151_936, 2048))))
+    report.phase(
+        report.data,
+        "lm_head",
+        lambda: _lm_head(device, torch_dtype(args.dtype), *((256, 1024, 64) if args.tiny else (4096, 151_936, 2048))),
+    )
     shapes = {"tiny": TINY_SHAPE} if args.tiny else SHAPES
     for name, shape in shapes.items():
         section: dict[str, Any] = {}
         report.data[name] = section
         built: dict[str, Any] = {}
-        report.phase(section, "build", lambda: built.update(zip(("hf", "model", "arch"),
-                                                                 _build(shape, args.dtype, device))) or {})
+        report.phase(
+            section,
+            "build",
+            lambda: built.update(zip(("hf", "model", "arch"), _build(shape, args.dtype, device))) or {},
+        )
         if "model" not in built:
             continue
         hf_model, model, arch = built["hf"], built["model"], built["arch"]
-        report.phase(section, "correctness", lambda: _correctness(model, arch, device, 4 if args.tiny else 16,
-                                                                  16 if args.tiny else 128))
+        report.phase(
+            section,
+            "correctness",
+            lambda: _correctness(model, arch, device, 4 if args.tiny else 16, 16 if args.tiny else 128),
+        )
         if name != "qwen3-1.7b":
-            report.phase(section, "throughput", lambda: _throughput(
-                hf_model, model, arch, device, 8 if args.tiny else 64, 32 if args.tiny else 1024,
-                16 if args.tiny else 128))
+            report.phase(
+                section,
+                "throughput",
+                lambda: _throughput(
+                    hf_model,
+                    model,
+                    arch,
+                    device,
+                    8 if args.tiny else 64,
+                    32 if args.tiny else 1024,
+                    16 if args.tiny else 128,
+                ),
+            )
         if name != "qwen3-0.6b":
-            report.phase(section, "long_context", lambda: _long_context(
-                model, arch, device, 4 if args.tiny else 64, 256 if args.tiny else 4096, 32 if args.tiny else 256,
-                bandwidth))
-        del built, hf_model, model
+            report.phase(
+                section,
+                "long_context",
+                lambda: _long_context(
+                    model,
+                    arch,
+                    device,
+                    4 if args.tiny else 64,
+                    256 if args.tiny else 4096,
+                    32 if args.tiny else 256,
+                    bandwidth,
+                ),
+            )
+        built = hf_model = model = None  # free the models before the next shape
         if device.type == "cuda":
             torch.cuda.empty_cache()
     platform.shutdown_distributed()

@@ -25,8 +25,14 @@ from typing import Optional, Sequence, Union
 import torch
 
 __all__ = [
-    "MicroBatch", "TrainSample", "balance_by_tokens", "collate", "pack_by_tokens", "pack_micro_batches",
-    "pad_token_rows", "round_up",
+    "MicroBatch",
+    "TrainSample",
+    "balance_by_tokens",
+    "collate",
+    "pack_by_tokens",
+    "pack_micro_batches",
+    "pad_token_rows",
+    "round_up",
 ]
 
 TokenValues = Union[Sequence[float], torch.Tensor]
@@ -75,8 +81,9 @@ def balance_by_tokens(lengths: Sequence[int], num_replicas: int) -> list[list[in
     return assignment
 
 
-def pad_token_rows(rows: Sequence[Sequence[int]], pad_id: int = 0,
-                   multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_token_rows(
+    rows: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`rows` right-padded to one batch, with their next-token targets and positions (on CPU).
 
     Right padding: under the causal mask no real position attends to a padded one, so padding
@@ -155,13 +162,13 @@ class MicroBatch:
     """The tensors of one training micro-batch, batch-major. Position t of the ``*_logprobs``
     tensors and of `loss_mask` refers to the token at ``tokens[:, t + 1]`` (the target of position t)."""
 
-    tokens: torch.Tensor            # [b, s] long, right-padded
-    position_ids: torch.Tensor      # [b, s] long
-    targets: torch.Tensor           # [b, s] long: tokens shifted left by one
-    loss_mask: torch.Tensor         # [b, s] float: 1 on response targets
+    tokens: torch.Tensor  # [b, s] long, right-padded
+    position_ids: torch.Tensor  # [b, s] long
+    targets: torch.Tensor  # [b, s] long: tokens shifted left by one
+    loss_mask: torch.Tensor  # [b, s] float: 1 on response targets
     sampler_logprobs: torch.Tensor  # [b, s] fp32
     teacher_logprobs: torch.Tensor  # [b, s] fp32
-    ref_logprobs: torch.Tensor      # [b, s] fp32 (teacher's where a sample has no reference)
+    ref_logprobs: torch.Tensor  # [b, s] fp32 (teacher's where a sample has no reference)
     outcome_advantage: torch.Tensor  # [b, 1] fp32
     teachers: list[Optional[str]]
     """Per row: the teacher that scored it, None for rows without a dense reward."""
@@ -171,9 +178,9 @@ class MicroBatch:
     """Per row: whether `ref_logprobs` holds a reference's log-probs (else the teacher's)."""
     # Top-k loss only (None otherwise), aligned like the log-probs above; padded positions hold
     # token 0 with a uniform distribution, finite but masked out.
-    topk_ids: Optional[torch.Tensor] = None               # [b, s, k] long
+    topk_ids: Optional[torch.Tensor] = None  # [b, s, k] long
     teacher_topk_logprobs: Optional[torch.Tensor] = None  # [b, s, k] fp32
-    ref_topk_logprobs: Optional[torch.Tensor] = None      # [b, s, k] fp32 (teacher's where no reference)
+    ref_topk_logprobs: Optional[torch.Tensor] = None  # [b, s, k] fp32 (teacher's where no reference)
 
     @property
     def num_response_tokens(self) -> int:
@@ -181,33 +188,48 @@ class MicroBatch:
         return int(self.loss_mask.sum().item())
 
 
-def collate(samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[torch.device] = None,
-            topk: int = 0) -> MicroBatch:
+def collate(
+    samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[torch.device] = None, topk: int = 0
+) -> MicroBatch:
     """Pad `samples` to one ``[b, s]`` micro-batch; an empty list gives a 1-token dummy (mask 0).
 
     The mask comes from each sample's response length, never from comparing with the pad id:
     Qwen3's pad id is also one of its EOS ids, and the real EOS must be trained on. With `topk` > 0
     the samples' top-k fields (all ``[len(response_ids), topk]``) become ``[b, s, topk]`` tensors.
     """
-    tokens, targets, positions = pad_token_rows([s.prompt_ids + s.response_ids for s in samples]
-                                                or [[pad_id, pad_id]], pad_id=pad_id)
+    tokens, targets, positions = pad_token_rows(
+        [s.prompt_ids + s.response_ids for s in samples] or [[pad_id, pad_id]], pad_id=pad_id
+    )
     batch, length = tokens.shape
     spans = [s.response_span for s in samples]
     mask = _response_values(spans, [[1.0] * len(s.response_ids) for s in samples], batch, length)
     sampler = _response_values(spans, [s.sampler_logprobs for s in samples], batch, length)
     teacher = _response_values(spans, [s.teacher_logprobs for s in samples], batch, length)
-    ref = _response_values(spans, [s.teacher_logprobs if s.ref_logprobs is None else s.ref_logprobs
-                                   for s in samples], batch, length)
+    ref = _response_values(
+        spans, [s.teacher_logprobs if s.ref_logprobs is None else s.ref_logprobs for s in samples], batch, length
+    )
     outcome = torch.tensor([[s.outcome_advantage] for s in samples]) if samples else torch.zeros((1, 1))
-    out = MicroBatch(tokens, positions, targets, mask, sampler, teacher, ref, outcome,
-                     [s.teacher for s in samples], [s.lam for s in samples],
-                     [s.ref_logprobs is not None for s in samples])
+    out = MicroBatch(
+        tokens,
+        positions,
+        targets,
+        mask,
+        sampler,
+        teacher,
+        ref,
+        outcome,
+        [s.teacher for s in samples],
+        [s.lam for s in samples],
+        [s.ref_logprobs is not None for s in samples],
+    )
     if topk:
         ids, teacher_topk, ref_topk = _topk_padding(batch, length, topk)
         for row, s in enumerate(samples):
             if s.teacher_topk_ids is None or s.teacher_topk_ids.shape != (len(s.response_ids), topk):
-                raise ValueError(f"sample {row} has no [response_len, {topk}] teacher top-k (scored "
-                                 f"without ScoringPool.score(topk={topk})?)")
+                raise ValueError(
+                    f"sample {row} has no [response_len, {topk}] teacher top-k (scored "
+                    f"without ScoringPool.score(topk={topk})?)"
+                )
             start, end = s.response_span
             ids[row, start:end] = s.teacher_topk_ids.to(torch.long).cpu()
             teacher_topk[row, start:end] = s.teacher_topk_logprobs.float().cpu()
@@ -217,8 +239,9 @@ def collate(samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[to
     return out if device is None else _on(out, device)
 
 
-def _response_values(spans: Sequence[tuple[int, int]], values: Sequence[TokenValues], batch: int,
-                     length: int) -> torch.Tensor:
+def _response_values(
+    spans: Sequence[tuple[int, int]], values: Sequence[TokenValues], batch: int, length: int
+) -> torch.Tensor:
     """``[batch, length]`` fp32: row r holds ``values[r]`` on ``spans[r]``, 0 elsewhere.
 
     Built on the device of the first tensor among `values` (CPU when all are lists), so scores

@@ -32,9 +32,19 @@ HF_SUBDIR = "hf"
 FORMAT_VERSION = 1
 
 # Files copied next to converted checkpoints so that a tokenizer and generation defaults travel along.
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
-              "added_tokens.json", "chat_template.jinja", "chat_template.json")
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -91,9 +101,15 @@ def atomic_directory_write(out_dir: str | Path, write: Callable[[Path], None], r
     return out
 
 
-def save_model_checkpoint(model, out_dir: str | Path, *, hf_source_dir: str | Path, meta: dict[str, Any],
-                          sharded_state_dict: Optional[dict] = None,
-                          write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+def save_model_checkpoint(
+    model,
+    out_dir: str | Path,
+    *,
+    hf_source_dir: str | Path,
+    meta: dict[str, Any],
+    sharded_state_dict: Optional[dict] = None,
+    write_extra: Optional[Callable[[Path], None]] = None,
+) -> Path:
     """Save `model` (every rank's share) as a distributed checkpoint under `out_dir` (collective).
 
     The one checkpoint writer of the project: `gopd-convert` writes a bare model this way, the
@@ -105,8 +121,9 @@ def save_model_checkpoint(model, out_dir: str | Path, *, hf_source_dir: str | Pa
     from megatron.core import dist_checkpointing
 
     def write(tmp: Path) -> None:
-        dist_checkpointing.save(model.sharded_state_dict() if sharded_state_dict is None else sharded_state_dict,
-                                str(tmp))
+        dist_checkpointing.save(
+            model.sharded_state_dict() if sharded_state_dict is None else sharded_state_dict, str(tmp)
+        )
         if rank() == 0:
             (tmp / HF_SUBDIR).mkdir()
             copy_side_files(hf_source_dir, tmp / HF_SUBDIR)
@@ -122,22 +139,28 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     """The metadata of a checkpoint written by `save_model_checkpoint`; clear error otherwise."""
     path = Path(ckpt_dir) / META_FILE
     if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir} is not a megatron-gopd checkpoint (no {META_FILE}); convert a "
-                              "HF model with `gopd-convert hf-to-mcore` first")
+        raise CheckpointError(
+            f"{ckpt_dir} is not a megatron-gopd checkpoint (no {META_FILE}); convert a "
+            "HF model with `gopd-convert hf-to-mcore` first"
+        )
     meta = read_json(path)
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {meta.get('format_version')} is not supported "
-                              f"(expected {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{path}: format_version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})"
+        )
     return meta
 
 
 # What torch's distributed-checkpoint metadata (``<ckpt>/.metadata``, a pickle) may refer to: the
 # dataclasses and enums of its metadata, torch sizes, dtypes and layouts. Anything else (a function
 # such as os.system, any other class) is refused before torch unpickles the file itself.
-_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                     "torch.distributed.checkpoint.filesystem")
+_METADATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+)
 _METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout")}
 
 
@@ -146,9 +169,11 @@ class _MetadataUnpickler(pickle.Unpickler):
         import torch
 
         obj = super().find_class(module, name) if module.split(".")[0] == "torch" else None
-        allowed = ((module in _METADATA_MODULES and isinstance(obj, type))
-                   or (module, name) in _METADATA_GLOBALS
-                   or (module == "torch" and isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))))
+        allowed = (
+            (module in _METADATA_MODULES and isinstance(obj, type))
+            or (module, name) in _METADATA_GLOBALS
+            or (module == "torch" and isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)))
+        )
         if not allowed:
             raise pickle.UnpicklingError(f"refers to {module}.{name}, which checkpoint metadata never holds")
         return obj
@@ -183,8 +208,10 @@ def load_distributed(sharded_state_dict: dict, ckpt_dir: str | Path) -> dict:
     except (EOFError, pickle.UnpicklingError, OSError, CheckpointException) as err:
         # torch wraps each rank's read error; its first line names the failing step and ranks
         cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{ckpt_dir}: cannot read the checkpoint's shard files, truncated or corrupt? "
-                              f"({type(err).__name__}: {cause})") from err
+        raise CheckpointError(
+            f"{ckpt_dir}: cannot read the checkpoint's shard files, truncated or corrupt? "
+            f"({type(err).__name__}: {cause})"
+        ) from err
 
 
 def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
@@ -196,8 +223,14 @@ def load_model_checkpoint(model, ckpt_dir: str | Path) -> None:
     model.load_state_dict(load_distributed(sharded, ckpt_dir))
 
 
-def load_model(ckpt_dir: str | Path, layout: ParallelLayout, *, dtype: Optional[str] = None,
-               pg_collection: Any = None, **build_options: Any):
+def load_model(
+    ckpt_dir: str | Path,
+    layout: ParallelLayout,
+    *,
+    dtype: Optional[str] = None,
+    pg_collection: Any = None,
+    **build_options: Any,
+):
     """Build this rank's part of a checkpoint's model at `layout` and load it; returns (model, arch).
 
     The one model loader of the project (student, teachers, references, conversion, evaluation).
@@ -211,7 +244,13 @@ def load_model(ckpt_dir: str | Path, layout: ParallelLayout, *, dtype: Optional[
     meta = read_checkpoint_meta(ckpt_dir)
     arch = ModelArchitecture.from_pretrained(Path(ckpt_dir) / HF_SUBDIR)
     arch.validate_parallel(layout.tp, layout.pp, layout.ep, layout.etp)
-    model = build_gpt_model(arch, layout, dtype=dtype or meta.get("dtype", "float32"), pg_collection=pg_collection,
-                            perform_initialization=False, **build_options)
+    model = build_gpt_model(
+        arch,
+        layout,
+        dtype=dtype or meta.get("dtype", "float32"),
+        pg_collection=pg_collection,
+        perform_initialization=False,
+        **build_options,
+    )
     load_model_checkpoint(model, ckpt_dir)
     return model, arch

@@ -26,8 +26,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_world_size(ranks: int, command: str, argv: Sequence[str], script: Optional[str] = None,
-                      env: Optional[dict[str, str]] = None, pass_fds: Sequence[int] = ()) -> Optional[int]:
+def ensure_world_size(
+    ranks: int,
+    command: str,
+    argv: Sequence[str],
+    script: Optional[str] = None,
+    env: Optional[dict[str, str]] = None,
+    pass_fds: Sequence[int] = (),
+) -> Optional[int]:
     """Re-run this command as `ranks` local processes when started without a launcher.
 
     `command` names a console command of this module; a tool passes its own `script` path instead.
@@ -43,8 +49,13 @@ def ensure_world_size(ranks: int, command: str, argv: Sequence[str], script: Opt
         return None
     logger.info("starting %d local ranks", ranks)
     argv = [*([script] if script else ["-m", "megatron_gopd.cli", command]), *argv]
-    return launch_local_ranks(ranks, argv, env={**os.environ, **(env or {}), _RELAUNCHED_ENV: "1"},
-                              master_port=_free_port(), pass_fds=pass_fds)
+    return launch_local_ranks(
+        ranks,
+        argv,
+        env={**os.environ, **(env or {}), _RELAUNCHED_ENV: "1"},
+        master_port=_free_port(),
+        pass_fds=pass_fds,
+    )
 
 
 def _run_distributed(job: Callable[[], None], cleanup: Optional[Callable[[], object]] = None) -> int:
@@ -66,8 +77,7 @@ def _run_distributed(job: Callable[[], None], cleanup: Optional[Callable[[], obj
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
     """`argv` minus ``--nproc N`` / ``--nproc=N``: the re-launched ranks are launched already."""
-    return [a for i, a in enumerate(argv)
-            if not a.startswith("--nproc") and not (i and argv[i - 1] == "--nproc")]
+    return [a for i, a in enumerate(argv) if not a.startswith("--nproc") and not (i and argv[i - 1] == "--nproc")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,18 +88,25 @@ def _convert_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gopd-convert",
         description="Convert checkpoints between Hugging Face and Megatron (torch_dist) formats. "
-                    "Runs on CPU (gloo) or GPU; started without torchrun it launches tp*pp*ep local "
-                    "ranks itself.")
+        "Runs on CPU (gloo) or GPU; started without torchrun it launches tp*pp*ep local "
+        "ranks itself.",
+    )
     sub = parser.add_subparsers(dest="direction", required=True)
-    to_mcore = sub.add_parser("hf-to-mcore", help="HF directory -> Megatron distributed checkpoint",
-                              description="Read a HF model directory (config.json + safetensors) and "
-                                          "write a Megatron torch_dist checkpoint that any TP/PP/EP "
-                                          "layout can load, plus the HF config and tokenizer files.")
+    to_mcore = sub.add_parser(
+        "hf-to-mcore",
+        help="HF directory -> Megatron distributed checkpoint",
+        description="Read a HF model directory (config.json + safetensors) and "
+        "write a Megatron torch_dist checkpoint that any TP/PP/EP "
+        "layout can load, plus the HF config and tokenizer files.",
+    )
     to_mcore.add_argument("--hf-dir", required=True, help="HF model directory (config.json, *.safetensors)")
     to_mcore.add_argument("--out", required=True, help="new (or empty) checkpoint directory")
-    to_hf = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF directory",
-                           description="Write sharded safetensors, model.safetensors.index.json, "
-                                       "config.json and tokenizer files loadable by transformers.")
+    to_hf = sub.add_parser(
+        "mcore-to-hf",
+        help="Megatron checkpoint -> HF directory",
+        description="Write sharded safetensors, model.safetensors.index.json, "
+        "config.json and tokenizer files loadable by transformers.",
+    )
     to_hf.add_argument("--ckpt", required=True, help="checkpoint written by hf-to-mcore or gopd-train")
     to_hf.add_argument("--out", required=True, help="new (or empty) HF output directory")
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (GB)")
@@ -98,8 +115,12 @@ def _convert_parser() -> argparse.ArgumentParser:
         p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the job")
         p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
         p.add_argument("--log-level", default="INFO")
-    to_mcore.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                          help="parameter dtype of the checkpoint (default: the HF checkpoint's)")
+    to_mcore.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="parameter dtype of the checkpoint (default: the HF checkpoint's)",
+    )
     return parser
 
 
@@ -116,8 +137,9 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
     if not os.environ.get(_RELAUNCHED_ENV):  # checked once, before any rank starts
         try:
-            check_conversion(args.direction, args.hf_dir if args.direction == "hf-to-mcore" else args.ckpt,
-                             args.out, layout)
+            check_conversion(
+                args.direction, args.hf_dir if args.direction == "hf-to-mcore" else args.ckpt, args.out, layout
+            )
         except (ValueError, FileNotFoundError) as err:
             logger.error("%s", err)
             return 2
@@ -142,32 +164,53 @@ def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gopd-train",
         description="Train a student by generalized on-policy distillation. Writes "
-                    "<output_dir>/metrics.jsonl (one JSON object per step), TensorBoard events, "
-                    "checkpoints under <output_dir>/checkpoints/ (a restarted run resumes from the "
-                    "latest automatically) and the final student as a HF directory <output_dir>/hf.",
+        "<output_dir>/metrics.jsonl (one JSON object per step), TensorBoard events, "
+        "checkpoints under <output_dir>/checkpoints/ (a restarted run resumes from the "
+        "latest automatically) and the final student as a HF directory <output_dir>/hf.",
         epilog="Launch with torchrun (or srun) for several ranks, or pass --nproc N to start N local "
-               "ranks. Example: gopd-train --config examples/configs/tiny_multi_teacher.yaml "
-               "steps=2 optim.lr=1e-4")
+        "ranks. Example: gopd-train --config examples/configs/tiny_multi_teacher.yaml "
+        "steps=2 optim.lr=1e-4",
+    )
     parser.add_argument("--config", required=True, help="YAML file with the job's TrainConfig")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted overrides of config fields, e.g. optim.lr=1e-5 rollout.n=4")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="start this many local ranks when not already launched (torchrun / srun)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="dotted overrides of config fields, e.g. optim.lr=1e-5 rollout.n=4",
+    )
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="start this many local ranks when not already launched (torchrun / srun)"
+    )
     parser.add_argument("--log-level", default="INFO")
     plan = parser.add_argument_group(
-        "memory plan", "--plan prints the per-rank memory of every phase (static state, rollout KV "
+        "memory plan",
+        "--plan prints the per-rank memory of every phase (static state, rollout KV "
         "cache, scoring, training) and exits: 0 when the job fits, 2 when it does not (with what to "
-        "change). No rank starts and no model is built.")
+        "change). No rank starts and no model is built.",
+    )
     plan.add_argument("--plan", action="store_true", help="print the memory plan and exit")
-    plan.add_argument("--world-size", type=int, default=None,
-                      help="GPUs of the planned job (default: --nproc, or WORLD_SIZE / SLURM_NTASKS)")
-    plan.add_argument("--device-memory-gb", type=float, default=None,
-                      help="memory of one GPU (default: this machine's GPU, else 80)")
-    plan.add_argument("--model-shapes", default=None, metavar="DIR",
-                      help="read <checkpoint name>.json HF configs from DIR for checkpoints that are not "
-                           "on this machine (e.g. examples/configs/model_shapes)")
-    plan.add_argument("--attention", choices=["sdpa", "local"], default=None,
-                      help="plan for this attention kind (default: what this machine's layer spec uses)")
+    plan.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="GPUs of the planned job (default: --nproc, or WORLD_SIZE / SLURM_NTASKS)",
+    )
+    plan.add_argument(
+        "--device-memory-gb", type=float, default=None, help="memory of one GPU (default: this machine's GPU, else 80)"
+    )
+    plan.add_argument(
+        "--model-shapes",
+        default=None,
+        metavar="DIR",
+        help="read <checkpoint name>.json HF configs from DIR for checkpoints that are not "
+        "on this machine (e.g. examples/configs/model_shapes)",
+    )
+    plan.add_argument(
+        "--attention",
+        choices=["sdpa", "local"],
+        default=None,
+        help="plan for this attention kind (default: what this machine's layer spec uses)",
+    )
     return parser
 
 
@@ -213,9 +256,13 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         logger.error("%s", err)
         return 2
-    relaunched = ensure_world_size(args.nproc, "gopd-train", _without_nproc(argv),
-                                   env={_TRAIN_PLAN_ENV: plan.to_json()},
-                                   pass_fds=[lock.fileno()] if lock is not None else [])
+    relaunched = ensure_world_size(
+        args.nproc,
+        "gopd-train",
+        _without_nproc(argv),
+        env={_TRAIN_PLAN_ENV: plan.to_json()},
+        pass_fds=[lock.fileno()] if lock is not None else [],
+    )
     if relaunched is not None:
         return relaunched
 
@@ -253,39 +300,57 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gopd-eval",
         description="avg@k (and pass@k) of a model on a prompt file, per domain, with the dataset's "
-                    "verifiers (math answers, sandboxed code tests). Prints a table and writes JSON.",
+        "verifiers (math answers, sandboxed code tests). Prints a table and writes JSON.",
         epilog="Example: gopd-eval --model outputs/run/hf --data data/math_test.jsonl --k 8 "
-               "--temperature 1.0 --max-new-tokens 4096 --out results.json")
-    parser.add_argument("--model", required=True,
-                        help="a HF model directory or a Megatron checkpoint (gopd-convert / gopd-train)")
+        "--temperature 1.0 --max-new-tokens 4096 --out results.json",
+    )
+    parser.add_argument(
+        "--model", required=True, help="a HF model directory or a Megatron checkpoint (gopd-convert / gopd-train)"
+    )
     parser.add_argument("--data", required=True, help="prompt file (.jsonl, .parquet or a saved dataset)")
     parser.add_argument("--k", type=int, default=4, help="samples per prompt")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--max-prompt-length", type=int, default=None,
-                        help="drop (and count) longer prompts")
+    parser.add_argument("--max-prompt-length", type=int, default=None, help="drop (and count) longer prompts")
     parser.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
-    parser.add_argument("--enable-thinking", choices=["true", "false"], default=None,
-                        help="passed to the chat template (Qwen3)")
+    parser.add_argument(
+        "--enable-thinking", choices=["true", "false"], default=None, help="passed to the chat template (Qwen3)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="start this many local ranks when not already launched (torchrun / srun)")
-    parser.add_argument("--engine", choices=["auto", "fast", "megatron", "vllm"], default="auto",
-                        help="rollout engine: fast (continuous batching over KV slots; dense models without "
-                             "pipeline parallelism), megatron (any layout), auto (fast where it applies), vllm "
-                             "(one vLLM engine per data-parallel replica, TP = --tp, pp must be 1; needs vLLM)")
-    parser.add_argument("--kv-cache-gb", type=float, default=None,
-                        help="fast / vllm engine: KV-cache budget per GPU in GB (default: fast 90%% of free GPU "
-                             "memory, vLLM half the GPU; 1 GB on CPU)")
-    parser.add_argument("--max-batch-size", type=int, default=None,
-                        help="megatron engine: most samples decoded at once (vLLM: max_num_seqs)")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="start this many local ranks when not already launched (torchrun / srun)"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "fast", "megatron", "vllm"],
+        default="auto",
+        help="rollout engine: fast (continuous batching over KV slots; dense models without "
+        "pipeline parallelism), megatron (any layout), auto (fast where it applies), vllm "
+        "(one vLLM engine per data-parallel replica, TP = --tp, pp must be 1; needs vLLM)",
+    )
+    parser.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=None,
+        help="fast / vllm engine: KV-cache budget per GPU in GB (default: fast 90%% of free GPU "
+        "memory, vLLM half the GPU; 1 GB on CPU)",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="megatron engine: most samples decoded at once (vLLM: max_num_seqs)",
+    )
     parser.add_argument("--out", default=None, help="write the report as JSON here")
-    parser.add_argument("--samples-out", default=None,
-                        help="also write every sample (prompt fields + response, verdict) as JSON lines; "
-                             "the file trains `gopd-train mode=sft` on these responses")
+    parser.add_argument(
+        "--samples-out",
+        default=None,
+        help="also write every sample (prompt fields + response, verdict) as JSON lines; "
+        "the file trains `gopd-train mode=sft` on these responses",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -310,8 +375,12 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_gopd.rollout.vllm_engine import check_vllm_support
 
         try:
-            check_vllm_support(ModelArchitecture.from_pretrained(model_config_dir(args.model)), tp=args.tp,
-                               pp=args.pp, where="--engine vllm")
+            check_vllm_support(
+                ModelArchitecture.from_pretrained(model_config_dir(args.model)),
+                tp=args.tp,
+                pp=args.pp,
+                where="--engine vllm",
+            )
         except (ValueError, FileNotFoundError) as err:
             logger.error("%s", err)
             return 2

@@ -25,8 +25,18 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "agree", "agree_on_micro_batch_count", "all_gather_object", "all_gather_varlen", "all_reduce_dp", "barrier",
-    "broadcast_object", "check_same_in_groups", "check_same_within_groups", "fingerprint", "int_sequences", "rank",
+    "agree",
+    "agree_on_micro_batch_count",
+    "all_gather_object",
+    "all_gather_varlen",
+    "all_reduce_dp",
+    "barrier",
+    "broadcast_object",
+    "check_same_in_groups",
+    "check_same_within_groups",
+    "fingerprint",
+    "int_sequences",
+    "rank",
 ]
 
 
@@ -66,8 +76,9 @@ def all_gather_object(value: Any) -> list[Any]:
 # Reductions
 
 
-def all_reduce_dp(tensor: torch.Tensor, group: Optional[dist.ProcessGroup],
-                  op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+def all_reduce_dp(
+    tensor: torch.Tensor, group: Optional[dist.ProcessGroup], op: dist.ReduceOp = dist.ReduceOp.SUM
+) -> None:
     """In-place all-reduce of `tensor` over `group` (None: the world) with `op`.
 
     A no-op outside a job or when the group has a single rank, so single-replica runs pay nothing.
@@ -156,8 +167,9 @@ def int_sequences(sequences: Iterable[Sequence[int]]) -> np.ndarray:
     return np.concatenate([lengths, values])
 
 
-def check_same_in_groups(digest: int, groups: Sequence[Optional[dist.ProcessGroup]], message: str,
-                         device: Optional[torch.device] = None) -> None:
+def check_same_in_groups(
+    digest: int, groups: Sequence[Optional[dist.ProcessGroup]], message: str, device: Optional[torch.device] = None
+) -> None:
     """Raise RuntimeError(`message`) on every rank of `groups` unless their `digest`s agree.
 
     One all-reduce (MAX) per group of the digest and its negation: both maxima give back the
@@ -175,8 +187,9 @@ def check_same_in_groups(digest: int, groups: Sequence[Optional[dist.ProcessGrou
         raise RuntimeError(message)
 
 
-def check_same_within_groups(values: Sequence[Any], leader_of_rank: Sequence[int],
-                             describe: Callable[[int, int], str]) -> None:
+def check_same_within_groups(
+    values: Sequence[Any], leader_of_rank: Sequence[int], describe: Callable[[int, int], str]
+) -> None:
     """Raise ValueError on every rank unless each rank's value equals its group leader's.
 
     `values` holds every rank's value (e.g. the payloads returned by `agree`) and

@@ -106,23 +106,29 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(cls: type[T], data: Any, *, source: str = "<dict>", overridden: set[str] = frozenset(),
-              prefix: str = "") -> T:
+def from_dict(
+    cls: type[T], data: Any, *, source: str = "<dict>", overridden: set[str] = frozenset(), prefix: str = ""
+) -> T:
     """Convert a nested mapping into dataclass `cls`, checking every key and type."""
     if not isinstance(data, dict):
-        raise _error(prefix or "<root>", f"expected a mapping for {cls.__name__}, got "
-                     f"{type(data).__name__}", source, overridden)
+        raise _error(
+            prefix or "<root>", f"expected a mapping for {cls.__name__}, got {type(data).__name__}", source, overridden
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f" (did you mean {_join(prefix, close[0])!r}?)" if close else (
-            f" (known keys: {', '.join(sorted(fields))})")
+        hint = (
+            f" (did you mean {_join(prefix, close[0])!r}?)"
+            if close
+            else (f" (known keys: {', '.join(sorted(fields))})")
+        )
         raise _error(_join(prefix, key), f"unknown key{hint}", source, overridden)
-    kwargs = {name: _convert(hints[name], value, _join(prefix, name), source, overridden)
-              for name, value in data.items()}
+    kwargs = {
+        name: _convert(hints[name], value, _join(prefix, name), source, overridden) for name, value in data.items()
+    }
     try:
         return cls(**kwargs)
     except ConfigError:

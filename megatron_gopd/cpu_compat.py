@@ -174,7 +174,7 @@ def _patch_uneven_collectives() -> None:
         dist.all_reduce(full, op=op, group=group)
         rank = dist.get_rank(group)
         start = sum(t.shape[0] for t in input_list[:rank])
-        output.copy_(full[start: start + output.shape[0]])
+        output.copy_(full[start : start + output.shape[0]])
         return None
 
     dist.all_gather = uneven_all_gather

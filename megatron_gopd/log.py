@@ -41,8 +41,9 @@ def setup_logging(level: str | int = "INFO", all_ranks: bool | None = None) -> N
         all_ranks = os.environ.get(ALL_RANKS_ENV, "") not in ("", "0")
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RankFilter(all_ranks))
-    handler.setFormatter(logging.Formatter("[%(asctime)s rank%(rank)s %(levelname)s %(name)s] %(message)s",
-                                           datefmt="%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("[%(asctime)s rank%(rank)s %(levelname)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    )
     root = logging.getLogger("megatron_gopd")
     root.handlers[:] = [handler]
     root.setLevel(level)

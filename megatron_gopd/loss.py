@@ -146,8 +146,7 @@ class GOPDAdvantages:
     teacher_clamped: torch.Tensor
     ref_clamped: Optional[torch.Tensor]
 
-    def metrics(self, mask: torch.Tensor,
-                entropy: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def metrics(self, mask: torch.Tensor, entropy: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Masked means (and clamp counts) over this micro-batch's response tokens.
 
         Args:
@@ -191,7 +190,8 @@ def gopd_advantages_detailed(
         raise ValueError(
             f"ref_logp may be None only when lam == 1 (plain OPD); got lam={lam}. Score the "
             "reference model (the student's initial weights, or the teacher's pre-RL base for "
-            "reward correction) and pass its log-probs of the sampled tokens.")
+            "reward correction) and pass its log-probs of the sampled tokens."
+        )
     _check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, ref_logp=ref_logp)
     student = student_logp.detach().float()
     teacher, teacher_clamped = _guard_logp(teacher_logp)
@@ -206,9 +206,13 @@ def gopd_advantages_detailed(
     else:
         assert ref is not None and implicit_reward is not None
         advantages = lam * implicit_reward - (student - ref)
-    return GOPDAdvantages(advantages=advantages, reverse_kl=student - teacher,
-                          implicit_reward=implicit_reward, teacher_clamped=teacher_clamped,
-                          ref_clamped=ref_clamped)
+    return GOPDAdvantages(
+        advantages=advantages,
+        reverse_kl=student - teacher,
+        implicit_reward=implicit_reward,
+        teacher_clamped=teacher_clamped,
+        ref_clamped=ref_clamped,
+    )
 
 
 def gopd_advantages(
@@ -261,8 +265,9 @@ def loss_normaliser(mask: torch.Tensor, agg: AggMode = "token-mean") -> torch.Te
     return keep.any(dim=-1).sum().float()
 
 
-def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, agg: AggMode = "token-mean",
-                   num_tokens: Optional[Count] = None) -> torch.Tensor:
+def aggregate_loss(
+    per_token_loss: torch.Tensor, mask: torch.Tensor, agg: AggMode = "token-mean", num_tokens: Optional[Count] = None
+) -> torch.Tensor:
     """Reduce a ``[b, s]`` per-token loss to this micro-batch's share of the step loss (0-dim).
 
     Args:
@@ -346,11 +351,12 @@ def policy_loss(
             ``tis_cap`` / ``clip_eps``.
     """
     _check_agg(agg)
-    _check_same_shape(logp=logp, advantages=advantages, mask=mask, sampler_logp=sampler_logp,
-                      old_logp=old_logp)
+    _check_same_shape(logp=logp, advantages=advantages, mask=mask, sampler_logp=sampler_logp, old_logp=old_logp)
     if tis_cap is not None and (sampler_logp is None or tis_cap <= 0):
-        raise ValueError("tis_cap needs sampler_logp and must be > 0 "
-                         f"(tis_cap={tis_cap}, sampler_logp given: {sampler_logp is not None})")
+        raise ValueError(
+            "tis_cap needs sampler_logp and must be > 0 "
+            f"(tis_cap={tis_cap}, sampler_logp given: {sampler_logp is not None})"
+        )
     if clip_eps is not None and clip_eps <= 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
 
@@ -395,9 +401,9 @@ def _log_tail_mass(topk_logp: torch.Tensor) -> torch.Tensor:
     """log(1 - sum_k p_k) for ``[..., k]`` log-probs, the mass floored at `TAIL_MASS_FLOOR`."""
     log_covered = torch.logsumexp(topk_logp, dim=-1).clamp(max=math.log1p(-TAIL_MASS_FLOOR))
     # log(1 - e^x), stable on both sides of x = -log 2 (Maechler's log1mexp).
-    return torch.where(log_covered > -math.log(2.0),
-                       torch.log(-torch.expm1(log_covered)),
-                       torch.log1p(-torch.exp(log_covered)))
+    return torch.where(
+        log_covered > -math.log(2.0), torch.log(-torch.expm1(log_covered)), torch.log1p(-torch.exp(log_covered))
+    )
 
 
 def _with_tail(topk_logp: torch.Tensor) -> torch.Tensor:
@@ -448,8 +454,9 @@ def topk_reverse_kl(
     """
     if ref_topk_logp is None and lam != 1.0:
         raise ValueError(f"ref_topk_logp may be None only when lam == 1 (got lam={lam})")
-    _check_same_shape(student_topk_logp=student_topk_logp, teacher_topk_logp=teacher_topk_logp,
-                      ref_topk_logp=ref_topk_logp)
+    _check_same_shape(
+        student_topk_logp=student_topk_logp, teacher_topk_logp=teacher_topk_logp, ref_topk_logp=ref_topk_logp
+    )
     student = _with_tail(student_topk_logp.float())  # [..., k + 1]
     target = _with_tail(_guard_logp(teacher_topk_logp)[0])
     if lam != 1.0:

@@ -47,14 +47,20 @@ class PackedBatch:
         sequence-first tensors (hidden states ``[t, 1, h]``); the padding is dropped.
         """
         if values.shape[dim] != self.tokens.shape[1]:
-            raise ValueError(f"values have {values.shape[dim]} positions along dim {dim}, the "
-                             f"packed batch {self.tokens.shape[1]}")
+            raise ValueError(
+                f"values have {values.shape[dim]} positions along dim {dim}, the packed batch {self.tokens.shape[1]}"
+            )
         pieces = torch.split(values, self.lengths + [self.num_padding], dim=dim)
-        return list(pieces[:len(self.lengths)])
+        return list(pieces[: len(self.lengths)])
 
 
-def pack_sequences(sequences: Sequence[Sequence[int]], *, pad_to_multiple_of: int = 1,
-                   pad_id: int = 0, device: Optional[torch.device] = None) -> PackedBatch:
+def pack_sequences(
+    sequences: Sequence[Sequence[int]],
+    *,
+    pad_to_multiple_of: int = 1,
+    pad_id: int = 0,
+    device: Optional[torch.device] = None,
+) -> PackedBatch:
     """Pack token sequences into one ``[1, t]`` row with Megatron `PackedSeqParams`.
 
     `pad_to_multiple_of` rounds ``t`` up (sequence parallelism splits the packed row over the TP
@@ -81,7 +87,7 @@ def pack_sequences(sequences: Sequence[Sequence[int]], *, pad_to_multiple_of: in
     cu_seqlens = torch.zeros(len(segments) + 1, dtype=torch.int32, device=device)
     cu_seqlens[1:] = torch.cumsum(torch.tensor(segments, device=device), 0)
     longest = max(segments)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                             max_seqlen_q=longest, max_seqlen_kv=longest)
-    return PackedBatch(tokens=tokens, position_ids=positions, packed_seq_params=params,
-                       lengths=lengths)
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=longest, max_seqlen_kv=longest
+    )
+    return PackedBatch(tokens=tokens, position_ids=positions, packed_seq_params=params, lengths=lengths)

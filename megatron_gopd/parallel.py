@@ -24,8 +24,17 @@ import torch.distributed as dist
 from megatron_gopd.models import ParallelLayout
 
 __all__ = [
-    "GroupFactory", "ModelGrid", "build_grid", "check_megatron_layout", "dense_grid", "expert_grid", "last_stage_of_rank", "rank_groups",
-    "replica_partition", "replica_writers", "same_partition",
+    "GroupFactory",
+    "ModelGrid",
+    "build_grid",
+    "check_megatron_layout",
+    "dense_grid",
+    "expert_grid",
+    "last_stage_of_rank",
+    "rank_groups",
+    "replica_partition",
+    "replica_writers",
+    "same_partition",
 ]
 
 
@@ -70,6 +79,7 @@ def replica_partition(layout: ParallelLayout, world: int) -> list[int]:
 
 def same_partition(a: Sequence[int], b: Sequence[int]) -> bool:
     """Whether two rank -> replica maps group the ranks identically (replica numbering aside)."""
+
     def groups(replica_of: Sequence[int]) -> set[frozenset[int]]:
         return {frozenset(r for r in range(len(replica_of)) if replica_of[r] == v) for v in set(replica_of)}
 
@@ -177,20 +187,37 @@ def build_grid(layout: ParallelLayout, factory: GroupFactory) -> ModelGrid:
     world = dist.get_world_size()
     dense, expert = dense_grid(layout, world), expert_grid(layout, world)
     pgs = ProcessGroupCollection()
-    for name, dims in (("tp", ["tp"]), ("cp", ["cp"]), ("dp", ["dp"]), ("pp", ["pp"]),
-                       ("tp_cp", ["tp", "cp"]), ("dp_cp", ["cp", "dp"]), ("mp", ["tp", "pp"]),
-                       ("tp_dp_cp", ["tp", "cp", "dp"])):
+    for name, dims in (
+        ("tp", ["tp"]),
+        ("cp", ["cp"]),
+        ("dp", ["dp"]),
+        ("pp", ["pp"]),
+        ("tp_cp", ["tp", "cp"]),
+        ("dp_cp", ["cp", "dp"]),
+        ("mp", ["tp", "pp"]),
+        ("tp_dp_cp", ["tp", "cp", "dp"]),
+    ):
         setattr(pgs, name, factory.group(rank_groups(dense, dims)))
-    for name, dims in (("ep", ["ep"]), ("expt_tp", ["tp"]), ("tp_ep", ["tp", "ep"]), ("expt_dp", ["dp"]),
-                       ("tp_ep_pp", ["tp", "ep", "pp"])):
+    for name, dims in (
+        ("ep", ["ep"]),
+        ("expt_tp", ["tp"]),
+        ("tp_ep", ["tp", "ep"]),
+        ("expt_dp", ["dp"]),
+        ("tp_ep_pp", ["tp", "ep", "pp"]),
+    ):
         setattr(pgs, name, factory.group(rank_groups(expert, dims)))
     pipelines = rank_groups(dense, ["pp"])
     # Word embeddings live on the first and last stage (tied weights are synchronised there), the
     # position embedding on the first; as parallel_state.default_embedding_ranks.
     pgs.embd = factory.group([[p[0], p[-1]] if len(p) > 1 else [p[0]] for p in pipelines], optional=True)
     pgs.pos_embd = factory.group([[p[0]] for p in pipelines], optional=True)
-    return ModelGrid(layout, pgs, replica_partition(layout, world), replica_writers(layout, world),
-                     last_stage_of_rank(layout, world)[dist.get_rank()])
+    return ModelGrid(
+        layout,
+        pgs,
+        replica_partition(layout, world),
+        replica_writers(layout, world),
+        last_stage_of_rank(layout, world)[dist.get_rank()],
+    )
 
 
 def check_megatron_layout(layout: ParallelLayout, expected_dp_rank: int) -> None:
@@ -203,10 +230,14 @@ def check_megatron_layout(layout: ParallelLayout, expected_dp_rank: int) -> None
 
     if not parallel_state.model_parallel_is_initialized():
         return
-    actual = (parallel_state.get_tensor_model_parallel_world_size(),
-              parallel_state.get_pipeline_model_parallel_world_size(),
-              parallel_state.get_data_parallel_rank())
+    actual = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_data_parallel_rank(),
+    )
     if actual != (layout.tp, layout.pp, expected_dp_rank):
-        raise ValueError(f"student_layout tp={layout.tp} pp={layout.pp} (data-parallel rank "
-                         f"{expected_dp_rank}) does not match Megatron's parallel state tp={actual[0]} "
-                         f"pp={actual[1]} (data-parallel rank {actual[2]}): pass the student's layout")
+        raise ValueError(
+            f"student_layout tp={layout.tp} pp={layout.pp} (data-parallel rank "
+            f"{expected_dp_rank}) does not match Megatron's parallel state tp={actual[0]} "
+            f"pp={actual[1]} (data-parallel rank {actual[2]}): pass the student's layout"
+        )

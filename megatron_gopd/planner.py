@@ -130,20 +130,26 @@ class MemoryPlan:
         """What to change, phase by phase, when the plan does not fit."""
         out = []
         if self.kv_slots < 1:
-            out.append(f"rollout: the KV budget holds no sample of {self.sample_tokens} tokens; raise "
-                       "rollout.kv_cache_gb (or kv_cache_fraction), lower rollout.max_new_tokens / "
-                       "data.max_prompt_length, or raise the student's tp")
+            out.append(
+                f"rollout: the KV budget holds no sample of {self.sample_tokens} tokens; raise "
+                "rollout.kv_cache_gb (or kv_cache_fraction), lower rollout.max_new_tokens / "
+                "data.max_prompt_length, or raise the student's tp"
+            )
         for phase in self.phases:
             if self.peak(phase) <= self.device_bytes:
                 continue
-            out.append(f"{phase.name}: needs {self.peak(phase) / GB:.1f} GB of {self.device_bytes / GB:.1f} GB; "
-                       + _PHASE_ADVICE[phase.name])
+            out.append(
+                f"{phase.name}: needs {self.peak(phase) / GB:.1f} GB of {self.device_bytes / GB:.1f} GB; "
+                + _PHASE_ADVICE[phase.name]
+            )
         return out
 
     def table(self) -> str:
         """A per-rank table of every item and phase, in GB."""
-        lines = [f"per-rank memory plan (device {self.device_bytes / GB:.1f} GB)",
-                 f"  {'static state':<44}{self.static.total / GB:>9.2f} GB"]
+        lines = [
+            f"per-rank memory plan (device {self.device_bytes / GB:.1f} GB)",
+            f"  {'static state':<44}{self.static.total / GB:>9.2f} GB",
+        ]
         lines += [f"    {k:<42}{v / GB:>9.2f}" for k, v in self.static.items.items()]
         for phase in self.phases:
             verdict = "fits" if self.peak(phase) <= self.device_bytes else "DOES NOT FIT"
@@ -155,11 +161,17 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         """A JSON-ready summary (GB per item)."""
-        return {"device_gb": self.device_bytes / GB, "fits": self.fits, "kv_slots": self.kv_slots,
-                "sample_tokens": self.sample_tokens,
-                "static_gb": {k: v / GB for k, v in self.static.items.items()},
-                "phases_gb": {p.name: {"peak": self.peak(p) / GB, **{k: v / GB for k, v in p.items.items()}}
-                              for p in self.phases}, "notes": self.notes}
+        return {
+            "device_gb": self.device_bytes / GB,
+            "fits": self.fits,
+            "kv_slots": self.kv_slots,
+            "sample_tokens": self.sample_tokens,
+            "static_gb": {k: v / GB for k, v in self.static.items.items()},
+            "phases_gb": {
+                p.name: {"peak": self.peak(p) / GB, **{k: v / GB for k, v in p.items.items()}} for p in self.phases
+            },
+            "notes": self.notes,
+        }
 
 
 _PHASE_ADVICE = {
@@ -179,12 +191,25 @@ class PlannedModel:
     dtype: str
 
 
-def plan_memory(*, student: PlannedModel, pool: list[PlannedModel], world_size: int, device_bytes: float,
-                sample_tokens: int, micro_batch_tokens: int, scoring_micro_batch_tokens: int,
-                recompute: bool, distributed_optimizer: bool = True, offload_pool: bool = False,
-                kv_cache_bytes: Optional[float] = None, kv_cache_fraction: float = 0.9,
-                attention: AttentionKind = "sdpa", logprobs_from_hidden: bool = True, topk: int = 0,
-                overhead_bytes: float = CONTEXT_OVERHEAD_GB * GB) -> MemoryPlan:
+def plan_memory(
+    *,
+    student: PlannedModel,
+    pool: list[PlannedModel],
+    world_size: int,
+    device_bytes: float,
+    sample_tokens: int,
+    micro_batch_tokens: int,
+    scoring_micro_batch_tokens: int,
+    recompute: bool,
+    distributed_optimizer: bool = True,
+    offload_pool: bool = False,
+    kv_cache_bytes: Optional[float] = None,
+    kv_cache_fraction: float = 0.9,
+    attention: AttentionKind = "sdpa",
+    logprobs_from_hidden: bool = True,
+    topk: int = 0,
+    overhead_bytes: float = CONTEXT_OVERHEAD_GB * GB,
+) -> MemoryPlan:
     """The per-rank `MemoryPlan` of a job; see the module docstring for what each phase counts."""
     notes: list[str] = []
     s_arch, s_layout = student.arch, student.layout
@@ -193,10 +218,12 @@ def plan_memory(*, student: PlannedModel, pool: list[PlannedModel], world_size: 
     param_bytes = dtype_bytes(student.dtype)
     # Adam: exp_avg + exp_avg_sq in fp32, plus fp32 main weights when training in 16 bits.
     optimizer_bytes = (8 + (4 if param_bytes < 4 else 0)) * student_params / (dp if distributed_optimizer else 1)
-    static = {"student parameters": student_params * param_bytes,
-              "student gradients (fp32 buffer)": student_params * 4.0,
-              f"optimizer states ({'sharded over dp' if distributed_optimizer else 'replicated'})": optimizer_bytes,
-              "CUDA context / communication": overhead_bytes}
+    static = {
+        "student parameters": student_params * param_bytes,
+        "student gradients (fp32 buffer)": student_params * 4.0,
+        f"optimizer states ({'sharded over dp' if distributed_optimizer else 'replicated'})": optimizer_bytes,
+        "CUDA context / communication": overhead_bytes,
+    }
     pool_params = {f"{m.role} parameters": parameters_per_rank(m.arch, m.layout) * dtype_bytes(m.dtype) for m in pool}
     if offload_pool:
         notes.append("scoring.offload_to_cpu: pool models count only while the largest one scores")
@@ -222,8 +249,12 @@ def plan_memory(*, student: PlannedModel, pool: list[PlannedModel], world_size: 
             "one layer's activations": _forward_layer_bytes(biggest.arch, biggest.layout, tokens, biggest.dtype),
             "attention scores": _score_bytes(biggest.arch, biggest.layout, tokens, sample_tokens, attention),
             # logits exist one chunk of positions at a time (megatron_gopd.logprobs), in fp32
-            "logits chunk (fp32)": min(tokens * biggest.arch.padded_vocab_size(biggest.layout.tp) / biggest.layout.tp,
-                                       LOGITS_CHUNK_ELEMENTS) * 4 * 3 + tokens * width * 8,
+            "logits chunk (fp32)": min(
+                tokens * biggest.arch.padded_vocab_size(biggest.layout.tp) / biggest.layout.tp, LOGITS_CHUNK_ELEMENTS
+            )
+            * 4
+            * 3
+            + tokens * width * 8,
         }
         if offload_pool:
             scoring_items["the scoring model's parameters"] = max(pool_params.values())
@@ -238,14 +269,19 @@ def plan_memory(*, student: PlannedModel, pool: list[PlannedModel], world_size: 
     stored = layers * (hidden if recompute else layer_bytes) * in_flight
     vocab_part = s_arch.padded_vocab_size(s_layout.tp) / s_layout.tp
     head_elements = min(tokens * vocab_part, LOGITS_CHUNK_ELEMENTS) if logprobs_from_hidden else tokens * vocab_part
-    training = PhaseMemory("training", {
-        f"stored activations ({'recompute' if recompute else 'no recompute'}, {in_flight} in flight)": stored,
-        ("one layer recomputed + its gradients" if recompute else "one layer's activation gradients"):
-            2 * layer_bytes if recompute else layer_bytes,
-        "attention scores": _score_bytes(s_arch, s_layout, tokens, sample_tokens, attention) * 2,
-        "log-prob head (chunked)" if logprobs_from_hidden else "logits (fp32, with gradient)":
-            head_elements * 4 * 3 + tokens * (topk + 1) * 8,
-    })
+    training = PhaseMemory(
+        "training",
+        {
+            f"stored activations ({'recompute' if recompute else 'no recompute'}, {in_flight} in flight)": stored,
+            ("one layer recomputed + its gradients" if recompute else "one layer's activation gradients"): 2
+            * layer_bytes
+            if recompute
+            else layer_bytes,
+            "attention scores": _score_bytes(s_arch, s_layout, tokens, sample_tokens, attention) * 2,
+            "log-prob head (chunked)" if logprobs_from_hidden else "logits (fp32, with gradient)": head_elements * 4 * 3
+            + tokens * (topk + 1) * 8,
+        },
+    )
     return MemoryPlan(device_bytes, static_phase, [rollout, scoring, training], slots, sample_tokens, notes)
 
 
@@ -263,8 +299,9 @@ def _train_layer_bytes(arch: ModelArchitecture, layout: ParallelLayout, tokens: 
     return tokens * dtype_bytes(dtype) * (5 * h + (qkv + 2 * h + 4 * ffn) / layout.tp)
 
 
-def _score_bytes(arch: ModelArchitecture, layout: ParallelLayout, tokens: int, sequence: int,
-                 attention: AttentionKind) -> float:
+def _score_bytes(
+    arch: ModelArchitecture, layout: ParallelLayout, tokens: int, sequence: int, attention: AttentionKind
+) -> float:
     """Attention scores + probabilities of a micro-batch when the attention materialises them."""
     if attention != "local":
         return 0.0
@@ -296,12 +333,13 @@ def load_architecture(checkpoint: str, shapes_dir: Optional[str] = None) -> Mode
         if shape.is_file():
             return ModelArchitecture.from_hf_config(read_json(shape), source=str(shape))
         raise FileNotFoundError(f"{checkpoint}: no {hf_config} and no shape file {shape}")
-    raise FileNotFoundError(f"{checkpoint}: no {hf_config}; convert the model first or pass --model-shapes DIR "
-                            "with <checkpoint name>.json config files")
+    raise FileNotFoundError(
+        f"{checkpoint}: no {hf_config}; convert the model first or pass --model-shapes DIR "
+        "with <checkpoint name>.json config files"
+    )
 
 
 def dense_dtype(dtype: Optional[str], arch: ModelArchitecture) -> str:
     """A model's parameter dtype: the configured one, else the checkpoint's (float32 if unknown)."""
     name = dtype or arch.torch_dtype
     return name if name in _DTYPE_BYTES else "float32"
-

@@ -36,8 +36,7 @@ logger = logging.getLogger(__name__)
 
 # megatron-core warns at import time about every optional fused kernel it cannot find; on CPU these
 # are expected facts, not problems, and they bury real warnings.
-for _message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                 "full scope is deprecated"):
+for _message in ("Transformer Engine and Apex are not installed", "Apex is not installed", "full scope is deprecated"):
     warnings.filterwarnings("ignore", message=f".*{_message}.*")
 
 FORCE_CPU_ENV = "GOPD_FORCE_CPU"
@@ -181,8 +180,7 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None,
-                        seed: int = 1234) -> None:
+def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None, seed: int = 1234) -> None:
     """Initialise Megatron's parallel state for the student's grid and seed every generator.
 
     `tp * pp` must divide the world; `ep` must divide the resulting data-parallel size (expert
@@ -192,12 +190,15 @@ def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int
 
     world = dist.get_world_size()
     if world % (tp * pp) != 0:
-        raise ValueError(f"tensor_parallel ({tp}) x pipeline_parallel ({pp}) = {tp * pp} does not "
-                         f"divide the world size {world}")
+        raise ValueError(
+            f"tensor_parallel ({tp}) x pipeline_parallel ({pp}) = {tp * pp} does not divide the world size {world}"
+        )
     etp = tp if etp is None else etp
     if (world // pp) % (ep * etp) != 0:
-        raise ValueError(f"expert_parallel ({ep}) x expert_tensor_parallel ({etp}) does not divide "
-                         f"world / pipeline_parallel = {world // pp}")
+        raise ValueError(
+            f"expert_parallel ({ep}) x expert_tensor_parallel ({etp}) does not divide "
+            f"world / pipeline_parallel = {world // pp}"
+        )
     destroy_model_parallel()
     with _recording_new_groups() as created:
         parallel_state.initialize_model_parallel(

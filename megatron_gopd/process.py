@@ -52,8 +52,10 @@ class OutputDirLock:
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise OutputDirLockedError(f"output_dir {self.path.parent} is in use by another gopd-train job "
-                                       f"({holder}); wait for it, stop it, or choose another output_dir") from None
+            raise OutputDirLockedError(
+                f"output_dir {self.path.parent} is in use by another gopd-train job "
+                f"({holder}); wait for it, stop it, or choose another output_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%F %T')}\n".encode())
         self._fd = fd
@@ -80,8 +82,9 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def launch_local_ranks(ranks: int, argv: Sequence[str], env: dict[str, str], master_port: int,
-                       pass_fds: Sequence[int] = ()) -> int:
+def launch_local_ranks(
+    ranks: int, argv: Sequence[str], env: dict[str, str], master_port: int, pass_fds: Sequence[int] = ()
+) -> int:
     """Start `ranks` processes ``python <argv>`` as one local job (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT set as torchrun would) and return the job's exit code.
 
@@ -93,10 +96,20 @@ def launch_local_ranks(ranks: int, argv: Sequence[str], env: dict[str, str], mas
     """
     workers = []
     for rank in range(ranks):
-        rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
-                    "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
-        workers.append(subprocess.Popen([sys.executable, *argv], env=rank_env, preexec_fn=_die_with_parent,
-                                        pass_fds=tuple(pass_fds)))
+        rank_env = {
+            **env,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(ranks),
+            "LOCAL_WORLD_SIZE": str(ranks),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(master_port),
+        }
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, *argv], env=rank_env, preexec_fn=_die_with_parent, pass_fds=tuple(pass_fds)
+            )
+        )
 
     def forward(signum, frame) -> None:
         sent = signal.SIGTERM if signum == signal.SIGHUP else signum
@@ -104,8 +117,9 @@ def launch_local_ranks(ranks: int, argv: Sequence[str], env: dict[str, str], mas
         _signal_all(workers, sent)
 
     handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
-    previous = {s: signal.signal(s, forward) for s in handled} \
-        if threading.current_thread() is threading.main_thread() else {}
+    previous = (
+        {s: signal.signal(s, forward) for s in handled} if threading.current_thread() is threading.main_thread() else {}
+    )
     try:
         return _wait_for_ranks(workers)
     finally:

@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_assets(tmp_path_factory) -> Path:
     """Tiny models, converted checkpoints and prompts (megatron_gopd.testing.tiny_assets), built once."""
     out = tmp_path_factory.mktemp("tiny_assets")
-    subprocess.run([sys.executable, str(REPO / "examples" / "toy" / "make_tiny_assets.py"), "--out", str(out)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(REPO / "examples" / "toy" / "make_tiny_assets.py"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out

@@ -68,8 +68,12 @@ def _worker_main(rank: int, world_size: int, port: int, log_path: str, tasks, re
     sys.stderr = os.fdopen(2, "w", buffering=1)
     sys.path.insert(0, str(REPO_ROOT))
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
     )
     import torch
 
@@ -111,8 +115,7 @@ class _Pool:
         self.procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(rank, world_size, port, str(self.log_path(rank)), self.task_queues[rank],
-                      self.results),
+                args=(rank, world_size, port, str(self.log_path(rank)), self.task_queues[rank], self.results),
                 # Not daemonic: dist_checkpointing's writer starts helper processes of its own.
                 daemon=False,
             )
@@ -160,8 +163,11 @@ class _Pool:
         for rank in range(self.world_size):
             report = reports.get(rank)
             if report is None:
-                state = ("died" if not self.procs[rank].is_alive()
-                         else f"no result (timeout {timeout:.0f} s, or blocked behind a failed peer)")
+                state = (
+                    "died"
+                    if not self.procs[rank].is_alive()
+                    else f"no result (timeout {timeout:.0f} s, or blocked behind a failed peer)"
+                )
                 lines.append(f"--- rank {rank}: {state}; log tail:\n{self.log_tail(rank)}")
             elif not report.ok:
                 lines.append(f"--- rank {rank} raised:\n{report.error}")
@@ -185,8 +191,7 @@ class _Pool:
 _POOLS: dict[int, _Pool] = {}
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, timeout: float = 300.0,
-                    **kwargs: Any) -> list[Any]:
+def run_distributed(fn: Callable[..., Any], world_size: int, timeout: float = 300.0, **kwargs: Any) -> list[Any]:
     """Run `fn(rank, world_size, **kwargs)` on `world_size` gloo ranks; return the per-rank results.
 
     `fn` must be a module-level function of an importable module (test modules are: `tests` is a

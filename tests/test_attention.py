@@ -33,8 +33,7 @@ LONG_MEMORY_BOUND = 384 * 2**20  # measured ~180 MiB; a [t, t] float mask (256 M
 # In the test process: the attention functions and the packing helper
 
 
-def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         allowed: torch.Tensor) -> torch.Tensor:
+def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Explicit softmax attention in float64 on ``[b, n, s, d]``, key/value heads repeated."""
     group = q.shape[1] // k.shape[1]
     k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
@@ -49,10 +48,10 @@ def test_grouped_sdpa_equals_explicit_softmax():
     q = torch.randn(2, 4, 9, 8, generator=gen)
     k, v = torch.randn(2, 2, 9, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen)
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
-    got = grouped_sdpa(q, k, v, 8 ** -0.5, is_causal=True)
+    got = grouped_sdpa(q, k, v, 8**-0.5, is_causal=True)
     assert (got.double() - _reference_attention(q, k, v, causal)).abs().max() < 1e-6
     # Query head h reads key/value head h // 2 (Megatron's grouping), not h % 2.
-    swapped = grouped_sdpa(q, k.flip(1), v.flip(1), 8 ** -0.5, is_causal=True)
+    swapped = grouped_sdpa(q, k.flip(1), v.flip(1), 8**-0.5, is_causal=True)
     assert (swapped - got).abs().max() > 1e-2
     with pytest.raises(ValueError, match="3 query heads per partition is not a multiple of 2"):
         grouped_sdpa(q[:, :3], k, v, 1.0, is_causal=True)
@@ -76,8 +75,9 @@ def test_packed_attention_equals_each_sequence_alone_with_gradients():
         t.grad = None
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         # [len, n, d] -> [1, n, len, d]
-        alone = grouped_sdpa(*(t[start:end].transpose(0, 1)[None] for t in (q, k, v)), 0.3,
-                             is_causal=True)[0].transpose(0, 1)
+        alone = grouped_sdpa(*(t[start:end].transpose(0, 1)[None] for t in (q, k, v)), 0.3, is_causal=True)[
+            0
+        ].transpose(0, 1)
         assert (alone - packed[start:end]).abs().max() < 1e-6, (start, end)
         (alone * weights[start:end]).sum().backward()
     for packed_grad, tensor in zip(packed_grads, (q, k, v)):
@@ -101,11 +101,14 @@ def test_pack_sequences_layout_and_unpack():
     assert pack_sequences([[1, 2]], pad_to_multiple_of=2).num_padding == 0
 
 
-@pytest.mark.parametrize("sequences, options, message", [
-    ([], {}, "at least one sequence"),
-    ([[1, 2], [], [3]], {}, r"sequences \[1\] are empty"),
-    ([[1]], {"pad_to_multiple_of": 0}, "pad_to_multiple_of must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "sequences, options, message",
+    [
+        ([], {}, "at least one sequence"),
+        ([[1, 2], [], [3]], {}, r"sequences \[1\] are empty"),
+        ([[1]], {"pad_to_multiple_of": 0}, "pad_to_multiple_of must be >= 1"),
+    ],
+)
 def test_pack_sequences_rejects_bad_input(sequences, options, message):
     with pytest.raises(ValueError, match=message):
         pack_sequences(sequences, **options)
@@ -121,8 +124,11 @@ def test_layer_spec_names_unknown_attention():
     from megatron_gopd.models import layer_spec
     from tests.megatron_utils import tiny_arch
 
-    with pytest.raises(ValueError, match=r"attention='flash' is not supported; choose one of "
-                                         r"\['auto', 'sdpa', 'local'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"attention='flash' is not supported; choose one of "
+        r"\['auto', 'sdpa', 'local'\]",
+    ):
         layer_spec(tiny_arch(), 2, attention="flash")
 
 
@@ -137,10 +143,11 @@ def test_cuda_packed_attention_matches_per_sequence_sdpa_in_bf16():
     q = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
     k = torch.randn((shape[0], 2, 128), generator=gen, device="cuda", dtype=torch.bfloat16)
     v = torch.randn((shape[0], 2, 128), generator=gen, device="cuda", dtype=torch.bfloat16)
-    packed = packed_causal_attention(q, k, v, cu, 128 ** -0.5).float()
+    packed = packed_causal_attention(q, k, v, cu, 128**-0.5).float()
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        alone = grouped_sdpa(*(t[start:end].float().transpose(0, 1)[None] for t in (q, k, v)),
-                             128 ** -0.5, is_causal=True)[0].transpose(0, 1)
+        alone = grouped_sdpa(
+            *(t[start:end].float().transpose(0, 1)[None] for t in (q, k, v)), 128**-0.5, is_causal=True
+        )[0].transpose(0, 1)
         assert (alone - packed[start:end]).abs().max() < 2e-2
 
 
@@ -154,8 +161,7 @@ def _zero_grads(model) -> None:
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
-    return {name: param.grad.detach().clone() for name, param in model.named_parameters()
-            if param.grad is not None}
+    return {name: param.grad.detach().clone() for name, param in model.named_parameters() if param.grad is not None}
 
 
 def _max_grad_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
@@ -163,9 +169,15 @@ def _max_grad_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) 
     return max((got[name] - want[name]).abs().max().item() for name in got)
 
 
-def _forward_backward(model, tokens: torch.Tensor, positions: torch.Tensor, vocab_size: int,
-                      normaliser: int, real_tokens: int, packed_seq_params=None
-                      ) -> Optional[torch.Tensor]:
+def _forward_backward(
+    model,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    vocab_size: int,
+    normaliser: int,
+    real_tokens: int,
+    packed_seq_params=None,
+) -> Optional[torch.Tensor]:
     """Forward + backward through Megatron's schedule of ``sum(log_softmax[:real_tokens, :50]) /
     normaliser`` (a loss that adds up over sequences); the logits ``[b, s, V]`` on the last stage.
 
@@ -187,9 +199,14 @@ def _forward_backward(model, tokens: torch.Tensor, positions: torch.Tensor, voca
         return model(tokens, positions, None, packed_seq_params=packed_seq_params), loss_func
 
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
-        num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
-        forward_only=False)
+        forward_step_func=forward_step,
+        data_iterator=iter([None]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=False,
+    )
     return collected.get("logits") if parallel_state.is_pipeline_last_stage() else None
 
 
@@ -200,9 +217,15 @@ def _packing_checks(model, sequences: list[list[int]], vocab_size: int, pad_to: 
     batch = pack_sequences(sequences, pad_to_multiple_of=pad_to)
     real = sum(batch.lengths)
     _zero_grads(model)
-    packed_logits = _forward_backward(model, batch.tokens, batch.position_ids, vocab_size, real,
-                                      batch.tokens.shape[1] - batch.num_padding,
-                                      batch.packed_seq_params)
+    packed_logits = _forward_backward(
+        model,
+        batch.tokens,
+        batch.position_ids,
+        vocab_size,
+        real,
+        batch.tokens.shape[1] - batch.num_padding,
+        batch.packed_seq_params,
+    )
     _allreduce_sequence_parallel_grads(model)
     packed_grads = _grads(model)
     _zero_grads(model)  # the alone runs accumulate their gradients
@@ -215,8 +238,7 @@ def _packing_checks(model, sequences: list[list[int]], vocab_size: int, pad_to: 
             piece = batch.unpack(packed_logits)[index]
             logit_diff = max(logit_diff, (piece - alone).abs().max().item())
     _allreduce_sequence_parallel_grads(model)  # once: it is linear in the accumulated gradients
-    return dict(logit_diff=logit_diff, grad_diff=_max_grad_diff(packed_grads, _grads(model)),
-                padding=batch.num_padding)
+    return dict(logit_diff=logit_diff, grad_diff=_max_grad_diff(packed_grads, _grads(model)), padding=batch.num_padding)
 
 
 def _core_module_checks(arch) -> dict:
@@ -228,8 +250,10 @@ def _core_module_checks(arch) -> dict:
     from megatron_gopd.models.attention import SDPAttention
 
     config = transformer_config(arch, ParallelLayout())
-    modules = {cls.__name__: cls(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal,
-                                 attention_type="self") for cls in (SDPAttention, DotProductAttention)}
+    modules = {
+        cls.__name__: cls(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+        for cls in (SDPAttention, DotProductAttention)
+    }
     gen = torch.Generator().manual_seed(3)
     heads, groups, dim = arch.num_attention_heads, arch.num_query_groups, arch.kv_channels
     s, b = 9, 2
@@ -245,13 +269,13 @@ def _core_module_checks(arch) -> dict:
         (outputs[name] * weights).sum().backward()
         grads[name] = [t.grad for t in inputs]
     report["causal_out"] = (outputs["SDPAttention"] - outputs["DotProductAttention"]).abs().max().item()
-    report["causal_grad"] = max((a - b).abs().max().item()
-                                for a, b in zip(grads["SDPAttention"], grads["DotProductAttention"]))
+    report["causal_grad"] = max(
+        (a - b).abs().max().item() for a, b in zip(grads["SDPAttention"], grads["DotProductAttention"])
+    )
     report["shape"] = list(outputs["SDPAttention"].shape)
 
     # Megatron's KV-cached decode step: one new query, every cached key, attn_mask_type no_mask.
-    decode = {name: module(q[-1:], k, v, None, attn_mask_type=AttnMaskType.no_mask)
-              for name, module in modules.items()}
+    decode = {name: module(q[-1:], k, v, None, attn_mask_type=AttnMaskType.no_mask) for name, module in modules.items()}
     report["decode"] = (decode["SDPAttention"] - decode["DotProductAttention"]).abs().max().item()
     # ... and equals the last row of the full causal attention.
     last_row = outputs["SDPAttention"][-1]
@@ -261,8 +285,7 @@ def _core_module_checks(arch) -> dict:
     masked = torch.ones(s, s, dtype=torch.bool).triu(1)
     masked[:, 0] = True  # nobody may read the first key ...
     masked[0, 0] = False  # ... except the first query
-    with_mask = {name: module(q, k, v, masked[None, None].expand(b, 1, s, s))
-                 for name, module in modules.items()}
+    with_mask = {name: module(q, k, v, masked[None, None].expand(b, 1, s, s)) for name, module in modules.items()}
     report["mask"] = (with_mask["SDPAttention"] - with_mask["DotProductAttention"]).abs().max().item()
 
     # Fewer queries than keys under a causal mask: aligned to the last key (the local module asserts).
@@ -271,8 +294,13 @@ def _core_module_checks(arch) -> dict:
 
     errors = {}
     try:
-        SDPAttention(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal,
-                     attention_type="self", attention_dropout=0.1)
+        SDPAttention(
+            config=config,
+            layer_number=1,
+            attn_mask_type=AttnMaskType.causal,
+            attention_type="self",
+            attention_dropout=0.1,
+        )
     except ValueError as error:
         errors["dropout"] = str(error)
     try:
@@ -283,8 +311,9 @@ def _core_module_checks(arch) -> dict:
 
     short = torch.tensor([0, 5, 7], dtype=torch.int32)  # covers 7 of the 9 packed rows
     for name, qkv_format in (("short_cu_seqlens", "thd"), ("format", "sbhd")):
-        params = PackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=short, cu_seqlens_kv=short,
-                                 max_seqlen_q=5, max_seqlen_kv=5)
+        params = PackedSeqParams(
+            qkv_format=qkv_format, cu_seqlens_q=short, cu_seqlens_kv=short, max_seqlen_q=5, max_seqlen_kv=5
+        )
         try:
             modules["SDPAttention"](q[:, 0], k[:, 0], v[:, 0], None, packed_seq_params=params)
         except ValueError as error:
@@ -293,8 +322,7 @@ def _core_module_checks(arch) -> dict:
     return report
 
 
-def _kv_cache_decode_check(model, reference, vocab_size: int, tokens: torch.Tensor,
-                           prefill: int) -> Optional[float]:
+def _kv_cache_decode_check(model, reference, vocab_size: int, tokens: torch.Tensor, prefill: int) -> Optional[float]:
     """Largest logit difference of KV-cached decoding (`model`) and a full forward (`reference`)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -305,20 +333,24 @@ def _kv_cache_decode_check(model, reference, vocab_size: int, tokens: torch.Tens
     context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=total)
     with torch.no_grad():
         want = reference(tokens, positions, None, runtime_gather_output=True)[..., :vocab_size]
-        steps = [model(tokens[:, :prefill], positions[:, :prefill], None, inference_context=context,
-                       runtime_gather_output=True)]
+        steps = [
+            model(
+                tokens[:, :prefill], positions[:, :prefill], None, inference_context=context, runtime_gather_output=True
+            )
+        ]
         context.increment_sequence_len_offset(prefill)
         context.enable_decode_mode()
         for position in range(prefill, total):
             step = slice(position, position + 1)
-            steps.append(model(tokens[:, step], positions[:, step], None, inference_context=context,
-                               runtime_gather_output=True))
+            steps.append(
+                model(tokens[:, step], positions[:, step], None, inference_context=context, runtime_gather_output=True)
+            )
             context.increment_sequence_len_offset(1)
     # The prefill returns only its last position's logits (the context's default).
     got = torch.cat(steps, dim=1)[..., :vocab_size]  # [b, s - prefill + 1, V]
     model.train()
     reference.train()
-    return (got - want[:, prefill - 1:]).abs().max().item()
+    return (got - want[:, prefill - 1 :]).abs().max().item()
 
 
 def _long_packed_memory_check() -> dict:
@@ -334,9 +366,10 @@ def _long_packed_memory_check() -> dict:
     def step(lengths) -> torch.Tensor:
         sequences = [torch.randint(0, arch.vocab_size, (n,), generator=gen).tolist() for n in lengths]
         batch = pack_sequences(sequences)
-        logits = model(batch.tokens, batch.position_ids, None,
-                       packed_seq_params=batch.packed_seq_params)  # [1, t, V/tp]
-        loss = logits[..., :arch.vocab_size].float().log_softmax(-1)[..., :50].mean()
+        logits = model(
+            batch.tokens, batch.position_ids, None, packed_seq_params=batch.packed_seq_params
+        )  # [1, t, V/tp]
+        loss = logits[..., : arch.vocab_size].float().log_softmax(-1)[..., :50].mean()
         loss.backward()
         return loss.detach()
 
@@ -344,14 +377,19 @@ def _long_packed_memory_check() -> dict:
     _zero_grads(model)
     with PeakRSSGrowth() as growth:
         loss = step(LONG_LENGTHS)
-    grads_finite = all(torch.isfinite(p.grad).all().item() for p in model.parameters()
-                       if p.grad is not None)
+    grads_finite = all(torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None)
     # What the local attention would hold for one layer of this micro-batch right-padded to one
     # row: fp32 scores [1, heads, 8192, 8192] (and as much again for the softmax probabilities).
     tokens = sum(LONG_LENGTHS)
     local_scores = 4 * arch.num_attention_heads * tokens * tokens
-    return dict(growth=growth.bytes, exact=growth.exact, loss=float(loss), grads_finite=grads_finite,
-                local_scores=local_scores, tokens=tokens)
+    return dict(
+        growth=growth.bytes,
+        exact=growth.exact,
+        loss=float(loss),
+        grads_finite=grads_finite,
+        local_scores=local_scores,
+        tokens=tokens,
+    )
 
 
 def _attention_body(rank: int, world_size: int, ckpt_dir: str) -> dict:
@@ -395,16 +433,20 @@ def _attention_body(rank: int, world_size: int, ckpt_dir: str) -> dict:
             per_backend[backend] = (logits, loss, _grads(model))
             models[backend] = model
         (local_logits, local_loss, local_grads), (logits, loss, grads) = per_backend.values()
-        check: dict[str, Any] = dict(grad_vs_local=_max_grad_diff(grads, local_grads),
-                                     last_stage=parallel_state.is_pipeline_last_stage())
+        check: dict[str, Any] = dict(
+            grad_vs_local=_max_grad_diff(grads, local_grads), last_stage=parallel_state.is_pipeline_last_stage()
+        )
         if check["last_stage"]:
-            check.update(logit_vs_local=(logits - local_logits).abs().max().item(),
-                         logit_vs_tp1_local=(logits - ref_logits).abs().max().item(),
-                         loss_vs_local=abs(loss - local_loss))
+            check.update(
+                logit_vs_local=(logits - local_logits).abs().max().item(),
+                logit_vs_tp1_local=(logits - ref_logits).abs().max().item(),
+                loss_vs_local=abs(loss - local_loss),
+            )
         check["packing"] = _packing_checks(models["sdpa"], sequences, arch.vocab_size, PAD_TO)
         if name == "tp2":
             check["kv_cache_decode"] = _kv_cache_decode_check(
-                models["sdpa"], models["local"], arch.vocab_size, tokens[:, :12], prefill=5)
+                models["sdpa"], models["local"], arch.vocab_size, tokens[:, :12], prefill=5
+            )
         results[name] = check
 
     platform.init_model_parallel(tp=1, pp=1, seed=5)
@@ -485,4 +527,5 @@ def test_long_packed_micro_batch_trains_within_memory_bound(dist_results):
     assert long["growth"] < LONG_MEMORY_BOUND, (
         f"forward + backward of 8K packed tokens grew the resident set by "
         f"{long['growth'] / 2**20:.0f} MiB (bound {LONG_MEMORY_BOUND / 2**20:.0f} MiB, "
-        f"exact={long['exact']})")
+        f"exact={long['exact']})"
+    )

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from megatron_gopd.batching import (TrainSample, balance_by_tokens, collate, pack_by_tokens, pack_micro_batches,
-                                    pad_token_rows)
+from megatron_gopd.batching import (
+    TrainSample,
+    balance_by_tokens,
+    collate,
+    pack_by_tokens,
+    pack_micro_batches,
+    pad_token_rows,
+)
 
 
 def test_micro_batches_respect_the_token_budget():
@@ -26,10 +32,15 @@ def _sample(prompt_len: int, response_len: int, seed: int, as_tensors: bool = Fa
     gen = torch.Generator().manual_seed(seed)
     values = [-torch.rand(response_len, generator=gen) for _ in range(3)]
     convert = (lambda t: t) if as_tensors else (lambda t: t.tolist())
-    return TrainSample(prompt_ids=list(range(1, prompt_len + 1)), response_ids=list(range(50, 50 + response_len)),
-                       sampler_logprobs=convert(values[0]), teacher_logprobs=convert(values[1]),
-                       ref_logprobs=convert(values[2]) if seed % 2 else None, teacher=f"t{seed % 2}",
-                       outcome_advantage=0.5 * seed)
+    return TrainSample(
+        prompt_ids=list(range(1, prompt_len + 1)),
+        response_ids=list(range(50, 50 + response_len)),
+        sampler_logprobs=convert(values[0]),
+        teacher_logprobs=convert(values[1]),
+        ref_logprobs=convert(values[2]) if seed % 2 else None,
+        teacher=f"t{seed % 2}",
+        outcome_advantage=0.5 * seed,
+    )
 
 
 def test_training_packer_is_the_shared_packer():
@@ -75,11 +86,14 @@ def test_pad_token_rows_rounds_the_length_up():
 def test_scoring_forward_batch_carries_extra_targets():
     from megatron_gopd.scoring.forward import ScoredSequence, collate_forward, decode_sequences, encode_sequences
 
-    sequences = [ScoredSequence([1, 2, 3, 4, 5], 2, torch.tensor([[7, 8], [9, 10], [11, 12]])),
-                 ScoredSequence([6, 7, 8], 1, torch.tensor([[1, 1], [2, 2]]))]
+    sequences = [
+        ScoredSequence([1, 2, 3, 4, 5], 2, torch.tensor([[7, 8], [9, 10], [11, 12]])),
+        ScoredSequence([6, 7, 8], 1, torch.tensor([[1, 1], [2, 2]])),
+    ]
     decoded = decode_sequences(encode_sequences(sequences, torch.device("cpu")))
-    assert [(s.tokens, s.prompt_len, s.extra_targets.tolist()) for s in decoded] == \
-        [(s.tokens, s.prompt_len, s.extra_targets.tolist()) for s in sequences]
+    assert [(s.tokens, s.prompt_len, s.extra_targets.tolist()) for s in decoded] == [
+        (s.tokens, s.prompt_len, s.extra_targets.tolist()) for s in sequences
+    ]
     batch = collate_forward(sequences, [1, 0], multiple=2)
     assert batch.tokens.shape == (2, 6) and batch.indices == [1, 0]
     assert batch.targets.shape == (6, 2, 3)  # [s, b, 1 + k]

@@ -13,31 +13,63 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from megatron_gopd.bridge import CheckpointError
 from megatron_gopd.bridge.safetensors_io import iter_tensors
 from tests.dist_harness import run_distributed
 
-SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+SMALL = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 DENSE_LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1)]  # (tp, pp, ep)
 FAMILIES = {
-    "qwen3_tied": (Qwen3ForCausalLM, lambda: Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=True),
-                   DENSE_LAYOUTS),
-    "qwen3_untied": (Qwen3ForCausalLM, lambda: Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=False),
-                     DENSE_LAYOUTS),
-    "qwen3_moe": (Qwen3MoeForCausalLM,
-                  lambda: Qwen3MoeConfig(**SMALL, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                                         moe_intermediate_size=32, norm_topk_prob=True),
-                  DENSE_LAYOUTS + [(1, 1, 2), (2, 1, 2)]),
-    "llama3": (LlamaForCausalLM,
-               lambda: LlamaConfig(**{**SMALL, "max_position_embeddings": 16384}, rope_theta=5e5,
-                                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                     high_freq_factor=4.0,
-                                                     original_max_position_embeddings=8192)),
-               DENSE_LAYOUTS),
+    "qwen3_tied": (
+        Qwen3ForCausalLM,
+        lambda: Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=True),
+        DENSE_LAYOUTS,
+    ),
+    "qwen3_untied": (
+        Qwen3ForCausalLM,
+        lambda: Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=False),
+        DENSE_LAYOUTS,
+    ),
+    "qwen3_moe": (
+        Qwen3MoeForCausalLM,
+        lambda: Qwen3MoeConfig(
+            **SMALL, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+        ),
+        DENSE_LAYOUTS + [(1, 1, 2), (2, 1, 2)],
+    ),
+    "llama3": (
+        LlamaForCausalLM,
+        lambda: LlamaConfig(
+            **{**SMALL, "max_position_embeddings": 16384},
+            rope_theta=5e5,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+        ),
+        DENSE_LAYOUTS,
+    ),
 }
 
 
@@ -51,8 +83,9 @@ def make_hf_model(tmp_path: Path, family: str, max_shard_size: str = "50KB"):
     return hf_dir, model
 
 
-def _convert_body(rank: int, world_size: int, hf_dir: str, work_dir: str, layouts: list,
-                  tokens: torch.Tensor, hf_logits: torch.Tensor) -> dict:
+def _convert_body(
+    rank: int, world_size: int, hf_dir: str, work_dir: str, layouts: list, tokens: torch.Tensor, hf_logits: torch.Tensor
+) -> dict:
     from megatron.core import parallel_state
 
     from megatron_gopd import platform
@@ -78,8 +111,7 @@ def _convert_body(rank: int, world_size: int, hf_dir: str, work_dir: str, layout
         report[key] = dict(
             names_equal=set(exported) == set(original),
             bit_identical=all(torch.equal(exported[n], original[n]) for n in original if n in exported),
-            logit_diff=None if not parallel_state.is_pipeline_last_stage()
-            else (logits - hf_logits).abs().max().item(),
+            logit_diff=None if not parallel_state.is_pipeline_last_stage() else (logits - hf_logits).abs().max().item(),
         )
     out_dir = os.path.join(work_dir, "exported_hf")
     mcore_to_hf(os.path.join(work_dir, "ckpt_tp2pp1ep1"), out_dir, ParallelLayout(pp=2))
@@ -94,8 +126,15 @@ def test_convert_all_layouts_against_transformers(tmp_path, family):
     with torch.no_grad():
         hf_logits = hf_model(tokens).logits
     layouts = FAMILIES[family][2]
-    reports = run_distributed(_convert_body, world_size=4, hf_dir=str(hf_dir), work_dir=str(tmp_path),
-                              layouts=layouts, tokens=tokens, hf_logits=hf_logits)
+    reports = run_distributed(
+        _convert_body,
+        world_size=4,
+        hf_dir=str(hf_dir),
+        work_dir=str(tmp_path),
+        layouts=layouts,
+        tokens=tokens,
+        hf_logits=hf_logits,
+    )
     for rank, report in enumerate(reports):
         assert len(report) == len(layouts)
         for case, numbers in report.items():
@@ -161,12 +200,14 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path):
     ]
     for source, tp, pp, ep, message in cases:
         out = tmp_path / f"out_{source.name}_{tp}{pp}{ep}"
-        results = run_distributed(_expect_error_body, world_size=2, hf_dir=str(source), out=str(out),
-                                  tp=tp, pp=pp, ep=ep)
+        results = run_distributed(
+            _expect_error_body, world_size=2, hf_dir=str(source), out=str(out), tp=tp, pp=pp, ep=ep
+        )
         assert all(message in r for r in results), (source.name, results)
         assert _leftovers(tmp_path, out.name) == [], source.name
-    results = run_distributed(_expect_error_body, world_size=2, hf_dir=str(hf_dir), out=str(not_empty),
-                              tp=1, pp=1, ep=1)
+    results = run_distributed(
+        _expect_error_body, world_size=2, hf_dir=str(hf_dir), out=str(not_empty), tp=1, pp=1, ep=1
+    )
     assert all("already exists and is not empty" in r for r in results)
     assert [p.name for p in not_empty.iterdir()] == ["keep.txt"]
 
@@ -177,8 +218,9 @@ def test_experts_not_divisible_by_ep_is_rejected(tmp_path):
     torch.manual_seed(0)
     hf_dir = tmp_path / "moe3"
     Qwen3MoeForCausalLM(config).save_pretrained(hf_dir)
-    results = run_distributed(_expect_error_body, world_size=2, hf_dir=str(hf_dir), out=str(tmp_path / "o"),
-                              tp=1, pp=1, ep=2)
+    results = run_distributed(
+        _expect_error_body, world_size=2, hf_dir=str(hf_dir), out=str(tmp_path / "o"), tp=1, pp=1, ep=2
+    )
     assert all("num_experts=3 is not divisible by expert_parallel=2" in r for r in results)
 
 
@@ -188,8 +230,7 @@ def test_reader_reports_missing_tensor(tmp_path):
 
     hf_dir, _ = make_hf_model(tmp_path, "qwen3_untied", max_shard_size="10GB")
     arch = ModelArchitecture.from_pretrained(hf_dir)
-    bad = ModelArchitecture.from_hf_config({**json.loads((hf_dir / "config.json").read_text()),
-                                            "num_hidden_layers": 5})
+    bad = ModelArchitecture.from_hf_config({**json.loads((hf_dir / "config.json").read_text()), "num_hidden_layers": 5})
     check_hf_checkpoint(arch, SafetensorsReader(hf_dir))
     with pytest.raises(CheckpointError, match="lacks .* model.layers.4"):
         check_hf_checkpoint(bad, SafetensorsReader(hf_dir))

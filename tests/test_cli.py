@@ -7,11 +7,14 @@ import pytest
 from megatron_gopd import cli
 
 
-@pytest.mark.parametrize("main, words", [
-    (cli.convert_main, ["hf-to-mcore", "mcore-to-hf"]),
-    (cli.train_main, ["--config", "metrics.jsonl", "resumes"]),
-    (cli.eval_main, ["--model", "--data", "avg@k"]),
-])
+@pytest.mark.parametrize(
+    "main, words",
+    [
+        (cli.convert_main, ["hf-to-mcore", "mcore-to-hf"]),
+        (cli.train_main, ["--config", "metrics.jsonl", "resumes"]),
+        (cli.eval_main, ["--model", "--data", "avg@k"]),
+    ],
+)
 def test_help(main, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -22,6 +25,9 @@ def test_help(main, words, capsys):
 
 @pytest.mark.slow
 def test_relaunch_drops_nproc():
-    assert cli._without_nproc(["--config", "x.yaml", "--nproc", "4", "optim.lr=1e-5"]) == \
-        ["--config", "x.yaml", "optim.lr=1e-5"]
+    assert cli._without_nproc(["--config", "x.yaml", "--nproc", "4", "optim.lr=1e-5"]) == [
+        "--config",
+        "x.yaml",
+        "optim.lr=1e-5",
+    ]
     assert cli._without_nproc(["--nproc=2", "steps=3"]) == ["steps=3"]

@@ -46,14 +46,26 @@ def _write(tmp_path, text: str, name: str = "job.yaml"):
 
 
 def test_yaml_and_overrides_fill_nested_dataclasses(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 seed: 7
 optim: {lr: 3.0e-5, schedule: cosine}
 teachers:
   math: {path: /ckpt/math, lam: 1.25, reference: /ckpt/base}
-""")
-    cfg = load_config(JobConfig, path, ["optim.warmup_steps=10", "teachers.code.path=/ckpt/code",
-                                        "stop_token_ids=[1, 2]", "offload=true", "optim.lr=2e-5"])
+""",
+    )
+    cfg = load_config(
+        JobConfig,
+        path,
+        [
+            "optim.warmup_steps=10",
+            "teachers.code.path=/ckpt/code",
+            "stop_token_ids=[1, 2]",
+            "offload=true",
+            "optim.lr=2e-5",
+        ],
+    )
     assert cfg.seed == 7 and cfg.optim.lr == 2e-5 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_steps == 10
     assert cfg.teachers["math"] == TeacherConfig("/ckpt/math", 1.25, "/ckpt/base")
@@ -101,13 +113,16 @@ def test_bad_files_and_overrides(tmp_path):
 
 
 def test_data_config_loads_through_the_generic_loader(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 sources:
   - {path: math.jsonl, domain: math, share: 1.0}
   - {path: code.jsonl, domain: code, share: 1.0}
 max_prompt_length: 256
 enable_thinking: false
-""")
+""",
+    )
     cfg = load_config(DataConfig, path, ["seed=3"])
     assert [s.domain for s in cfg.sources] == ["math", "code"] and cfg.seed == 3
     assert cfg.max_prompt_length == 256 and cfg.enable_thinking is False

@@ -19,13 +19,22 @@ import os
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("GOPD_FORCE_CPU") == "1",
-                                reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("GOPD_FORCE_CPU") == "1", reason="needs a CUDA GPU"
+)
 
 VOCAB = 300
-HF_CONFIG = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-                 tie_word_embeddings=False)
+HF_CONFIG = dict(
+    vocab_size=VOCAB,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 PROMPT_LENGTHS = (5, 11, 3, 8)
 NEW_TOKENS = 16
 
@@ -74,12 +83,18 @@ def test_greedy_rollout_matches_transformers_on_gpu(gpu_model):
 
     hf_model, model, arch, prompts = gpu_model
     batch = MegatronRolloutEngine(model, arch).generate(
-        prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS))
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS)
+    )
     for prompt, sample in zip(prompts, batch):
         with torch.no_grad():
-            full = hf_model.generate(torch.tensor([prompt], device="cuda"), do_sample=False,
-                                     max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
-        assert sample.token_ids == full[0, len(prompt):].tolist()
+            full = hf_model.generate(
+                torch.tensor([prompt], device="cuda"),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        assert sample.token_ids == full[0, len(prompt) :].tolist()
 
 
 def test_sampled_logprobs_equal_a_full_forward_on_gpu(gpu_model):
@@ -97,7 +112,7 @@ def test_sampled_logprobs_equal_a_full_forward_on_gpu(gpu_model):
         tokens = torch.tensor([prompt + sample.token_ids], device="cuda")  # [1, s]
         with torch.no_grad():
             logits = model(tokens, torch.arange(tokens.shape[1], device="cuda")[None], None)  # [1, s, V_pad]
-        logprobs = logits[0, len(prompt) - 1:-1, :VOCAB].double().log_softmax(-1)  # [L, V]
+        logprobs = logits[0, len(prompt) - 1 : -1, :VOCAB].double().log_softmax(-1)  # [L, V]
         reference = logprobs.gather(1, torch.tensor(sample.token_ids, device="cuda")[:, None]).squeeze(1)
         worst = max(worst, (reference.cpu() - torch.tensor(sample.logprobs, dtype=torch.float64)).abs().max().item())
     assert worst < 1e-4, worst
@@ -117,9 +132,14 @@ def test_same_seed_same_tokens_on_gpu(gpu_model):
 # Launches: gopd-train and gopd-eval on one GPU (NCCL world of one)
 
 
-ONE_GPU = ("student.tp=1", "scoring.teachers.math.model.tp=1", "scoring.teachers.math.model.pp=1",
-           "scoring.teachers.code.model.tp=1", "scoring.references.math_base.tp=1",
-           "scoring.references.math_base.pp=1")
+ONE_GPU = (
+    "student.tp=1",
+    "scoring.teachers.math.model.tp=1",
+    "scoring.teachers.math.model.pp=1",
+    "scoring.teachers.code.model.tp=1",
+    "scoring.references.math_base.tp=1",
+    "scoring.references.math_base.pp=1",
+)
 
 
 @pytest.mark.slow
@@ -129,8 +149,17 @@ def test_gopd_train_and_eval_on_one_gpu(tiny_assets, tmp_path, dtype, loss):
     from tests.test_train import gopd_train, read_metrics
 
     out = tmp_path / f"run_{dtype}"
-    result = gopd_train(tiny_assets, out, *ONE_GPU, "steps=3", "save_every=0", f"student.dtype={dtype}",
-                        f"loss.kind={loss}", "loss.topk=16", nproc=1)
+    result = gopd_train(
+        tiny_assets,
+        out,
+        *ONE_GPU,
+        "steps=3",
+        "save_every=0",
+        f"student.dtype={dtype}",
+        f"loss.kind={loss}",
+        "loss.topk=16",
+        nproc=1,
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
@@ -138,8 +167,20 @@ def test_gopd_train_and_eval_on_one_gpu(tiny_assets, tmp_path, dtype, loss):
         assert all(math.isfinite(v) for v in m.values()), m
         assert m["grad_norm"] > 0
     evaluation = tmp_path / f"eval_{dtype}.json"
-    result = _gopd_eval("--model", str(out / "hf"), "--data", str(tiny_assets / "data" / "math.jsonl"), "--k", "2",
-                        "--max-new-tokens", "8", "--enable-thinking", "false", "--out", str(evaluation))
+    result = _gopd_eval(
+        "--model",
+        str(out / "hf"),
+        "--data",
+        str(tiny_assets / "data" / "math.jsonl"),
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--enable-thinking",
+        "false",
+        "--out",
+        str(evaluation),
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     assert json.loads(evaluation.read_text())
 
@@ -151,7 +192,7 @@ def test_bf16_lm_head_gemm_keeps_fp32_accuracy_on_gpu():
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     hidden = (torch.randn(512, 2, 256, device="cuda", generator=generator) * 0.5).bfloat16()
-    weight = (torch.randn(4096, 256, device="cuda", generator=generator) * 256 ** -0.5).bfloat16()
+    weight = (torch.randn(4096, 256, device="cuda", generator=generator) * 256**-0.5).bfloat16()
     targets = torch.randint(0, 4096, (512, 2), device="cuda", generator=generator)
     oracle = (hidden.double() @ weight.double().t()).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     grads = {}

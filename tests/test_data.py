@@ -87,15 +87,25 @@ def test_tiny_tokenizer_special_tokens_and_vocab(tokenizer):
     assert tokenizer.bos_token is None
     tokens = ["<|unk|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     constants = [
-        UNK_TOKEN_ID, PAD_TOKEN_ID, IM_START_TOKEN_ID, EOS_TOKEN_ID, THINK_START_TOKEN_ID, THINK_END_TOKEN_ID,
+        UNK_TOKEN_ID,
+        PAD_TOKEN_ID,
+        IM_START_TOKEN_ID,
+        EOS_TOKEN_ID,
+        THINK_START_TOKEN_ID,
+        THINK_END_TOKEN_ID,
     ]
     assert tokenizer.convert_tokens_to_ids(tokens) == constants == [124, 125, 126, 127, 128, 129]
     # pad != eos and pad != 0, so code that masks by pad id or assumes pad 0 fails loudly in tests.
     assert PAD_TOKEN_ID not in (0, EOS_TOKEN_ID)
     # As in Qwen3, the think markers are added tokens but not special: skip_special_tokens keeps them.
     ids = tokenizer("<think>x</think>y<|im_end|>", add_special_tokens=False).input_ids
-    assert ids == [THINK_START_TOKEN_ID, tokenizer.convert_tokens_to_ids("x"), THINK_END_TOKEN_ID,
-                   tokenizer.convert_tokens_to_ids("y"), EOS_TOKEN_ID]
+    assert ids == [
+        THINK_START_TOKEN_ID,
+        tokenizer.convert_tokens_to_ids("x"),
+        THINK_END_TOKEN_ID,
+        tokenizer.convert_tokens_to_ids("y"),
+        EOS_TOKEN_ID,
+    ]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>x</think>y"
     # Deterministic: a second build has the same vocabulary.
     assert build_tiny_tokenizer().get_vocab() == tokenizer.get_vocab()
@@ -162,17 +172,21 @@ def test_chat_template_renders_qwen3_format(tokenizer):
 
 def test_plain_and_chat_prompts_rendered_with_template(tokenizer, tmp_path):
     chat = [{"role": "system", "content": "You are a solver."}, {"role": "user", "content": "Sum 2 and 3."}]
-    path = write_jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "What is 2+3?", "domain": "math", "answer": "5", "level": 1},
-        {"prompt": chat, "domain": "code", "tests": [{"input": "1", "output": "2"}], "level": 2},
-    ])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "What is 2+3?", "domain": "math", "answer": "5", "level": 1},
+            {"prompt": chat, "domain": "code", "tests": [{"input": "1", "output": "2"}], "level": 2},
+        ],
+    )
     cfg = config(tmp_path, [DataSourceConfig(path=path)], enable_thinking=False, shuffle=False)
     batch = build_prompt_sampler(cfg, tokenizer).next_batch(2)
 
     plain_text = "<|im_start|>user\nWhat is 2+3?<|im_end|>\n" + GEN_PROMPT + EMPTY_THINK
     chat_text = (
         "<|im_start|>system\nYou are a solver.<|im_end|>\n<|im_start|>user\nSum 2 and 3.<|im_end|>\n"
-        + GEN_PROMPT + EMPTY_THINK
+        + GEN_PROMPT
+        + EMPTY_THINK
     )
     for record, text in zip(batch, (plain_text, chat_text)):
         assert tokenizer.decode(record.input_ids) == text
@@ -210,8 +224,12 @@ def test_prompt_to_messages_validates():
 def test_domain_precedence(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "domain": "math"}, {"prompt": "b"}])
     other = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "c"}])
-    cfg = config(tmp_path, [DataSourceConfig(path=path, domain="code"), DataSourceConfig(path=other)],
-                 default_domain="general", shuffle=False)
+    cfg = config(
+        tmp_path,
+        [DataSourceConfig(path=path, domain="code"), DataSourceConfig(path=other)],
+        default_domain="general",
+        shuffle=False,
+    )
     batch = build_prompt_sampler(cfg, tokenizer).next_batch(3)
     # The record's own field, then the source's domain, then the config default.
     assert [r.domain for r in batch] == ["math", "code", "general"]
@@ -298,8 +316,9 @@ def test_equal_shares_downsample_to_the_smaller_source(tokenizer, tmp_path):
 def test_num_samples_downsamples_and_upsamples(tokenizer, tmp_path):
     math_path = write_jsonl(tmp_path / "math.jsonl", numbered(40, "math", "m"))
     code_path = write_jsonl(tmp_path / "code.jsonl", numbered(10, "code", "c"))
-    cfg = config(tmp_path, [DataSourceConfig(path=math_path, num_samples=15),
-                            DataSourceConfig(path=code_path, num_samples=25)])
+    cfg = config(
+        tmp_path, [DataSourceConfig(path=math_path, num_samples=15), DataSourceConfig(path=code_path, num_samples=25)]
+    )
     batch = build_prompt_sampler(cfg, tokenizer).next_batch(40)
     assert count_sources(batch) == {"math": 15, "code": 25}
     assert len({r.index for r in batch if r.source == "math"}) == 15
@@ -444,8 +463,7 @@ def test_config_fields_are_documented_plain_types():
 
 def test_config_dict_sources_are_coerced(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", numbered(2))
-    cfg = DataConfig(sources=[{"path": path, "share": 2.0}], enable_thinking=False,
-                     chat_template_kwargs={"foo": 1})
+    cfg = DataConfig(sources=[{"path": path, "share": 2.0}], enable_thinking=False, chat_template_kwargs={"foo": 1})
     assert isinstance(cfg.sources[0], DataSourceConfig) and cfg.sources[0].label == "p"
     assert cfg.template_kwargs() == {"foo": 1, "enable_thinking": False}
 

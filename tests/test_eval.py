@@ -34,17 +34,38 @@ def test_avg_and_pass_at_k_per_domain():
 
 
 def _gopd_eval(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megatron_gopd.cli", "gopd-eval", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_gopd.cli", "gopd-eval", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["hf", "ckpt"])
 def test_gopd_eval_runs_on_hf_and_megatron_models(tiny_assets, tmp_path, which):
     out, samples_out = tmp_path / "report.json", tmp_path / "samples.jsonl"
-    result = _gopd_eval("--model", str(tiny_assets / which / "student"), "--data",
-                        str(tiny_assets / "data" / "math.jsonl"), "--k", "2", "--max-prompts", "5",
-                        "--max-new-tokens", "6", "--nproc", "2", "--out", str(out), "--samples-out", str(samples_out))
+    result = _gopd_eval(
+        "--model",
+        str(tiny_assets / which / "student"),
+        "--data",
+        str(tiny_assets / "data" / "math.jsonl"),
+        "--k",
+        "2",
+        "--max-prompts",
+        "5",
+        "--max-new-tokens",
+        "6",
+        "--nproc",
+        "2",
+        "--out",
+        str(out),
+        "--samples-out",
+        str(samples_out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["k"] == 2 and report["overall"]["prompts"] == 5 and report["overall"]["samples"] == 10
@@ -73,9 +94,22 @@ def test_gopd_eval_fast_engine_reproduces_the_megatron_engine(tiny_assets, tmp_p
     samples = {}
     for engine in ("fast", "megatron"):
         out = tmp_path / f"{engine}.jsonl"
-        result = _gopd_eval("--model", str(tiny_assets / "hf" / "student"), "--data",
-                            str(tiny_assets / "data" / "math.jsonl"), "--k", "2", "--max-prompts", "6",
-                            "--max-new-tokens", "8", "--engine", engine, "--samples-out", str(out))
+        result = _gopd_eval(
+            "--model",
+            str(tiny_assets / "hf" / "student"),
+            "--data",
+            str(tiny_assets / "data" / "math.jsonl"),
+            "--k",
+            "2",
+            "--max-prompts",
+            "6",
+            "--max-new-tokens",
+            "8",
+            "--engine",
+            engine,
+            "--samples-out",
+            str(out),
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         samples[engine] = [json.loads(line) for line in out.read_text().splitlines()]
     assert samples["fast"] == samples["megatron"]

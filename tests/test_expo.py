@@ -28,9 +28,7 @@ TINY = dict(
 )  # fmt: skip
 
 
-def save_tiny_qwen3(
-    path: Path, seed: int, dtype: torch.dtype = torch.float32, shard: str = "", **overrides
-) -> Path:
+def save_tiny_qwen3(path: Path, seed: int, dtype: torch.dtype = torch.float32, shard: str = "", **overrides) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -68,9 +66,7 @@ def test_inputs_are_one_sharded_and_one_single_file(checkpoints):
 
 def test_every_tensor_is_extrapolated(checkpoints, tmp_path):
     out = tmp_path / "expo-1.5"
-    summary = expo_merge(
-        checkpoints["base"], checkpoints["teacher"], 1.5, out, max_shard_bytes=40_000
-    )
+    summary = expo_merge(checkpoints["base"], checkpoints["teacher"], 1.5, out, max_shard_bytes=40_000)
     base, teacher = load_all(checkpoints["base"]), load_all(checkpoints["teacher"])
     merged = load_all(out)
     assert merged.keys() == teacher.keys() and summary.num_tensors == len(teacher)

@@ -17,20 +17,43 @@ import pytest
 import torch
 
 from megatron_gopd.rollout import SamplingParams, fast_engine_unsupported_reason
-from megatron_gopd.rollout.fast_attention import (grouped_decode_attention, packed_prefill_attention,
-                                                  reference_decode_attention, reference_prefill_attention)
+from megatron_gopd.rollout.fast_attention import (
+    grouped_decode_attention,
+    packed_prefill_attention,
+    reference_decode_attention,
+    reference_prefill_attention,
+)
 from megatron_gopd.rollout.kv_slots import KVSlotShape, SlotAllocator, slots_for_budget
 from tests.dist_harness import run_distributed
 from tests.megatron_utils import TINY_QWEN3, TINY_QWEN3_MOE, tiny_arch
-# The tiny sharpened Qwen3 and the prompts are test_rollout's own fixtures (same model, same prompts).
-from tests.test_rollout import (GREEDY_NEW_TOKENS, MAX_POSITIONS, SAMPLED, _batch_dict, _expect_value_error,
-                                hf_model, prompts)  # noqa: F401 - fixtures
 
-TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, vocab_size=300,
-                  max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=5e5, tie_word_embeddings=True,
-                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                    original_max_position_embeddings=8192))
+# The tiny sharpened Qwen3 and the prompts are test_rollout's own fixtures (same model, same prompts).
+from tests.test_rollout import (
+    GREEDY_NEW_TOKENS,
+    MAX_POSITIONS,
+    SAMPLED,
+    _batch_dict,
+    _expect_value_error,
+    hf_model,  # noqa: F401 - fixtures
+)
+
+TINY_LLAMA = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    vocab_size=300,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    rope_theta=5e5,
+    tie_word_embeddings=True,
+    rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    ),
+)
 SLOT_COUNTS = (1, 3, 8)
 
 
@@ -51,8 +74,13 @@ def dist_results(hf_model, prompts) -> list[dict]:
 
 def _compare(reference: list[dict], fast: list[dict]) -> dict:
     """Token / finish-reason mismatches and the largest log-prob differences of two batches."""
-    out = dict(mismatches=[], logprobs=0.0, sampler_logprobs=0.0, samples=len(fast),
-               reasons=sorted({s["finish_reason"] for s in fast}))
+    out = dict(
+        mismatches=[],
+        logprobs=0.0,
+        sampler_logprobs=0.0,
+        samples=len(fast),
+        reasons=sorted({s["finish_reason"] for s in fast}),
+    )
     if len(reference) != len(fast):
         out["mismatches"].append(f"{len(fast)} samples vs {len(reference)}")
     for index, (want, got) in enumerate(zip(reference, fast)):
@@ -79,16 +107,18 @@ def _runs(greedy_eos_stop: tuple[int, int] | None = None) -> dict[str, SamplingP
     return runs
 
 
-def _against_reference(model, arch, prompts: list[list[int]], eos: tuple[int, ...], runs: dict,
-                       **fast_options) -> dict:
+def _against_reference(model, arch, prompts: list[list[int]], eos: tuple[int, ...], runs: dict, **fast_options) -> dict:
     """Generate every run with both engines; compare them."""
     from megatron_gopd.rollout import FastRolloutEngine, MegatronRolloutEngine
 
     reference = MegatronRolloutEngine(model, arch, eos_token_ids=eos)
     fast = FastRolloutEngine(model, arch, eos_token_ids=eos, **fast_options)
-    return {name: _compare(_batch_dict(reference.generate(prompts, sampling)),
-                           _batch_dict(fast.generate(prompts, sampling)))
-            for name, sampling in runs.items()}
+    return {
+        name: _compare(
+            _batch_dict(reference.generate(prompts, sampling)), _batch_dict(fast.generate(prompts, sampling))
+        )
+        for name, sampling in runs.items()
+    }
 
 
 def _megatron_rotated_keys(model, tokens: torch.Tensor) -> list[torch.Tensor]:
@@ -121,26 +151,56 @@ def _forward_equivalence(model, arch, sequence: list[int], prefill_len: int) -> 
     from tests.megatron_utils import forward_logits
 
     weights = decoder_weights(model)
-    cache = KVSlots(KVSlotShape(arch.num_layers, weights.groups, weights.head_dim, torch.float32), 2,
-                    len(sequence), torch.device("cpu"))
+    cache = KVSlots(
+        KVSlotShape(arch.num_layers, weights.groups, weights.head_dim, torch.float32),
+        2,
+        len(sequence),
+        torch.device("cpu"),
+    )
     cos, sin = rope_tables(weights, len(sequence), torch.device("cpu"), torch.float32)
     tokens = torch.tensor(sequence)
     slot = 1
     with torch.no_grad():
-        logits = [prefill(weights, cache, tokens[:prefill_len], torch.arange(prefill_len), [0, prefill_len], [slot],
-                          cos, sin, logit_rows=torch.arange(prefill_len))]  # [prefill_len, V_padded]
+        logits = [
+            prefill(
+                weights,
+                cache,
+                tokens[:prefill_len],
+                torch.arange(prefill_len),
+                [0, prefill_len],
+                [slot],
+                cos,
+                sin,
+                logit_rows=torch.arange(prefill_len),
+            )
+        ]  # [prefill_len, V_padded]
         for position in range(prefill_len, len(sequence)):
             # Batch of 2: row 0 (a free slot) decodes a dummy token, row 1 is the sample.
             step_tokens, step_positions = torch.tensor([0, sequence[position]]), torch.tensor([0, position])
-            logits.append(decode_step(weights, cache.keys, cache.values, step_tokens, step_positions,
-                                      len(sequence), cos, sin, grouped_decode_attention)[1:])
-    fast_logits = torch.cat(logits)[:, :arch.vocab_size]  # [s, V]
+            logits.append(
+                decode_step(
+                    weights,
+                    cache.keys,
+                    cache.values,
+                    step_tokens,
+                    step_positions,
+                    len(sequence),
+                    cos,
+                    sin,
+                    grouped_decode_attention,
+                )[1:]
+            )
+    fast_logits = torch.cat(logits)[:, : arch.vocab_size]  # [s, V]
     reference, _ = forward_logits(model, tokens[None, :], arch.vocab_size)  # [1, s, V]
     keys = _megatron_rotated_keys(model, tokens)
-    return dict(logits=(fast_logits - reference[0]).abs().max().item(),
-                keys=max((cache.keys[i][slot].transpose(0, 1) - keys[i]).abs().max().item()  # [s, G, d]
-                         for i in range(arch.num_layers)),
-                key_scale=keys[0].abs().max().item())
+    return dict(
+        logits=(fast_logits - reference[0]).abs().max().item(),
+        keys=max(
+            (cache.keys[i][slot].transpose(0, 1) - keys[i]).abs().max().item()  # [s, G, d]
+            for i in range(arch.num_layers)
+        ),
+        key_scale=keys[0].abs().max().item(),
+    )
 
 
 def _decode_step_checks(model, arch) -> dict:
@@ -149,16 +209,18 @@ def _decode_step_checks(model, arch) -> dict:
     from megatron_gopd.rollout.kv_slots import KVSlots, KVSlotShape
 
     weights = decoder_weights(model)
-    cache = KVSlots(KVSlotShape(arch.num_layers, weights.groups, weights.head_dim, torch.float32), 4, 32,
-                    torch.device("cpu"))
+    cache = KVSlots(
+        KVSlotShape(arch.num_layers, weights.groups, weights.head_dim, torch.float32), 4, 32, torch.device("cpu")
+    )
     for buffer in cache.keys + cache.values:
         buffer.normal_()
     cos, sin = rope_tables(weights, 32, torch.device("cpu"), torch.float32)
     tokens, positions = torch.tensor([5, 6, 7]), torch.tensor([3, 17, 0])
 
     def step(step_tokens, step_positions):
-        return decode_step(weights, cache.keys, cache.values, step_tokens, step_positions, 32, cos, sin,
-                           grouped_decode_attention)
+        return decode_step(
+            weights, cache.keys, cache.values, step_tokens, step_positions, 32, cos, sin, grouped_decode_attention
+        )
 
     before = [b.clone() for b in cache.keys + cache.values]
     pointers = [b.data_ptr() for b in cache.keys + cache.values]
@@ -173,9 +235,12 @@ def _decode_step_checks(model, arch) -> dict:
         changed = all(not torch.equal(b[written], a[written]) for b, a in zip(after, before))
         torch._dynamo.reset()
         compiled = torch.compile(step, fullgraph=True, backend="eager")(tokens, positions)  # raises on a break
-    return dict(untouched=untouched, changed=changed,
-                same_buffers=pointers == [b.data_ptr() for b in cache.keys + cache.values],
-                compiled_gap=(compiled - eager).abs().max().item())
+    return dict(
+        untouched=untouched,
+        changed=changed,
+        same_buffers=pointers == [b.data_ptr() for b in cache.keys + cache.values],
+        compiled_gap=(compiled - eager).abs().max().item(),
+    )
 
 
 def _in_place_checks(model, arch, prompts: list[list[int]]) -> dict:
@@ -184,8 +249,11 @@ def _in_place_checks(model, arch, prompts: list[list[int]]) -> dict:
 
     engine = FastRolloutEngine(model, arch)
     read = [engine.weights.embedding, engine.weights.output, engine.weights.final_norm] + [
-        getattr(layer, field.name) for layer in engine.weights.layers for field in dataclasses.fields(layer)
-        if isinstance(getattr(layer, field.name), torch.Tensor)]
+        getattr(layer, field.name)
+        for layer in engine.weights.layers
+        for field in dataclasses.fields(layer)
+        if isinstance(getattr(layer, field.name), torch.Tensor)
+    ]
     model_pointers = {p.data_ptr() for p in model.parameters()}
     sampling = SAMPLED["t1"]
     first = _batch_dict(engine.generate(prompts, sampling))
@@ -198,15 +266,18 @@ def _in_place_checks(model, arch, prompts: list[list[int]]) -> dict:
         embedding.copy_(saved)
     restored = _batch_dict(engine.generate(prompts, sampling))
     engine.release()
-    return dict(all_in_model=all(t.data_ptr() in model_pointers for t in read), tensors_read=len(read),
-                changed=[s["token_ids"] for s in changed] != [s["token_ids"] for s in first],
-                restored=restored == first, released=engine.cache is None)
+    return dict(
+        all_in_model=all(t.data_ptr() in model_pointers for t in read),
+        tensors_read=len(read),
+        changed=[s["token_ids"] for s in changed] != [s["token_ids"] for s in first],
+        restored=restored == first,
+        released=engine.cache is None,
+    )
 
 
 def _slot_checks(model, arch, prompts: list[list[int]], eos: int) -> dict:
     """Same samples with 1, 3 and 8 slots and a tiny prefill budget (many refills), against the reference."""
-    runs = {"t1": dataclasses.replace(SAMPLED["t1"], max_new_tokens=14),
-            "topk_topp": SAMPLED["topk_topp"]}
+    runs = {"t1": dataclasses.replace(SAMPLED["t1"], max_new_tokens=14), "topk_topp": SAMPLED["topk_topp"]}
     out = {}
     for slots in SLOT_COUNTS:
         out[slots] = _against_reference(model, arch, prompts, (eos,), runs, max_slots=slots, prefill_token_budget=4)
@@ -240,16 +311,24 @@ def _tp1_checks(hf_dir: str, prompts: list[list[int]]) -> dict:
     eos, stop = greedy[0].token_ids[4], greedy[1].token_ids[7]
     out: dict[str, Any] = {"eos": eos, "stop": stop}
     out["reference"] = _against_reference(model, arch, prompts, (eos,), _runs((eos, stop)))
-    long_prompt = (prompts[0] * MAX_POSITIONS)[:MAX_POSITIONS - 3]  # the context ends 3 tokens later
-    out["context_limit"] = _against_reference(model, arch, [long_prompt, prompts[1]], (), {"greedy": _runs()["greedy"]},
-                                              max_slots=1)
+    long_prompt = (prompts[0] * MAX_POSITIONS)[: MAX_POSITIONS - 3]  # the context ends 3 tokens later
+    out["context_limit"] = _against_reference(
+        model, arch, [long_prompt, prompts[1]], (), {"greedy": _runs()["greedy"]}, max_slots=1
+    )
     out["slots"] = _slot_checks(model, arch, prompts, eos)
-    limited = FastRolloutEngine(model, arch).generate(prompts, _runs()["greedy"],
-                                                      max_new_tokens_per_prompt=[3, 1, 5, GREEDY_NEW_TOKENS + 9])
-    out["per_prompt_limits"] = dict(tokens=[s.token_ids for s in limited], reasons=[s.finish_reason for s in limited],
-                                    full=[s.token_ids for s in greedy],
-                                    error=_expect_value_error(lambda: FastRolloutEngine(model, arch).generate(
-                                        prompts, _runs()["greedy"], max_new_tokens_per_prompt=[3, 0, 1, 1])))
+    limited = FastRolloutEngine(model, arch).generate(
+        prompts, _runs()["greedy"], max_new_tokens_per_prompt=[3, 1, 5, GREEDY_NEW_TOKENS + 9]
+    )
+    out["per_prompt_limits"] = dict(
+        tokens=[s.token_ids for s in limited],
+        reasons=[s.finish_reason for s in limited],
+        full=[s.token_ids for s in greedy],
+        error=_expect_value_error(
+            lambda: FastRolloutEngine(model, arch).generate(
+                prompts, _runs()["greedy"], max_new_tokens_per_prompt=[3, 0, 1, 1]
+            )
+        ),
+    )
     out["forward"] = _forward_equivalence(model, arch, prompts[1] + greedy[1].token_ids, prefill_len=len(prompts[1]))
     out["decode_step"] = _decode_step_checks(model, arch)
     out["in_place"] = _in_place_checks(model, arch, prompts)
@@ -279,8 +358,9 @@ def _fast_body(rank: int, world_size: int, hf_dir: str, prompts: list[list[int]]
     greedy = MegatronRolloutEngine(model, arch).generate(prompts, _runs()["greedy"])
     eos, stop = greedy[0].token_ids[4], greedy[1].token_ids[7]
     results["tp2"] = _against_reference(model, arch, prompts, (eos,), _runs((eos, stop)), max_slots=3)
-    results["tp2_forward"] = _forward_equivalence(model, arch, prompts[1] + greedy[1].token_ids,
-                                                  prefill_len=len(prompts[1]))
+    results["tp2_forward"] = _forward_equivalence(
+        model, arch, prompts[1] + greedy[1].token_ids, prefill_len=len(prompts[1])
+    )
     engine = build_rollout_engine("auto", model, arch)
     results["tp2_auto"] = type(engine).__name__
     try:
@@ -343,8 +423,11 @@ def test_same_samples_with_1_3_and_8_slots(dist_results):
 
 @pytest.mark.slow
 def test_prefill_and_decode_equal_a_full_forward_and_keys_are_stored_rotated(dist_results):
-    checks = {"qwen3 tp1": dist_results[0]["tp1"]["forward"], "llama tp1": dist_results[0]["tp1"]["llama_forward"],
-              **{f"qwen3 tp2 rank {r}": result["tp2_forward"] for r, result in enumerate(dist_results)}}
+    checks = {
+        "qwen3 tp1": dist_results[0]["tp1"]["forward"],
+        "llama tp1": dist_results[0]["tp1"]["llama_forward"],
+        **{f"qwen3 tp2 rank {r}": result["tp2_forward"] for r, result in enumerate(dist_results)},
+    }
     for where, check in checks.items():
         assert check["logits"] < 1e-4, (where, check)
         assert check["keys"] < 1e-5 and check["key_scale"] > 0.1, (where, check)
@@ -427,14 +510,20 @@ def test_attention_kernels_equal_the_reference(heads, groups):
     keys, values = torch.randn(2, 5, groups, 40, 16, generator=generator)  # [B, G, positions, d]
     lengths = torch.tensor([1, 7, 40, 23, 2])
     want = reference_decode_attention(q, keys, values, lengths, 0.25)
-    assert torch.allclose(grouped_decode_attention(q, keys[:, :, :32], values[:, :, :32], lengths.clamp(max=32), 0.25),
-                          reference_decode_attention(q, keys, values, lengths.clamp(max=32), 0.25), atol=1e-5)
+    assert torch.allclose(
+        grouped_decode_attention(q, keys[:, :, :32], values[:, :, :32], lengths.clamp(max=32), 0.25),
+        reference_decode_attention(q, keys, values, lengths.clamp(max=32), 0.25),
+        atol=1e-5,
+    )
     assert torch.allclose(grouped_decode_attention(q, keys, values, lengths, 0.25), want, atol=1e-5)
     cu_seqlens = [0, 3, 4, 12]
     packed_q = torch.randn(12, heads, 16, generator=generator)
     packed_k, packed_v = torch.randn(2, 12, groups, 16, generator=generator)
-    assert torch.allclose(packed_prefill_attention(packed_q, packed_k, packed_v, cu_seqlens, 0.25),
-                          reference_prefill_attention(packed_q, packed_k, packed_v, cu_seqlens, 0.25), atol=1e-5)
+    assert torch.allclose(
+        packed_prefill_attention(packed_q, packed_k, packed_v, cu_seqlens, 0.25),
+        reference_prefill_attention(packed_q, packed_k, packed_v, cu_seqlens, 0.25),
+        atol=1e-5,
+    )
 
 
 def test_unsupported_reasons_from_architecture_and_layout():

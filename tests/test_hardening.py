@@ -32,8 +32,14 @@ class _RunsACommand:
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megatron_gopd.cli", "gopd-convert", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_gopd.cli", "gopd-convert", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_crafted_checkpoint_metadata_is_refused_without_running_it(tmp_path):
@@ -71,8 +77,9 @@ def test_conversion_of_a_crafted_or_truncated_checkpoint_fails_cleanly(tiny_asse
 
 @pytest.mark.slow
 def test_conversion_layout_is_checked_before_any_rank_starts(tiny_assets, tmp_path):
-    result = _convert("hf-to-mcore", "--hf-dir", str(tiny_assets / "hf" / "student"), "--out",
-                      str(tmp_path / "out"), "--tp", "3")
+    result = _convert(
+        "hf-to-mcore", "--hf-dir", str(tiny_assets / "hf" / "student"), "--out", str(tmp_path / "out"), "--tp", "3"
+    )
     assert result.returncode == 2 and "num_attention_heads=4 is not divisible by tensor_parallel=3" in result.stderr
     assert "starting 3 local ranks" not in result.stderr and not (tmp_path / "out").exists()
 
@@ -101,9 +108,19 @@ def test_one_job_per_output_dir_and_stale_locks_recover(tmp_path):
     first.release()
     OutputDirLock(tmp_path).acquire().release()
     # A holder killed with SIGKILL leaves the lock file, but not the lock.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from megatron_gopd.process import "
-                               "OutputDirLock; OutputDirLock(sys.argv[1]).acquire(); print('held', flush=True); "
-                               "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from megatron_gopd.process import "
+            "OutputDirLock; OutputDirLock(sys.argv[1]).acquire(); print('held', flush=True); "
+            "time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(OutputDirLockedError, match=f"pid {holder.pid}"):
         OutputDirLock(tmp_path).acquire()

@@ -27,18 +27,33 @@ LAUNCH = REPO / "examples" / "launch"
 SLURM = REPO / "examples" / "slurm"
 SMOKE = "examples/toy/parallel_smoke.py"
 SMOKE_OK = re.compile(r"parallel smoke test: OK \(max logit difference (\S+)")
-SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *SLURM.glob("*.sh"), *SLURM.glob("*.sbatch"),
-                  *(REPO / "tools").glob("slurm_*.sh")])
+SCRIPTS = sorted(
+    [*LAUNCH.glob("*.sh"), *SLURM.glob("*.sh"), *SLURM.glob("*.sbatch"), *(REPO / "tools").glob("slurm_*.sh")]
+)
 TEMPLATES = sorted(SLURM.glob("*.sbatch"))
 RUN_TIMEOUT_S = 240
 
 
 def _env(**extra: str) -> dict[str, str]:
     """This environment without any torchrun/Slurm placement, with the venv's torchrun on PATH."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "PET_", "TORCHELASTIC_"))
-           and k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                         "MASTER_PORT", "CONFIG", "GOPD_ENTRY", "OUTPUT_DIR", "GOPD_DRY_RUN"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "PET_", "TORCHELASTIC_"))
+        and k
+        not in {
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "CONFIG",
+            "GOPD_ENTRY",
+            "OUTPUT_DIR",
+            "GOPD_DRY_RUN",
+        }
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
@@ -51,8 +66,9 @@ def _free_port() -> int:
 
 
 def _bash(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(script), *args], cwd=REPO, env=_env(**env), text=True,
-                          capture_output=True, timeout=60)
+    return subprocess.run(
+        ["bash", str(script), *args], cwd=REPO, env=_env(**env), text=True, capture_output=True, timeout=60
+    )
 
 
 def _dry_run(script: Path, *args: str, **env: str) -> list[list[str]]:
@@ -69,8 +85,15 @@ class _Agents:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, script: Path, *args: str, **env: str) -> subprocess.Popen:
-        proc = subprocess.Popen(["bash", str(script), *args], cwd=REPO, env=_env(**env), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", str(script), *args],
+            cwd=REPO,
+            env=_env(**env),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs.append(proc)
         return proc
 
@@ -118,79 +141,172 @@ def test_script_parses(script: Path):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_scripts_are_shellcheck_clean():
-    result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True,
-                            text=True)
+    result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
 def test_single_node_command_line():
-    (cmd,) = _dry_run(LAUNCH / "torchrun_single_node.sh", "optim.lr=1e-5", CONFIG="cfg.yaml",
-                      NPROC_PER_NODE="8")
-    assert cmd == ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", "8",
-                   "--no-python", "gopd-train", "--config", "cfg.yaml", "optim.lr=1e-5"]
-    (cmd,) = _dry_run(LAUNCH / "torchrun_single_node.sh", "--seq-len", "16", GOPD_ENTRY=SMOKE,
-                      GPUS_PER_NODE="2", TORCHRUN_ARGS="--max-restarts 1")
-    assert cmd == ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-                   "--max-restarts", "1", SMOKE, "--seq-len", "16"]
+    (cmd,) = _dry_run(LAUNCH / "torchrun_single_node.sh", "optim.lr=1e-5", CONFIG="cfg.yaml", NPROC_PER_NODE="8")
+    assert cmd == [
+        "torchrun",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "8",
+        "--no-python",
+        "gopd-train",
+        "--config",
+        "cfg.yaml",
+        "optim.lr=1e-5",
+    ]
+    (cmd,) = _dry_run(
+        LAUNCH / "torchrun_single_node.sh",
+        "--seq-len",
+        "16",
+        GOPD_ENTRY=SMOKE,
+        GPUS_PER_NODE="2",
+        TORCHRUN_ARGS="--max-restarts 1",
+    )
+    assert cmd == [
+        "torchrun",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        SMOKE,
+        "--seq-len",
+        "16",
+    ]
 
 
 def test_multi_node_command_lines():
-    (static,) = _dry_run(LAUNCH / "torchrun_multi_node.sh", CONFIG="cfg.yaml", NNODES="4", NODE_RANK="3",
-                         MASTER_ADDR="node0", MASTER_PORT="1234", GPUS_PER_NODE="8")
-    assert static == ["torchrun", "--nnodes", "4", "--nproc-per-node", "8", "--node-rank", "3",
-                      "--master-addr", "node0", "--master-port", "1234",
-                      "--no-python", "gopd-train", "--config", "cfg.yaml"]
-    (c10d,) = _dry_run(LAUNCH / "torchrun_multi_node.sh", CONFIG="cfg.yaml", NNODES="2",
-                       RDZV_ENDPOINT="node0:29400", RDZV_ID="run42", NPROC_PER_NODE="4")
-    assert c10d[:8] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
-                        "--rdzv-endpoint"]
+    (static,) = _dry_run(
+        LAUNCH / "torchrun_multi_node.sh",
+        CONFIG="cfg.yaml",
+        NNODES="4",
+        NODE_RANK="3",
+        MASTER_ADDR="node0",
+        MASTER_PORT="1234",
+        GPUS_PER_NODE="8",
+    )
+    assert static == [
+        "torchrun",
+        "--nnodes",
+        "4",
+        "--nproc-per-node",
+        "8",
+        "--node-rank",
+        "3",
+        "--master-addr",
+        "node0",
+        "--master-port",
+        "1234",
+        "--no-python",
+        "gopd-train",
+        "--config",
+        "cfg.yaml",
+    ]
+    (c10d,) = _dry_run(
+        LAUNCH / "torchrun_multi_node.sh",
+        CONFIG="cfg.yaml",
+        NNODES="2",
+        RDZV_ENDPOINT="node0:29400",
+        RDZV_ID="run42",
+        NPROC_PER_NODE="4",
+    )
+    assert c10d[:8] == [
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "4",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+    ]
     assert c10d[8:12] == ["node0:29400", "--rdzv-id", "run42", "--rdzv-conf"]
     # Under srun the node rank and count come from Slurm.
-    (under_srun,) = _dry_run(LAUNCH / "torchrun_multi_node.sh", CONFIG="c.yaml", SLURM_NNODES="3",
-                             SLURM_NODEID="2", NPROC_PER_NODE="1")
+    (under_srun,) = _dry_run(
+        LAUNCH / "torchrun_multi_node.sh", CONFIG="c.yaml", SLURM_NNODES="3", SLURM_NODEID="2", NPROC_PER_NODE="1"
+    )
     assert under_srun[1:3] == ["--nnodes", "3"] and under_srun[5:7] == ["--node-rank", "2"]
 
 
 def test_launchers_refuse_what_cannot_run():
     missing_config = _bash(LAUNCH / "torchrun_single_node.sh", GOPD_DRY_RUN="1")
     assert missing_config.returncode != 0 and "set CONFIG" in missing_config.stderr
-    bad_rank = _bash(LAUNCH / "torchrun_multi_node.sh", CONFIG="c.yaml", NNODES="2", NODE_RANK="2",
-                     GOPD_DRY_RUN="1")
+    bad_rank = _bash(LAUNCH / "torchrun_multi_node.sh", CONFIG="c.yaml", NNODES="2", NODE_RANK="2", GOPD_DRY_RUN="1")
     assert bad_rank.returncode != 0 and "NODE_RANK=2 must be below NNODES=2" in bad_rank.stderr
 
 
 def test_launcher_environment():
     """The NCCL/CUDA defaults are exported, and a user's own value wins."""
-    probe = ("source examples/launch/common.sh; gopd_export_env 2; "
-             "echo $CUDA_DEVICE_MAX_CONNECTIONS $NCCL_IB_TIMEOUT $OMP_NUM_THREADS $PET_SIGNALS_TO_HANDLE")
-    out = subprocess.run(["bash", "-c", probe], cwd=REPO, env=_env(NCCL_IB_TIMEOUT="19"), text=True,
-                         capture_output=True, check=True).stdout.split()
+    probe = (
+        "source examples/launch/common.sh; gopd_export_env 2; "
+        "echo $CUDA_DEVICE_MAX_CONNECTIONS $NCCL_IB_TIMEOUT $OMP_NUM_THREADS $PET_SIGNALS_TO_HANDLE"
+    )
+    out = subprocess.run(
+        ["bash", "-c", probe], cwd=REPO, env=_env(NCCL_IB_TIMEOUT="19"), text=True, capture_output=True, check=True
+    ).stdout.split()
     assert out[0] == "1" and out[1] == "19" and int(out[2]) >= 1
     assert out[3].endswith(",SIGUSR1")
 
 
-_FAKE_JOB = dict(SLURM_JOB_ID="4242", SLURM_JOB_NAME="gopd", SLURM_NNODES="2",
-                 SLURM_JOB_NODELIST="gpu[07-08]", SLURM_CPUS_ON_NODE="96", SLURM_SUBMIT_DIR=str(REPO))
+_FAKE_JOB = dict(
+    SLURM_JOB_ID="4242",
+    SLURM_JOB_NAME="gopd",
+    SLURM_NNODES="2",
+    SLURM_JOB_NODELIST="gpu[07-08]",
+    SLURM_CPUS_ON_NODE="96",
+    SLURM_SUBMIT_DIR=str(REPO),
+)
 
 
 def test_multi_node_template_command_lines():
-    srun, torchrun = _dry_run(SLURM / "multi_node.sbatch", "rollout.n=2", CONFIG="cfg.yaml",
-                              GPUS_PER_NODE="8", **_FAKE_JOB)
+    srun, torchrun = _dry_run(
+        SLURM / "multi_node.sbatch", "rollout.n=2", CONFIG="cfg.yaml", GPUS_PER_NODE="8", **_FAKE_JOB
+    )
     out_dir = f"{REPO}/outputs/gopd-4242"
     assert srun[:3] == ["srun", "--kill-on-bad-exit=1", f"--output={out_dir}/logs/attempt0-task%t.log"]
     assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=96"} <= set(srun)
     assert srun[-4:] == ["--config", "cfg.yaml", "rollout.n=2", f"output_dir={out_dir}"]
     assert srun[srun.index("bash") + 1].endswith("examples/launch/torchrun_multi_node.sh")
     port = 20000 + 4242 % 20000
-    assert torchrun[:11] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend",
-                             "c10d", "--rdzv-endpoint", f"gpu07:{port}", "--rdzv-id", "gopd-4242"]
-    assert torchrun[-6:] == ["--no-python", "gopd-train", "--config", "cfg.yaml", "rollout.n=2",
-                             f"output_dir={out_dir}"]
+    assert torchrun[:11] == [
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "8",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"gpu07:{port}",
+        "--rdzv-id",
+        "gopd-4242",
+    ]
+    assert torchrun[-6:] == [
+        "--no-python",
+        "gopd-train",
+        "--config",
+        "cfg.yaml",
+        "rollout.n=2",
+        f"output_dir={out_dir}",
+    ]
 
 
 def test_single_node_template_command_lines(tmp_path: Path):
-    srun, torchrun = _dry_run(SLURM / "single_node.sbatch", GOPD_ENTRY=SMOKE, GPUS_PER_NODE="2",
-                              OUTPUT_DIR=str(tmp_path), **{**_FAKE_JOB, "SLURM_NNODES": "1"})
+    srun, torchrun = _dry_run(
+        SLURM / "single_node.sbatch",
+        GOPD_ENTRY=SMOKE,
+        GPUS_PER_NODE="2",
+        OUTPUT_DIR=str(tmp_path),
+        **{**_FAKE_JOB, "SLURM_NNODES": "1"},
+    )
     assert f"--output={tmp_path}/logs/attempt0-task%t.log" in srun
     assert torchrun == ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", "2", SMOKE]
     assert not any("output_dir=" in arg for arg in srun)  # only gopd-train gets the override
@@ -198,8 +314,13 @@ def test_single_node_template_command_lines(tmp_path: Path):
 
 
 def test_task_per_gpu_template_command_line():
-    (srun,) = _dry_run(SLURM / "task_per_gpu.sbatch", CONFIG="cfg.yaml", SLURM_NTASKS_PER_NODE="8(x2)",
-                       SLURM_RESTART_COUNT="3", **_FAKE_JOB)
+    (srun,) = _dry_run(
+        SLURM / "task_per_gpu.sbatch",
+        CONFIG="cfg.yaml",
+        SLURM_NTASKS_PER_NODE="8(x2)",
+        SLURM_RESTART_COUNT="3",
+        **_FAKE_JOB,
+    )
     assert {"--nodes=2", "--ntasks-per-node=8", "--cpus-per-task=12"} <= set(srun)
     assert any(arg.endswith("/logs/attempt3-task%t.log") for arg in srun)
     assert srun[-4:] == ["gopd-train", "--config", "cfg.yaml", f"output_dir={REPO}/outputs/gopd-4242"]
@@ -234,15 +355,23 @@ def test_single_node_launcher_runs_the_job(single_agent_result: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rendezvous", ["static", "c10d"])
-def test_two_node_loopback_matches_single_agent(agents: _Agents, rendezvous: str,
-                                                single_agent_result: str):
+def test_two_node_loopback_matches_single_agent(agents: _Agents, rendezvous: str, single_agent_result: str):
     """Two torchrun agents on 127.0.0.1, one worker each (a world of 2), as two nodes would run."""
     port = str(_free_port())
-    where = (dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port) if rendezvous == "static"
-             else dict(RDZV_ENDPOINT=f"127.0.0.1:{port}", RDZV_ID=f"test-{port}"))
+    where = (
+        dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        if rendezvous == "static"
+        else dict(RDZV_ENDPOINT=f"127.0.0.1:{port}", RDZV_ID=f"test-{port}")
+    )
     for node_rank in ("0", "1"):
-        agents.start(LAUNCH / "torchrun_multi_node.sh", GOPD_ENTRY=SMOKE, NNODES="2", NODE_RANK=node_rank,
-                     NPROC_PER_NODE="1", **where)
+        agents.start(
+            LAUNCH / "torchrun_multi_node.sh",
+            GOPD_ENTRY=SMOKE,
+            NNODES="2",
+            NODE_RANK=node_rank,
+            NPROC_PER_NODE="1",
+            **where,
+        )
     assert _smoke_result(agents.finish()) == single_agent_result
 
 
@@ -265,12 +394,25 @@ def _slurm_is_up() -> bool:
 def test_single_node_template_on_slurm(tmp_path: Path):
     out = tmp_path / "run"
     submit = subprocess.run(
-        ["sbatch", "--parsable", "--wait", "--job-name=pytest-launch", "--gpus-per-node=0", "--time=10",
-         f"--output={tmp_path}/slurm-%j.out", str(SLURM / "single_node.sbatch")],
-        cwd=REPO, env=_env(GOPD_ENTRY=SMOKE, GPUS_PER_NODE="2", OUTPUT_DIR=str(out)), text=True,
-        capture_output=True, timeout=RUN_TIMEOUT_S)
+        [
+            "sbatch",
+            "--parsable",
+            "--wait",
+            "--job-name=pytest-launch",
+            "--gpus-per-node=0",
+            "--time=10",
+            f"--output={tmp_path}/slurm-%j.out",
+            str(SLURM / "single_node.sbatch"),
+        ],
+        cwd=REPO,
+        env=_env(GOPD_ENTRY=SMOKE, GPUS_PER_NODE="2", OUTPUT_DIR=str(out)),
+        text=True,
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     logs = "\n".join(p.read_text() for p in tmp_path.rglob("*.out")) + "\n".join(
-        p.read_text() for p in (out / "logs").glob("*.log"))
+        p.read_text() for p in (out / "logs").glob("*.log")
+    )
     assert submit.returncode == 0, submit.stderr + logs
     assert SMOKE_OK.search((out / "logs" / "attempt0-task0.log").read_text()), logs
     assert (out / "attempts.log").read_text().startswith("attempt=0 job=")

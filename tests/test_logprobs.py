@@ -16,9 +16,9 @@ from torch.utils._pytree import tree_flatten
 
 from megatron_gopd.logprobs import (
     full_vocab_reverse_kl,
-    topk_logprobs_from_logits,
     token_logprobs_from_hidden,
     token_logprobs_from_logits,
+    topk_logprobs_from_logits,
 )
 from tests.dist_harness import run_distributed
 
@@ -27,8 +27,9 @@ ATOL = 2e-5
 RTOL = 1e-5
 
 
-def _naive(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-           vocab_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _naive(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, vocab_size: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs [s, b] (or [s, b, k]) and entropy [s, b] from full logits [s, b, V]."""
     real = logits[..., :vocab_size] if vocab_size is not None else logits
     log_probs = torch.log_softmax(real.float() / temperature, dim=-1)  # [s, b, V]
@@ -38,16 +39,25 @@ def _naive(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
     return (logp if targets.dim() == 3 else logp.squeeze(-1)), entropy
 
 
-def _inputs(seq: int = 7, batch: int = 3, vocab: int = 50, hidden: int = 16, seed: int = 0,
-            real_vocab: Optional[int] = None, k: Optional[int] = None):
+def _inputs(
+    seq: int = 7,
+    batch: int = 3,
+    vocab: int = 50,
+    hidden: int = 16,
+    seed: int = 0,
+    real_vocab: Optional[int] = None,
+    k: Optional[int] = None,
+):
     gen = torch.Generator().manual_seed(seed)
     hidden_states = torch.randn(seq, batch, hidden, generator=gen)  # [s, b, h]
     weight = torch.randn(vocab, hidden, generator=gen) / hidden**0.5  # [V, h]
     high = real_vocab if real_vocab is not None else vocab
     shape = (seq, batch) if k is None else (seq, batch, k)
     targets = torch.randint(0, high, shape, generator=gen)
-    upstream = (torch.randn(seq, batch, *(() if k is None else (k,)), generator=gen),
-                torch.randn(seq, batch, generator=gen))
+    upstream = (
+        torch.randn(seq, batch, *(() if k is None else (k,)), generator=gen),
+        torch.randn(seq, batch, generator=gen),
+    )
     return hidden_states, weight, targets, upstream
 
 
@@ -59,8 +69,7 @@ def _grads(outputs: tuple[torch.Tensor, torch.Tensor], upstream, inputs: list[to
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("real_vocab", [None, 41])
-def test_logits_and_hidden_paths_match_naive_log_softmax(temperature: float,
-                                                         real_vocab: Optional[int]) -> None:
+def test_logits_and_hidden_paths_match_naive_log_softmax(temperature: float, real_vocab: Optional[int]) -> None:
     hidden, weight, targets, upstream = _inputs(real_vocab=real_vocab)
     hidden.requires_grad_()
     weight.requires_grad_()
@@ -68,9 +77,9 @@ def test_logits_and_hidden_paths_match_naive_log_softmax(temperature: float,
 
     logits = (hidden @ weight.t()).detach().requires_grad_()  # [s, b, V]
     ref_out = _naive(logits, targets, temperature, real_vocab)
-    ref_grad_logits, = _grads(ref_out, upstream, [logits])
+    (ref_grad_logits,) = _grads(ref_out, upstream, [logits])
     out_logits = token_logprobs_from_logits(logits, targets, **kwargs)
-    grad_logits, = _grads(out_logits, upstream, [logits])
+    (grad_logits,) = _grads(out_logits, upstream, [logits])
     for got, want in zip(out_logits + (grad_logits,), ref_out + (ref_grad_logits,)):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
@@ -97,13 +106,12 @@ def test_padded_vocab_rows_are_masked_and_get_no_gradient() -> None:
     want = _naive(logits.detach()[..., :real_vocab], targets)
     for got, ref in zip(out, want):
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
-    grad_logits, = _grads(out, upstream, [logits])
+    (grad_logits,) = _grads(out, upstream, [logits])
     assert torch.all(grad_logits[..., real_vocab:] == 0)
     assert grad_logits[..., :real_vocab].abs().sum() > 0
 
-    out_hidden = token_logprobs_from_hidden(hidden, weight, targets, vocab_size=real_vocab,
-                                            with_entropy=True)
-    grad_weight, = _grads(out_hidden, upstream, [weight])
+    out_hidden = token_logprobs_from_hidden(hidden, weight, targets, vocab_size=real_vocab, with_entropy=True)
+    (grad_weight,) = _grads(out_hidden, upstream, [weight])
     assert torch.all(grad_weight[real_vocab:] == 0)
     torch.testing.assert_close(out_hidden[0], want[0], atol=ATOL, rtol=RTOL)
 
@@ -115,10 +123,8 @@ def test_temperature_divides_the_logits() -> None:
     pre_scaled = token_logprobs_from_logits(logits / 0.5, targets)
     torch.testing.assert_close(at_temperature, pre_scaled, atol=ATOL, rtol=RTOL)
     # Lower temperature sharpens: the entropy drops.
-    _, entropy_cold = token_logprobs_from_logits(logits, targets, temperature=0.5,
-                                                 with_entropy=True)
-    _, entropy_warm = token_logprobs_from_logits(logits, targets, temperature=2.0,
-                                                 with_entropy=True)
+    _, entropy_cold = token_logprobs_from_logits(logits, targets, temperature=0.5, with_entropy=True)
+    _, entropy_warm = token_logprobs_from_logits(logits, targets, temperature=2.0, with_entropy=True)
     assert torch.all(entropy_cold < entropy_warm)
 
 
@@ -138,8 +144,7 @@ def test_chunked_equals_unchunked() -> None:
     weight.requires_grad_()
     results = []
     for chunk_size in (None, 1, 5, 10_000):
-        out = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=chunk_size,
-                                         with_entropy=True)
+        out = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=chunk_size, with_entropy=True)
         results.append(out + _grads(out, upstream, [hidden, weight]))
     # The weight gradient is summed over chunks (and BLAS blocking may depend on the chunk's row
     # count): equal up to fp32 summation order, not bitwise (shared/pitfalls.md).
@@ -169,8 +174,7 @@ def test_no_full_vocabulary_fp32_tensor_is_materialised() -> None:
     full_logits_numel = seq * batch * vocab
     logits = (hidden @ weight.t()).to(torch.bfloat16).requires_grad_()
     with _LargestTensors() as logits_path:
-        logp, entropy = token_logprobs_from_logits(logits, targets, chunk_size=chunk,
-                                                   with_entropy=True)
+        logp, entropy = token_logprobs_from_logits(logits, targets, chunk_size=chunk, with_entropy=True)
         (logp.sum() + entropy.sum()).backward()
     # fp32 only one chunk at a time; the bf16 gradient of the logits is the one full-size tensor.
     assert logits_path.largest[torch.float32] <= chunk * vocab
@@ -179,12 +183,10 @@ def test_no_full_vocabulary_fp32_tensor_is_materialised() -> None:
     hidden.requires_grad_()
     weight.requires_grad_()
     with _LargestTensors() as hidden_path:
-        logp, entropy = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=chunk,
-                                                   with_entropy=True)
+        logp, entropy = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=chunk, with_entropy=True)
         (logp.sum() + entropy.sum()).backward()
     # Nothing logits-sized at all: chunks, the [s, b, h] and [V, h] gradients only.
-    assert hidden_path.largest[torch.float32] <= max(chunk * vocab, seq * batch * hidden_size,
-                                                     vocab * hidden_size)
+    assert hidden_path.largest[torch.float32] <= max(chunk * vocab, seq * batch * hidden_size, vocab * hidden_size)
     # The detector does see the naive path's full fp32 copy.
     with _LargestTensors() as naive:
         torch.log_softmax(logits.float(), dim=-1).sum().backward()
@@ -198,8 +200,8 @@ def test_topk_targets_give_logprobs_of_each_id_with_gradients() -> None:
     assert logp.shape == targets.shape
     ref = _naive(logits, targets)[0]
     torch.testing.assert_close(logp, ref, atol=ATOL, rtol=RTOL)
-    got, = torch.autograd.grad((logp * upstream[0]).sum(), logits)
-    want, = torch.autograd.grad((ref * upstream[0]).sum(), logits)
+    (got,) = torch.autograd.grad((logp * upstream[0]).sum(), logits)
+    (want,) = torch.autograd.grad((ref * upstream[0]).sum(), logits)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
@@ -211,7 +213,7 @@ def test_bf16_inputs_give_fp32_outputs_and_input_dtype_grads() -> None:
     want = _naive(logits.detach(), targets)  # the reference also upcasts the bf16 logits
     for got, ref in zip(out, want):
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
-    grad, = _grads(out, upstream, [logits])
+    (grad,) = _grads(out, upstream, [logits])
     assert grad.dtype == torch.bfloat16
 
     hidden_bf16 = hidden.to(torch.bfloat16).requires_grad_()
@@ -260,8 +262,7 @@ def _tp_body(rank: int, world_size: int, real_vocab: int, temperature: float) ->
     """Every TP check on one rank; returns {check name: max |TP=2 - TP=1|}."""
     group = dist.new_group(list(range(world_size)))
     # The same inputs on every rank; each rank keeps its contiguous vocabulary shard.
-    hidden, weight, targets, upstream = _inputs(seq=9, batch=2, vocab=64, hidden=16, seed=1,
-                                                real_vocab=real_vocab)
+    hidden, weight, targets, upstream = _inputs(seq=9, batch=2, vocab=64, hidden=16, seed=1, real_vocab=real_vocab)
     shard = slice(rank * 64 // world_size, (rank + 1) * 64 // world_size)
     kwargs = dict(temperature=temperature, vocab_size=real_vocab, chunk_size=4, with_entropy=True)
     diffs: dict[str, float] = {}
@@ -271,8 +272,8 @@ def _tp_body(rank: int, world_size: int, real_vocab: int, temperature: float) ->
     shard_logits = full_logits.detach()[..., shard].clone().requires_grad_()  # [s, b, V/tp]
     want = token_logprobs_from_logits(full_logits, targets, **kwargs)
     got = token_logprobs_from_logits(shard_logits, targets, tp_group=group, **kwargs)
-    want_grad, = _grads(want, upstream, [full_logits])
-    got_grad, = _grads(got, upstream, [shard_logits])
+    (want_grad,) = _grads(want, upstream, [full_logits])
+    (got_grad,) = _grads(got, upstream, [shard_logits])
     diffs["logits/logp"] = _max_abs_diff(got[0], want[0])
     diffs["logits/entropy"] = _max_abs_diff(got[1], want[1])
     diffs["logits/grad"] = _max_abs_diff(got_grad, want_grad[..., shard])
@@ -294,21 +295,19 @@ def _tp_body(rank: int, world_size: int, real_vocab: int, temperature: float) ->
     # A real vocabulary ending inside rank 0's shard: rank 1 holds only padding.
     small_vocab = 64 // world_size - 5
     small_targets = targets % small_vocab
-    want = token_logprobs_from_logits(full_logits, small_targets, vocab_size=small_vocab,
-                                      with_entropy=True)
-    got = token_logprobs_from_logits(shard_logits, small_targets, vocab_size=small_vocab,
-                                     tp_group=group, with_entropy=True)
-    want_grad, = _grads(want, upstream, [full_logits])
-    got_grad, = _grads(got, upstream, [shard_logits])
-    diffs["padding_shard/logp"] = max(_max_abs_diff(got[0], want[0]),
-                                      _max_abs_diff(got[1], want[1]))
+    want = token_logprobs_from_logits(full_logits, small_targets, vocab_size=small_vocab, with_entropy=True)
+    got = token_logprobs_from_logits(
+        shard_logits, small_targets, vocab_size=small_vocab, tp_group=group, with_entropy=True
+    )
+    (want_grad,) = _grads(want, upstream, [full_logits])
+    (got_grad,) = _grads(got, upstream, [shard_logits])
+    diffs["padding_shard/logp"] = max(_max_abs_diff(got[0], want[0]), _max_abs_diff(got[1], want[1]))
     diffs["padding_shard/grad"] = _max_abs_diff(got_grad, want_grad[..., shard])
 
     # Top-k targets (3-d) through the hidden path.
     topk_ids = torch.topk(full_logits.detach()[..., :real_vocab], k=3, dim=-1).indices
     want = token_logprobs_from_hidden(hidden, weight, topk_ids, vocab_size=real_vocab)
-    got = token_logprobs_from_hidden(hidden, weight[shard], topk_ids, vocab_size=real_vocab,
-                                     tp_group=group)
+    got = token_logprobs_from_hidden(hidden, weight[shard], topk_ids, vocab_size=real_vocab, tp_group=group)
     diffs["hidden/topk_logp"] = _max_abs_diff(got, want)
 
     # Full-vocabulary reverse KL to q ∝ ref^(1-lam) teacher^lam, and its student gradient.
@@ -317,22 +316,31 @@ def _tp_body(rank: int, world_size: int, real_vocab: int, temperature: float) ->
     ref_logits = torch.randn(full_logits.shape, generator=gen)
     student = full_logits.detach().clone().requires_grad_()
     student_shard = full_logits.detach()[..., shard].clone().requires_grad_()
-    want_kl = full_vocab_reverse_kl(student, teacher_logits, ref_logits, 1.5,
-                                    temperature=temperature, vocab_size=real_vocab, chunk_size=4)
-    got_kl = full_vocab_reverse_kl(student_shard, teacher_logits[..., shard],
-                                   ref_logits[..., shard], 1.5, tp_group=group,
-                                   temperature=temperature, vocab_size=real_vocab, chunk_size=4)
-    want_grad, = torch.autograd.grad((want_kl * upstream[1]).sum(), student)
-    got_grad, = torch.autograd.grad((got_kl * upstream[1]).sum(), student_shard)
+    want_kl = full_vocab_reverse_kl(
+        student, teacher_logits, ref_logits, 1.5, temperature=temperature, vocab_size=real_vocab, chunk_size=4
+    )
+    got_kl = full_vocab_reverse_kl(
+        student_shard,
+        teacher_logits[..., shard],
+        ref_logits[..., shard],
+        1.5,
+        tp_group=group,
+        temperature=temperature,
+        vocab_size=real_vocab,
+        chunk_size=4,
+    )
+    (want_grad,) = torch.autograd.grad((want_kl * upstream[1]).sum(), student)
+    (got_grad,) = torch.autograd.grad((got_kl * upstream[1]).sum(), student_shard)
     diffs["kl/value"] = _max_scaled_diff(got_kl, want_kl)
     diffs["kl/grad"] = _max_abs_diff(got_grad, want_grad[..., shard])
 
     # A teacher's top-k: 8 of 57 tokens, found shard by shard and merged.
-    want_values, want_ids = topk_logprobs_from_logits(teacher_logits, 8, temperature=temperature,
-                                                      vocab_size=real_vocab, chunk_size=4)
-    got_values, got_ids = topk_logprobs_from_logits(teacher_logits[..., shard], 8, tp_group=group,
-                                                    temperature=temperature, vocab_size=real_vocab,
-                                                    chunk_size=4)
+    want_values, want_ids = topk_logprobs_from_logits(
+        teacher_logits, 8, temperature=temperature, vocab_size=real_vocab, chunk_size=4
+    )
+    got_values, got_ids = topk_logprobs_from_logits(
+        teacher_logits[..., shard], 8, tp_group=group, temperature=temperature, vocab_size=real_vocab, chunk_size=4
+    )
     diffs["topk/values"] = _max_abs_diff(got_values, want_values)
     diffs["topk/ids"] = float((got_ids != want_ids).sum())
     return diffs

@@ -73,9 +73,11 @@ def test_nonfinite_teacher_and_ref_logprobs_are_clamped_and_counted() -> None:
     result = gopd_advantages_detailed(student, teacher, ref, 1.5)
     assert torch.isfinite(result.advantages).all()
     assert result.advantages[0, 0] == pytest.approx(
-        1.5 * (LOGPROB_FLOOR - ref[0, 0].item()) - (student[0, 0].item() - ref[0, 0].item()))
+        1.5 * (LOGPROB_FLOOR - ref[0, 0].item()) - (student[0, 0].item() - ref[0, 0].item())
+    )
     assert result.advantages[1, 1] == pytest.approx(
-        1.5 * (teacher[1, 1].item() - LOGPROB_FLOOR) - (student[1, 1].item() - LOGPROB_FLOOR))
+        1.5 * (teacher[1, 1].item() - LOGPROB_FLOOR) - (student[1, 1].item() - LOGPROB_FLOOR)
+    )
     metrics = result.metrics(mask)
     assert metrics["teacher_logp_clamped"].item() == 2
     assert metrics["ref_logp_clamped"].item() == 1
@@ -102,8 +104,7 @@ def test_advantage_metrics() -> None:
     for name, value in expected.items():
         torch.testing.assert_close(metrics[name], value, msg=name)
     # Without a reference there is no implicit reward to report.
-    assert "implicit_reward_mean" not in gopd_advantages_detailed(
-        student, teacher, None, 1.0).metrics(mask)
+    assert "implicit_reward_mean" not in gopd_advantages_detailed(student, teacher, None, 1.0).metrics(mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def test_reinforce_gradient_is_weighted_advantage_over_token_count() -> None:
     logp = student.clone().requires_grad_()
     adv = gopd_advantages(logp, teacher, None, 1.0)
     loss, metrics = policy_loss(logp, adv, mask)
-    grad, = torch.autograd.grad(loss, logp)
+    (grad,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(grad, torch.where(mask, -adv, 0.0) / mask.sum())
     torch.testing.assert_close(metrics["advantage_mean"], adv[mask].mean())
 
@@ -130,7 +131,7 @@ def test_truncated_importance_weights() -> None:
     adv = gopd_advantages(logp, teacher, None, 1.0)
     loss, metrics = policy_loss(logp, adv, mask, sampler_logp=sampler, tis_cap=5.0)
     weights = torch.tensor([[1.0, math.exp(0.5), 5.0, math.exp(-1.0)]])
-    grad, = torch.autograd.grad(loss, logp)
+    (grad,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(grad, -weights * adv / 4)
     assert metrics["is_truncated_frac"].item() == pytest.approx(0.25)
     assert metrics["is_weight_mean"].item() == pytest.approx(weights.mean().item())
@@ -147,7 +148,7 @@ def test_ppo_clipping_against_old_logprobs() -> None:
     logp = (old + torch.tensor([[0.5, -0.5, 0.1, 0.5]])).requires_grad_()
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
     loss, metrics = policy_loss(logp, adv, mask, clip_eps=0.2, old_logp=old)
-    grad, = torch.autograd.grad(loss, logp)
+    (grad,) = torch.autograd.grad(loss, logp)
     ratio = torch.exp(logp.detach() - old)
     expected = torch.tensor([[0.0, 0.0, -ratio[0, 2].item(), ratio[0, 3].item()]]) / 4
     torch.testing.assert_close(grad, expected)
@@ -156,8 +157,7 @@ def test_ppo_clipping_against_old_logprobs() -> None:
     logp_now = old.clone().requires_grad_()
     loss_ppo, _ = policy_loss(logp_now, adv, mask, clip_eps=0.2, old_logp=old)
     loss_pg, _ = policy_loss(logp_now, adv, mask)
-    torch.testing.assert_close(torch.autograd.grad(loss_ppo, logp_now)[0],
-                               torch.autograd.grad(loss_pg, logp_now)[0])
+    torch.testing.assert_close(torch.autograd.grad(loss_ppo, logp_now)[0], torch.autograd.grad(loss_pg, logp_now)[0])
 
 
 def test_aggregation_modes_values() -> None:
@@ -165,8 +165,7 @@ def test_aggregation_modes_values() -> None:
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
     assert aggregate_loss(per_token, mask, "token-mean").item() == pytest.approx(10 / 4)
     assert aggregate_loss(per_token, mask, "seq-mean-token-sum").item() == pytest.approx(10 / 2)
-    assert aggregate_loss(per_token, mask, "seq-mean-token-mean").item() == pytest.approx(
-        (2 + 4) / 2)
+    assert aggregate_loss(per_token, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
     with pytest.raises(ValueError, match="agg"):
         aggregate_loss(per_token, mask, "sum")
 
@@ -183,8 +182,12 @@ def test_aggregation_is_invariant_to_micro_batch_split(agg: str) -> None:
         logp = student.clone().requires_grad_()
         # The step's global normaliser: every micro-batch's share, summed (all-reduced over DP).
         num_tokens = sum(loss_normaliser(mask[rows], agg) for rows in splits)
-        total = sum(policy_loss(logp[rows], adv[rows], mask[rows], sampler[rows], tis_cap=2.0,
-                                agg=agg, num_tokens=num_tokens)[0] for rows in splits)
+        total = sum(
+            policy_loss(logp[rows], adv[rows], mask[rows], sampler[rows], tis_cap=2.0, agg=agg, num_tokens=num_tokens)[
+                0
+            ]
+            for rows in splits
+        )
         return total, torch.autograd.grad(total, logp)[0]
 
     full_loss, full_grad = run([slice(0, batch)])
@@ -211,8 +214,7 @@ def test_bandit_converges_to_closed_form(lam: float) -> None:
     mask = torch.ones(1, num_samples, dtype=torch.bool)
     for _ in range(steps):
         with torch.no_grad():  # one token per "rollout", sampled from the student
-            tokens = torch.multinomial(torch.softmax(student_logits, -1), num_samples,
-                                       replacement=True, generator=gen)
+            tokens = torch.multinomial(torch.softmax(student_logits, -1), num_samples, replacement=True, generator=gen)
         logits = student_logits[None, None, :].expand(num_samples, 1, vocab)  # [s, b=1, V]
         student_logp = token_logprobs_from_logits(logits, tokens[:, None]).t()  # [1, n]
         adv = gopd_advantages(student_logp, log_teacher[tokens][None], log_ref[tokens][None], lam)
@@ -230,12 +232,14 @@ def test_bandit_converges_to_closed_form(lam: float) -> None:
 # Full-vocabulary and top-k variants
 
 
-def _exact_kl(student: torch.Tensor, teacher: torch.Tensor, ref: torch.Tensor, lam: float,
-              temperature: float = 1.0) -> torch.Tensor:
+def _exact_kl(
+    student: torch.Tensor, teacher: torch.Tensor, ref: torch.Tensor, lam: float, temperature: float = 1.0
+) -> torch.Tensor:
     """Naive KL(pi_student || q) over the last dim, q ∝ ref^(1-lam) teacher^lam, full tensors."""
     log_p = torch.log_softmax(student / temperature, -1)
-    log_q = torch.log_softmax(lam * torch.log_softmax(teacher / temperature, -1)
-                              + (1 - lam) * torch.log_softmax(ref / temperature, -1), -1)
+    log_q = torch.log_softmax(
+        lam * torch.log_softmax(teacher / temperature, -1) + (1 - lam) * torch.log_softmax(ref / temperature, -1), -1
+    )
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
@@ -245,19 +249,16 @@ def _three_logits(seq: int = 5, batch: int = 3, vocab: int = 40, seed: int = 0):
 
 
 @pytest.mark.parametrize("lam,temperature", [(1.0, 1.0), (0.5, 0.7), (1.5, 1.0)])
-def test_full_vocab_kl_value_and_gradient_match_autograd_of_exact_kl(lam: float,
-                                                                      temperature: float) -> None:
+def test_full_vocab_kl_value_and_gradient_match_autograd_of_exact_kl(lam: float, temperature: float) -> None:
     real_vocab = 33  # rows 33..39 are padding
     student, teacher, ref = _three_logits()
     student.requires_grad_()
     upstream = torch.randn(student.shape[:2], generator=torch.Generator().manual_seed(1))
-    kl = full_vocab_reverse_kl(student, teacher, ref, lam, temperature=temperature,
-                               vocab_size=real_vocab, chunk_size=4)
-    exact = _exact_kl(student[..., :real_vocab], teacher[..., :real_vocab],
-                      ref[..., :real_vocab], lam, temperature)
+    kl = full_vocab_reverse_kl(student, teacher, ref, lam, temperature=temperature, vocab_size=real_vocab, chunk_size=4)
+    exact = _exact_kl(student[..., :real_vocab], teacher[..., :real_vocab], ref[..., :real_vocab], lam, temperature)
     torch.testing.assert_close(kl, exact, atol=2e-5, rtol=1e-5)
-    grad, = torch.autograd.grad((kl * upstream).sum(), student)
-    want, = torch.autograd.grad((exact * upstream).sum(), student)
+    (grad,) = torch.autograd.grad((kl * upstream).sum(), student)
+    (want,) = torch.autograd.grad((exact * upstream).sum(), student)
     torch.testing.assert_close(grad, want, atol=2e-6, rtol=1e-5)
     assert torch.all(grad[..., real_vocab:] == 0)
 
@@ -298,8 +299,9 @@ def test_topk_kl_gradient_through_vocab_parallel_logprobs() -> None:
     naive_topk = torch.log_softmax(student, -1).gather(-1, ids)
     naive = topk_reverse_kl(naive_topk, teacher_topk, ref_topk, lam)
     torch.testing.assert_close(kl, naive, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.autograd.grad(kl.sum(), student)[0],
-                               torch.autograd.grad(naive.sum(), student)[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.autograd.grad(kl.sum(), student)[0], torch.autograd.grad(naive.sum(), student)[0], atol=1e-6, rtol=1e-5
+    )
     assert torch.all(kl >= -1e-6)
 
 
@@ -308,11 +310,13 @@ def test_topk_kl_bounds_full_kl_from_below_at_lam_one() -> None:
     # can only lower a KL divergence, and zero KL needs the student to match on the top-k and tail.
     student, teacher, _ = _three_logits()
     ids = torch.topk(teacher, 6, dim=-1).indices
-    topk = topk_reverse_kl(torch.log_softmax(student, -1).gather(-1, ids),
-                           torch.log_softmax(teacher, -1).gather(-1, ids), None, 1.0)
+    topk = topk_reverse_kl(
+        torch.log_softmax(student, -1).gather(-1, ids), torch.log_softmax(teacher, -1).gather(-1, ids), None, 1.0
+    )
     full = full_vocab_reverse_kl(student, teacher, None, 1.0)
     assert torch.all(topk <= full + 1e-5)
     assert torch.all(topk > 0)
-    same = topk_reverse_kl(torch.log_softmax(teacher, -1).gather(-1, ids),
-                           torch.log_softmax(teacher, -1).gather(-1, ids), None, 1.0)
+    same = topk_reverse_kl(
+        torch.log_softmax(teacher, -1).gather(-1, ids), torch.log_softmax(teacher, -1).gather(-1, ids), None, 1.0
+    )
     assert same.abs().max() < 1e-5

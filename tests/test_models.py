@@ -10,8 +10,14 @@ from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
 from megatron_gopd.models import ModelArchitecture, ParallelLayout, UnsupportedModelError, transformer_config
 
-SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2)
+SMALL = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def _saved(tmp_path, hf_config) -> ModelArchitecture:
@@ -30,24 +36,33 @@ def test_qwen3_from_transformers_config(tmp_path):
 
 
 def test_qwen3_moe_routing_fields(tmp_path):
-    arch = _saved(tmp_path, Qwen3MoeConfig(**SMALL, head_dim=16, num_experts=8, num_experts_per_tok=2,
-                                           moe_intermediate_size=32, norm_topk_prob=True))
+    arch = _saved(
+        tmp_path,
+        Qwen3MoeConfig(
+            **SMALL, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+        ),
+    )
     assert arch.is_moe and arch.num_experts == 8 and arch.moe_router_topk == 2
     cfg = transformer_config(arch, ParallelLayout())
     assert cfg.num_moe_experts == 8 and cfg.moe_ffn_hidden_size == 32
     # normalised top-k probabilities == softmax over the selected logits (softmax after top-k)
     assert cfg.moe_router_pre_softmax is False and cfg.moe_router_score_function == "softmax"
     assert cfg.moe_expert_capacity_factor is None  # dropless
-    unnormalised = ModelArchitecture.from_hf_config({**json.loads((tmp_path / "config.json").read_text()),
-                                                     "norm_topk_prob": False})
+    unnormalised = ModelArchitecture.from_hf_config(
+        {**json.loads((tmp_path / "config.json").read_text()), "norm_topk_prob": False}
+    )
     assert transformer_config(unnormalised, ParallelLayout()).moe_router_pre_softmax is True
 
 
 def test_llama3_rope_scaling(tmp_path):
-    scaling = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=8192)
-    arch = _saved(tmp_path, LlamaConfig(**SMALL, rope_scaling=scaling, rope_theta=5e5,
-                                        max_position_embeddings=16384))
+    scaling = dict(
+        rope_type="llama3",
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
+    arch = _saved(tmp_path, LlamaConfig(**SMALL, rope_scaling=scaling, rope_theta=5e5, max_position_embeddings=16384))
     assert arch.family == "llama" and not arch.qk_layernorm
     assert arch.rope_scaling_factor == 32.0 and arch.rope_theta == 5e5 and arch.kv_channels == 16
 
@@ -63,13 +78,16 @@ def test_transformer_config_matches_architecture():
     assert cfg.tensor_model_parallel_size == 2 and cfg.pipeline_model_parallel_size == 2
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
-    ("attention_bias", True, "attention_bias=true"),
-    ("use_sliding_window", True, "use_sliding_window=true"),
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope type 'yarn'"),
-    ("layer_types", ["full_attention", "sliding_attention"], "layer_types"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
+        ("attention_bias", True, "attention_bias=true"),
+        ("use_sliding_window", True, "use_sliding_window=true"),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope type 'yarn'"),
+        ("layer_types", ["full_attention", "sliding_attention"], "layer_types"),
+    ],
+)
 def test_unsupported_fields_are_named(field, value, message):
     hf = dict(architectures=["Qwen3ForCausalLM"], **SMALL, **{field: value})
     with pytest.raises(UnsupportedModelError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -83,8 +101,14 @@ def test_unsupported_architecture_and_missing_fields():
     del hf["num_hidden_layers"]
     with pytest.raises(UnsupportedModelError, match="'num_hidden_layers' is missing"):
         ModelArchitecture.from_hf_config(hf)
-    moe = dict(architectures=["Qwen3MoeForCausalLM"], **SMALL, num_experts=4, num_experts_per_tok=2,
-               moe_intermediate_size=32, mlp_only_layers=[0])
+    moe = dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        **SMALL,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        mlp_only_layers=[0],
+    )
     with pytest.raises(UnsupportedModelError, match="mlp_only_layers"):
         ModelArchitecture.from_hf_config(moe)
 
@@ -100,8 +124,9 @@ def test_bad_model_config_rejected_before_any_model_is_built(tmp_path, monkeypat
 
     constructed = []
     monkeypatch.setattr(gpt_model.GPTModel, "__init__", lambda *a, **k: constructed.append(1))
-    (tmp_path / "config.json").write_text(json.dumps(dict(architectures=["Qwen3ForCausalLM"], **SMALL,
-                                                          hidden_act="relu")))
+    (tmp_path / "config.json").write_text(
+        json.dumps(dict(architectures=["Qwen3ForCausalLM"], **SMALL, hidden_act="relu"))
+    )
     from megatron_gopd.models import build_gpt_model
 
     with pytest.raises(UnsupportedModelError, match="hidden_act='relu'"):
@@ -109,13 +134,16 @@ def test_bad_model_config_rejected_before_any_model_is_built(tmp_path, monkeypat
     assert constructed == []
 
 
-@pytest.mark.parametrize("layout, message", [
-    (dict(tp=3), "num_attention_heads=4 is not divisible by tensor_parallel=3"),
-    (dict(tp=4), "num_key_value_heads=2 is not divisible by tensor_parallel=4"),
-    (dict(pp=3), "num_hidden_layers=4 is not divisible by pipeline_parallel=3"),
-    (dict(ep=2), "expert_parallel=2 but the model has no experts"),
-    (dict(tp=0), "tensor_parallel must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (dict(tp=3), "num_attention_heads=4 is not divisible by tensor_parallel=3"),
+        (dict(tp=4), "num_key_value_heads=2 is not divisible by tensor_parallel=4"),
+        (dict(pp=3), "num_hidden_layers=4 is not divisible by pipeline_parallel=3"),
+        (dict(ep=2), "expert_parallel=2 but the model has no experts"),
+        (dict(tp=0), "tensor_parallel must be >= 1"),
+    ],
+)
 def test_parallel_sizes_checked_against_shapes(layout, message):
     arch = ModelArchitecture.from_hf_config(dict(architectures=["Qwen3ForCausalLM"], **SMALL))
     with pytest.raises(ValueError, match=message):
@@ -123,7 +151,14 @@ def test_parallel_sizes_checked_against_shapes(layout, message):
 
 
 def test_experts_not_divisible_by_ep():
-    arch = ModelArchitecture.from_hf_config(dict(architectures=["Qwen3MoeForCausalLM"], **SMALL, num_experts=6,
-                                                 num_experts_per_tok=2, moe_intermediate_size=32))
+    arch = ModelArchitecture.from_hf_config(
+        dict(
+            architectures=["Qwen3MoeForCausalLM"],
+            **SMALL,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        )
+    )
     with pytest.raises(ValueError, match="num_experts=6 is not divisible by expert_parallel=4"):
         arch.validate_parallel(ep=4)

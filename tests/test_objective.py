@@ -14,24 +14,43 @@ from megatron_gopd.trainer.metrics import MetricSums, reduce_step_metrics
 from megatron_gopd.trainer.objective import TrainObjective, teacher_row_groups
 
 
-def _sample(gen: torch.Generator, teacher, lam: float, with_ref: bool, response_len: int = 4,
-            outcome: float = 0.0, topk: int = 0) -> TrainSample:
+def _sample(
+    gen: torch.Generator,
+    teacher,
+    lam: float,
+    with_ref: bool,
+    response_len: int = 4,
+    outcome: float = 0.0,
+    topk: int = 0,
+) -> TrainSample:
     logp = lambda: -torch.rand(response_len, generator=gen) * 3  # noqa: E731
     topk_fields = {}
     if topk:
-        topk_fields = dict(teacher_topk_ids=torch.randint(0, 10, (response_len, topk), generator=gen),
-                           teacher_topk_logprobs=-torch.rand(response_len, topk, generator=gen) * 3 - 2,
-                           ref_topk_logprobs=(-torch.rand(response_len, topk, generator=gen) * 3 - 2)
-                           if with_ref else None)
-    return TrainSample(prompt_ids=[1, 2, 3], response_ids=list(range(4, 4 + response_len)),
-                       sampler_logprobs=logp(), teacher_logprobs=logp(), ref_logprobs=logp() if with_ref else None,
-                       teacher=teacher, lam=lam, outcome_advantage=outcome, **topk_fields)
+        topk_fields = dict(
+            teacher_topk_ids=torch.randint(0, 10, (response_len, topk), generator=gen),
+            teacher_topk_logprobs=-torch.rand(response_len, topk, generator=gen) * 3 - 2,
+            ref_topk_logprobs=(-torch.rand(response_len, topk, generator=gen) * 3 - 2) if with_ref else None,
+        )
+    return TrainSample(
+        prompt_ids=[1, 2, 3],
+        response_ids=list(range(4, 4 + response_len)),
+        sampler_logprobs=logp(),
+        teacher_logprobs=logp(),
+        ref_logprobs=logp() if with_ref else None,
+        teacher=teacher,
+        lam=lam,
+        outcome_advantage=outcome,
+        **topk_fields,
+    )
 
 
 def _mixed_batch(topk: int = 0):
     gen = torch.Generator().manual_seed(0)
-    samples = [_sample(gen, "math", 1.5, True, topk=topk), _sample(gen, "code", 1.0, False, topk=topk),
-               _sample(gen, "math", 1.5, True, response_len=2, topk=topk)]
+    samples = [
+        _sample(gen, "math", 1.5, True, topk=topk),
+        _sample(gen, "code", 1.0, False, topk=topk),
+        _sample(gen, "math", 1.5, True, response_len=2, topk=topk),
+    ]
     mb = collate(samples, topk=topk)
     student = -torch.rand(mb.loss_mask.shape, generator=gen) * 3  # [b, s]
     return samples, mb, student
@@ -46,15 +65,24 @@ def test_sampled_loss_uses_each_rows_own_lam_and_reference():
     # The same loss computed row group by row group with the loss module's functions directly.
     expected_adv = torch.zeros_like(student)
     for rows, lam, with_ref in (([0, 2], 1.5, True), ([1], 1.0, False)):
-        expected_adv[rows] = gopd_advantages(student[rows], mb.teacher_logprobs[rows],
-                                             mb.ref_logprobs[rows] if with_ref else None, lam)
-    expected, _ = policy_loss(student, expected_adv * mb.loss_mask, mb.loss_mask,
-                              sampler_logp=mb.sampler_logprobs, tis_cap=5.0, num_tokens=1)
+        expected_adv[rows] = gopd_advantages(
+            student[rows], mb.teacher_logprobs[rows], mb.ref_logprobs[rows] if with_ref else None, lam
+        )
+    expected, _ = policy_loss(
+        student, expected_adv * mb.loss_mask, mb.loss_mask, sampler_logp=mb.sampler_logprobs, tis_cap=5.0, num_tokens=1
+    )
     torch.testing.assert_close(loss, expected)
     assert normaliser.item() == sum(len(s.response_ids) for s in samples)
     reduced = reduce_step_metrics([metrics], contributes=True)
-    assert {"reverse_kl/math", "implicit_reward/math", "reverse_kl/code", "loss", "entropy",
-            "is_weight_mean", "teacher_clamped"} <= set(reduced)
+    assert {
+        "reverse_kl/math",
+        "implicit_reward/math",
+        "reverse_kl/code",
+        "loss",
+        "entropy",
+        "is_weight_mean",
+        "teacher_clamped",
+    } <= set(reduced)
     assert "implicit_reward/code" not in reduced  # lam = 1: no reference scored
     math_rows = mb.loss_mask[[0, 2]].bool()
     kl = (student[[0, 2]] - mb.teacher_logprobs[[0, 2]])[math_rows].mean()
@@ -86,8 +114,12 @@ def test_topk_loss_is_the_reverse_kl_of_each_teacher_group():
     loss, _, metrics = objective(mb, student, torch.zeros_like(student), student_topk)
     expected = torch.zeros_like(student)
     for rows, lam, with_ref in (([0, 2], 1.5, True), ([1], 1.0, False)):
-        expected[rows] = topk_reverse_kl(student_topk[rows].detach(), mb.teacher_topk_logprobs[rows],
-                                         mb.ref_topk_logprobs[rows] if with_ref else None, lam)
+        expected[rows] = topk_reverse_kl(
+            student_topk[rows].detach(),
+            mb.teacher_topk_logprobs[rows],
+            mb.ref_topk_logprobs[rows] if with_ref else None,
+            lam,
+        )
     torch.testing.assert_close(loss, (expected * mb.loss_mask).sum())
     loss.backward()
     assert student_topk.grad is not None and student_topk.grad[mb.loss_mask.bool()].abs().sum() > 0
@@ -110,8 +142,7 @@ def test_metric_sums_are_weighted_means_and_new_names_need_no_registration():
     first.add_sum("teacher_clamped", 2)
     second.add_sum("teacher_clamped", torch.tensor(1))
     reduced = reduce_step_metrics([first, second], contributes=True)
-    assert reduced == {"entropy": pytest.approx(13 / 5), "a_brand_new_metric/some_teacher": 1.5,
-                       "teacher_clamped": 3.0}
+    assert reduced == {"entropy": pytest.approx(13 / 5), "a_brand_new_metric/some_teacher": 1.5, "teacher_clamped": 3.0}
     assert reduce_step_metrics([first], contributes=False) == {}
 
 
@@ -152,8 +183,9 @@ def test_step_loss_is_the_same_however_sequences_are_split_over_micro_batches_an
         for rank in split:  # a data-parallel rank: its micro-batches
             for rows in rank:
                 mb = collate([samples[i] for i in rows])
-                logp = torch.stack([torch.nn.functional.pad(leaves[i], (0, mb.loss_mask.shape[1] - len(leaves[i])))
-                                    for i in rows])
+                logp = torch.stack(
+                    [torch.nn.functional.pad(leaves[i], (0, mb.loss_mask.shape[1] - len(leaves[i]))) for i in rows]
+                )
                 loss, normaliser, _ = objective(mb, logp, torch.zeros_like(logp))
                 total_loss, total_norm = total_loss + loss, total_norm + normaliser
         step_loss = total_loss / total_norm
@@ -167,8 +199,9 @@ def test_step_loss_is_the_same_however_sequences_are_split_over_micro_batches_an
         torch.testing.assert_close(a, b)
     if agg == "seq-mean-token-mean":  # by definition: the mean over sequences of each one's token mean
         mb = collate(samples)
-        logp = torch.stack([torch.nn.functional.pad(student[id(s)], (0, mb.loss_mask.shape[1] - len(student[id(s)])))
-                            for s in samples])
+        logp = torch.stack(
+            [torch.nn.functional.pad(student[id(s)], (0, mb.loss_mask.shape[1] - len(student[id(s)]))) for s in samples]
+        )
         advantages = objective.advantages(mb, logp, MetricSums())
         weights = torch.exp(logp - mb.sampler_logprobs).clamp(max=5.0)
         per_token = -(weights * advantages * logp)

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from megatron_gopd.models import ParallelLayout
-from megatron_gopd.parallel import (dense_grid, expert_grid, last_stage_of_rank, rank_groups, replica_partition,
-                                    replica_writers, same_partition)
+from megatron_gopd.parallel import (
+    dense_grid,
+    expert_grid,
+    last_stage_of_rank,
+    rank_groups,
+    replica_partition,
+    replica_writers,
+    same_partition,
+)
 
 
 def test_rank_groups_match_megatron_rank_generator():
@@ -13,8 +20,13 @@ def test_rank_groups_match_megatron_rank_generator():
     for tp, dp, pp in [(2, 1, 2), (1, 4, 1), (2, 2, 2), (1, 2, 4)]:
         generator = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
         grid = {"tp": tp, "cp": 1, "dp": dp, "pp": pp}
-        for dims, token in [(["tp"], "tp"), (["pp"], "pp"), (["dp"], "dp"), (["tp", "pp"], "tp-pp"),
-                            (["tp", "cp", "dp"], "tp-cp-dp")]:
+        for dims, token in [
+            (["tp"], "tp"),
+            (["pp"], "pp"),
+            (["dp"], "dp"),
+            (["tp", "pp"], "tp-pp"),
+            (["tp", "cp", "dp"], "tp-cp-dp"),
+        ]:
             assert rank_groups(grid, dims) == generator.get_ranks(token), (tp, dp, pp, dims)
 
 

@@ -65,11 +65,11 @@ def _equivalence_body(rank: int, world_size: int, ckpt_dir: str, hf: dict, layou
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hf, layouts", [(TINY_QWEN3, DENSE_LAYOUTS), (TINY_QWEN3_MOE, MOE_LAYOUTS)],
-                         ids=["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize(
+    "hf, layouts", [(TINY_QWEN3, DENSE_LAYOUTS), (TINY_QWEN3_MOE, MOE_LAYOUTS)], ids=["qwen3", "qwen3_moe"]
+)
 def test_parallel_logits_and_grads_match_single_rank(tmp_path, hf, layouts):
-    reports = run_distributed(_equivalence_body, world_size=4, ckpt_dir=str(tmp_path / "ckpt"), hf=hf,
-                              layouts=layouts)
+    reports = run_distributed(_equivalence_body, world_size=4, ckpt_dir=str(tmp_path / "ckpt"), hf=hf, layouts=layouts)
     seen = set()
     for rank_report in reports:
         for layout, numbers in rank_report.items():

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from megatron_gopd.config import load_config
-from megatron_gopd.planner import GB, kv_bytes_per_token, parameters_per_rank
 from megatron_gopd.models import ModelArchitecture, ParallelLayout
+from megatron_gopd.planner import GB, kv_bytes_per_token, parameters_per_rank
 from megatron_gopd.trainer import TrainConfig
 from megatron_gopd.trainer.memory import plan_train_memory
 
@@ -27,8 +27,10 @@ def test_paper_configs_fit_one_node(path, device_gb):
     rollout holds a useful number of 16K-token samples (the KV budget, not batch x length, sets it)."""
     cfg = load_config(TrainConfig, path)
     plan = plan_train_memory(cfg, world_size=8, device_gb=device_gb, shapes_dir=str(SHAPES), attention="sdpa")
-    print(f"{path.stem} @ {device_gb} GB: KV {plan.phases[0].items['KV cache'] / GB:.1f} GB, "
-          f"{plan.kv_slots} slots of {plan.sample_tokens} tokens")
+    print(
+        f"{path.stem} @ {device_gb} GB: KV {plan.phases[0].items['KV cache'] / GB:.1f} GB, "
+        f"{plan.kv_slots} slots of {plan.sample_tokens} tokens"
+    )
     assert plan.fits, plan.table()
     assert plan.kv_slots >= 16, plan.table()
 
@@ -52,9 +54,26 @@ def test_parameter_count_of_a_public_model_is_right():
 
 
 def _plan_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megatron_gopd.cli", "gopd-train", "--plan", "--world-size", "8",
-                           "--model-shapes", str(SHAPES), "--attention", "sdpa", *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_gopd.cli",
+            "gopd-train",
+            "--plan",
+            "--world-size",
+            "8",
+            "--model-shapes",
+            str(SHAPES),
+            "--attention",
+            "sdpa",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.slow
@@ -63,8 +82,9 @@ def test_plan_command_prints_the_table_and_refuses_an_oversized_job():
     ok = _plan_cli("--config", config, "--device-memory-gb", "80")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "rollout KV slots:" in ok.stdout and "DOES NOT FIT" not in ok.stdout
-    too_big = _plan_cli("--config", config, "--device-memory-gb", "80", "micro_batch_tokens=262144",
-                        "student.recompute=false")
+    too_big = _plan_cli(
+        "--config", config, "--device-memory-gb", "80", "micro_batch_tokens=262144", "student.recompute=false"
+    )
     assert too_big.returncode == 2, too_big.stdout + too_big.stderr
     assert "DOES NOT FIT: training" in too_big.stdout and "micro_batch_tokens" in too_big.stdout
     no_kv = _plan_cli("--config", config, "--device-memory-gb", "80", "rollout.kv_cache_gb=0.5")

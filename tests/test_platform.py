@@ -10,14 +10,22 @@ from tests.dist_harness import run_distributed
 
 
 def test_torchrun_environment():
-    env = platform.read_dist_env(dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
-                                      MASTER_ADDR="node7", MASTER_PORT="1234"))
+    env = platform.read_dist_env(
+        dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="node7", MASTER_PORT="1234")
+    )
     assert env == platform.DistEnv(3, 8, 1, 2, "node7", 1234)
 
 
 def test_slurm_environment_without_torchrun():
-    env = platform.read_dist_env(dict(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1",
-                                      SLURM_NTASKS_PER_NODE="4(x2)", SLURM_JOB_NODELIST="gpu[07-08,11],cpu1"))
+    env = platform.read_dist_env(
+        dict(
+            SLURM_PROCID="5",
+            SLURM_NTASKS="8",
+            SLURM_LOCALID="1",
+            SLURM_NTASKS_PER_NODE="4(x2)",
+            SLURM_JOB_NODELIST="gpu[07-08,11],cpu1",
+        )
+    )
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 4)
     assert env.master_addr == "gpu07" and env.master_port == 29500
 
@@ -31,8 +39,9 @@ def test_torchrun_wins_over_slurm_and_bare_run_is_world_of_one():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("a[3-5]", "a3"), ("x[01,04]", "x01"),
-                                             ("h1,h2", "h1")])
+@pytest.mark.parametrize(
+    "nodelist, first", [("node1", "node1"), ("a[3-5]", "a3"), ("x[01,04]", "x01"), ("h1,h2", "h1")]
+)
 def test_first_slurm_host(nodelist, first):
     assert platform._first_slurm_host(nodelist) == first
 

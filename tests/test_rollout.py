@@ -19,15 +19,29 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_gopd.rollout import (RolloutBatch, RolloutSample, SamplingParams, sample_from_logits,
-                                   truncation_mask, validate_request)
+from megatron_gopd.rollout import (
+    RolloutBatch,
+    RolloutSample,
+    SamplingParams,
+    sample_from_logits,
+    truncation_mask,
+    validate_request,
+)
 from tests.dist_harness import run_distributed
 
 VOCAB = 300
 MAX_POSITIONS = 64
-HF_CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                 max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False)
+HF_CONFIG = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=MAX_POSITIONS,
+    tie_word_embeddings=False,
+)
 LM_HEAD_SCALE = 10.0  # logits spread of ~1.5 nats: no greedy near-ties, yet diverse samples
 PROMPT_LENGTHS = (5, 11, 3, 8)  # different lengths on purpose: prompt tails are fed step by step
 GREEDY_NEW_TOKENS = 16
@@ -71,9 +85,14 @@ def hf_greedy(hf_model, prompts) -> list[list[int]]:
     outputs = []
     for prompt in prompts:
         with torch.no_grad():
-            full = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=GREEDY_NEW_TOKENS,
-                                  eos_token_id=None, pad_token_id=0)
-        outputs.append(full[0, len(prompt):].tolist())
+            full = model.generate(
+                torch.tensor([prompt]),
+                do_sample=False,
+                max_new_tokens=GREEDY_NEW_TOKENS,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        outputs.append(full[0, len(prompt) :].tolist())
     return outputs
 
 
@@ -81,8 +100,9 @@ def hf_greedy(hf_model, prompts) -> list[list[int]]:
 def dist_results(hf_model, prompts, hf_greedy) -> list[dict]:
     """Every multi-process check, in one launch of 2 ranks; one result dict per rank."""
     hf_dir, _ = hf_model
-    return run_distributed(_rollout_body, world_size=2, timeout=600.0, hf_dir=str(hf_dir), prompts=prompts,
-                           hf_greedy=hf_greedy)
+    return run_distributed(
+        _rollout_body, world_size=2, timeout=600.0, hf_dir=str(hf_dir), prompts=prompts, hf_greedy=hf_greedy
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,13 +110,22 @@ def dist_results(hf_model, prompts, hf_greedy) -> list[dict]:
 
 
 def _batch_dict(batch: RolloutBatch) -> list[dict]:
-    return [dict(prompt_index=s.prompt_index, sample_index=s.sample_index, token_ids=s.token_ids,
-                 sampler_logprobs=s.sampler_logprobs, logprobs=s.logprobs, finish_reason=s.finish_reason)
-            for s in batch]
+    return [
+        dict(
+            prompt_index=s.prompt_index,
+            sample_index=s.sample_index,
+            token_ids=s.token_ids,
+            sampler_logprobs=s.sampler_logprobs,
+            logprobs=s.logprobs,
+            finish_reason=s.finish_reason,
+        )
+        for s in batch
+    ]
 
 
-def _check_against_full_forward(model, vocab_size: int, prompts: list[list[int]], samples: list[dict],
-                                sampling: SamplingParams) -> dict | None:
+def _check_against_full_forward(
+    model, vocab_size: int, prompts: list[list[int]], samples: list[dict], sampling: SamplingParams
+) -> dict | None:
     """Score prompt + response with one ordinary (no KV cache) forward; compare the engine's numbers.
 
     Returns, on the last pipeline stage, the largest log-prob differences and the number of tokens
@@ -115,7 +144,7 @@ def _check_against_full_forward(model, vocab_size: int, prompts: list[list[int]]
     worst = dict(logprobs=0.0, sampler_logprobs=0.0, outside_allowed=0, tokens=0)
     for row, sample in enumerate(samples):
         start, response = len(prompts[sample["prompt_index"]]), sample["token_ids"]
-        ref = logits[row, start - 1:start - 1 + len(response)].double()  # [L, V] predicts each response token
+        ref = logits[row, start - 1 : start - 1 + len(response)].double()  # [L, V] predicts each response token
         targets = torch.tensor(response)[:, None]
         ref_logprobs = ref.log_softmax(-1).gather(1, targets).squeeze(1)
         engine_logprobs = torch.tensor(sample["logprobs"], dtype=torch.float64)
@@ -133,7 +162,8 @@ def _check_against_full_forward(model, vocab_size: int, prompts: list[list[int]]
             ref_sampler = scaled.log_softmax(-1).gather(1, targets).squeeze(1)
         worst["sampler_logprobs"] = max(
             worst["sampler_logprobs"],
-            (ref_sampler - torch.tensor(sample["sampler_logprobs"], dtype=torch.float64)).abs().max().item())
+            (ref_sampler - torch.tensor(sample["sampler_logprobs"], dtype=torch.float64)).abs().max().item(),
+        )
         worst["tokens"] += len(response)
     return worst
 
@@ -156,10 +186,13 @@ def _single_layout_checks(model, arch, prompts: list[list[int]], engine, greedy:
     # token at step 4 becomes the EOS, prompt 1's token at step 7 a stop token.
     eos, stop = greedy[0]["token_ids"][4], greedy[1]["token_ids"][7]
     eos_engine = MegatronRolloutEngine(model, arch, eos_token_ids=[eos])
-    out["eos_stop"] = dict(eos=eos, stop=stop, batch=_batch_dict(eos_engine.generate(
-        prompts, dataclasses.replace(greedy_params, stop_token_ids=(stop,)))))
+    out["eos_stop"] = dict(
+        eos=eos,
+        stop=stop,
+        batch=_batch_dict(eos_engine.generate(prompts, dataclasses.replace(greedy_params, stop_token_ids=(stop,)))),
+    )
     # The context ends 3 tokens after this prompt: finish reason "length" after 3 tokens.
-    long_prompt = (prompts[0] * MAX_POSITIONS)[:MAX_POSITIONS - 3]
+    long_prompt = (prompts[0] * MAX_POSITIONS)[: MAX_POSITIONS - 3]
     out["context_limit"] = _batch_dict(engine.generate([long_prompt], greedy_params))
 
     base = SAMPLED["t1"]
@@ -183,13 +216,15 @@ def _single_layout_checks(model, arch, prompts: list[list[int]], engine, greedy:
         "too long": _expect_value_error(lambda: engine.generate([[1] * MAX_POSITIONS], base)),
         "token outside vocab": _expect_value_error(lambda: engine.generate([[1, VOCAB]], base)),
         "stop outside vocab": _expect_value_error(
-            lambda: engine.generate(prompts, dataclasses.replace(base, stop_token_ids=(VOCAB + 5,)))),
+            lambda: engine.generate(prompts, dataclasses.replace(base, stop_token_ids=(VOCAB + 5,)))
+        ),
     }
     return out
 
 
-def _rollout_body(rank: int, world_size: int, hf_dir: str, prompts: list[list[int]],
-                  hf_greedy: list[list[int]]) -> dict:
+def _rollout_body(
+    rank: int, world_size: int, hf_dir: str, prompts: list[list[int]], hf_greedy: list[list[int]]
+) -> dict:
     from megatron.core import parallel_state
 
     from megatron_gopd import platform
@@ -211,7 +246,8 @@ def _rollout_body(rank: int, world_size: int, hf_dir: str, prompts: list[list[in
         for run_name, sampling in runs.items():
             phase[run_name] = _batch_dict(engine.generate(prompts, sampling))
             phase["forward_check"][run_name] = _check_against_full_forward(
-                model, arch.vocab_size, prompts, phase[run_name], sampling)
+                model, arch.vocab_size, prompts, phase[run_name], sampling
+            )
         if name == "tp1":
             phase.update(_single_layout_checks(model, arch, prompts, engine, phase["greedy"]))
         if name == "tp2":
@@ -241,8 +277,10 @@ def _first_divergence(got: list[int], want: list[int]) -> str:
 def test_greedy_equals_transformers_generate(dist_results, hf_greedy, layout):
     for rank, result in enumerate(dist_results):
         for index, (sample, want) in enumerate(zip(result[layout]["greedy"], hf_greedy)):
-            assert sample["token_ids"] == want, (f"{layout} rank {rank} prompt {index}: first divergence at "
-                                                 f"{_first_divergence(sample['token_ids'], want)}")
+            assert sample["token_ids"] == want, (
+                f"{layout} rank {rank} prompt {index}: first divergence at "
+                f"{_first_divergence(sample['token_ids'], want)}"
+            )
             assert sample["finish_reason"] == "length"
 
 
@@ -267,7 +305,8 @@ def test_all_ranks_and_layouts_sample_the_same_tokens(dist_results):
             for run_name in ("greedy", *SAMPLED):
                 got = result[layout][run_name]
                 assert [s["token_ids"] for s in got] == [s["token_ids"] for s in reference[run_name]], (
-                    f"{run_name}: rank {rank} {layout} differs from rank 0 tp1")
+                    f"{run_name}: rank {rank} {layout} differs from rank 0 tp1"
+                )
                 assert [s["finish_reason"] for s in got] == [s["finish_reason"] for s in reference[run_name]]
                 # Every rank of a replica receives the sampling rank's log-probs.
                 for mine, ref in zip(got, reference[run_name]):
@@ -280,7 +319,8 @@ def test_samples_are_distinct_seeded_and_independent_of_the_batch(dist_results):
     t1 = tp1["t1"]
     n = SAMPLED["t1"].n
     assert [(s["prompt_index"], s["sample_index"]) for s in t1] == [
-        (p, j) for p in range(len(PROMPT_LENGTHS)) for j in range(n)]
+        (p, j) for p in range(len(PROMPT_LENGTHS)) for j in range(n)
+    ]
     for prompt_index in range(len(PROMPT_LENGTHS)):
         responses = {tuple(s["token_ids"]) for s in t1 if s["prompt_index"] == prompt_index}
         assert len(responses) == n, f"prompt {prompt_index}: n={n} samples are not all distinct"
@@ -304,7 +344,7 @@ def test_eos_stop_and_length_end_samples(dist_results):
         expected, reason = full["token_ids"], "length"
         for step, token in enumerate(full["token_ids"]):
             if token in (eos, stop):
-                expected, reason = full["token_ids"][:step + 1], "eos" if token == eos else "stop"
+                expected, reason = full["token_ids"][: step + 1], "eos" if token == eos else "stop"
                 break
         assert sample["token_ids"] == expected, _first_divergence(sample["token_ids"], expected)
         assert sample["finish_reason"] == reason
@@ -331,12 +371,20 @@ def test_bad_input_fails_before_generation(dist_results):
 # Single-process checks
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(n=0), "n"),
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
-    (dict(top_k=-2), "top_k"), (dict(stop_token_ids=(3, -1)), "stop_token_ids"), (dict(seed=-1), "seed"),
-    (dict(temperature=math.nan), "temperature"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(n=0), "n"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(stop_token_ids=(3, -1)), "stop_token_ids"),
+        (dict(seed=-1), "seed"),
+        (dict(temperature=math.nan), "temperature"),
+    ],
+)
 def test_sampling_params_reject_bad_values(changes, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**changes)
@@ -403,10 +451,12 @@ def test_sampler_follows_the_truncated_distribution_and_skips_padding():
 
 
 def test_padded_batch_masks_by_length():
-    batch = RolloutBatch(samples=[
-        RolloutSample(0, 0, [5, 7, 1], [-0.1, -0.2, -0.3], [-1.0, -2.0, -3.0], "eos"),
-        RolloutSample(1, 0, [1], [-0.5], [-0.7], "length"),
-    ])
+    batch = RolloutBatch(
+        samples=[
+            RolloutSample(0, 0, [5, 7, 1], [-0.1, -0.2, -0.3], [-1.0, -2.0, -3.0], "eos"),
+            RolloutSample(1, 0, [1], [-0.5], [-0.7], "length"),
+        ]
+    )
     padded = batch.padded(pad_token_id=1)  # pad id equal to a real token: the mask must not use it
     assert padded["token_ids"].tolist() == [[5, 7, 1], [1, 1, 1]]
     assert padded["response_mask"].tolist() == [[True, True, True], [True, False, False]]

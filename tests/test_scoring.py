@@ -25,31 +25,55 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3Moe
 
 from megatron_gopd.config import ConfigError, from_dict
 from megatron_gopd.scoring import (
-    STUDENT_INIT, PoolModelConfig, ScoringConfig, ScoringConfigError, ScoringPlan, TeacherConfig,
+    STUDENT_INIT,
+    PoolModelConfig,
+    ScoringConfig,
+    ScoringConfigError,
+    ScoringPlan,
+    TeacherConfig,
     validate_scoring_config,
 )
 from megatron_gopd.testing.tiny_tokenizer import CHAT_TEMPLATE, TINY_VOCAB_SIZE, build_tiny_tokenizer
 from tests.dist_harness import run_distributed
 
 TOL = 1e-5
-SMALL = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-             tie_word_embeddings=False, initializer_range=0.2)  # wide init: models disagree visibly
+SMALL = dict(
+    vocab_size=TINY_VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    initializer_range=0.2,
+)  # wide init: models disagree visibly
 # A teacher whose chat template differs from the student's (no think block, other role markers):
 # the pool must render its prompts with it and append the student's response ids unchanged.
-OTHER_TEMPLATE = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + ':' + m.content + '<|im_end|>' }}"
-                  "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant:' }}{%- endif %}")
+OTHER_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + ':' + m.content + '<|im_end|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant:' }}{%- endif %}"
+)
 STUDENT_TEMPLATE_KWARGS = {"enable_thinking": False}
 
 
-def _save_hf_model(root: Path, name: str, seed: int, moe: bool = False, template: str = CHAT_TEMPLATE,
-                   extra_token: bool = False, tied: bool = False) -> Path:
+def _save_hf_model(
+    root: Path,
+    name: str,
+    seed: int,
+    moe: bool = False,
+    template: str = CHAT_TEMPLATE,
+    extra_token: bool = False,
+    tied: bool = False,
+) -> Path:
     hf_dir = root / f"hf_{name}"
     torch.manual_seed(seed)
     shape = {**SMALL, "tie_word_embeddings": tied}
     if moe:
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**shape, num_experts=4, num_experts_per_tok=2,
-                                                   moe_intermediate_size=32, norm_topk_prob=True))
+        model = Qwen3MoeForCausalLM(
+            Qwen3MoeConfig(**shape, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+        )
     else:
         model = Qwen3ForCausalLM(Qwen3Config(**shape))
     model.save_pretrained(hf_dir)
@@ -116,10 +140,15 @@ def _requests(rank: int, num: int, domains: list[str], seed: int) -> list[dict[s
     for i in range(num):
         text = "".join(rng.choice("abcdefgh 0123456789+=?") for _ in range(rng.randint(1, 12)))
         messages = [{"role": "user", "content": text}]
-        out.append(dict(domain=domains[(rank + i) % len(domains)], messages=messages,
-                        prompt_ids=render_prompt_ids(tokenizer, messages, STUDENT_TEMPLATE_KWARGS),
-                        # any id of the vocabulary, special tokens included
-                        response_ids=[rng.randrange(TINY_VOCAB_SIZE) for _ in range(rng.randint(1, 24))]))
+        out.append(
+            dict(
+                domain=domains[(rank + i) % len(domains)],
+                messages=messages,
+                prompt_ids=render_prompt_ids(tokenizer, messages, STUDENT_TEMPLATE_KWARGS),
+                # any id of the vocabulary, special tokens included
+                response_ids=[rng.randrange(TINY_VOCAB_SIZE) for _ in range(rng.randint(1, 24))],
+            )
+        )
     return out
 
 
@@ -144,7 +173,7 @@ class _Standalone:
             logits = model(tokens, torch.arange(tokens.shape[1])[None], None)[0]  # [s, V_padded]
         logp = logits[:, : arch.vocab_size].float().log_softmax(-1)  # real vocabulary only
         start = len(prompt_ids) - 1  # position t predicts token t + 1
-        return logp[start:start + len(response_ids)]
+        return logp[start : start + len(response_ids)]
 
     def logprobs(self, ckpt_name: str, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
         logp = self.log_softmax(ckpt_name, prompt_ids, response_ids)
@@ -168,6 +197,7 @@ def _count_groups():
         return destroy(group)
 
     dist.new_group, dist.destroy_process_group = counting_new_group, counting_destroy
+
     def restore() -> None:
         dist.new_group, dist.destroy_process_group = new_group, destroy
 
@@ -194,11 +224,14 @@ def _check_topk(score, request, expectation, standalone, renderers, topk: int) -
     teacher_ckpt, _, ref_ckpt = expectation
     full = standalone.log_softmax(teacher_ckpt, renderers[teacher_ckpt](request), request["response_ids"])
     want = full.topk(topk, dim=-1)
-    row = dict(topk_shape=tuple(score.teacher_topk_ids.shape), topk_ids_dtype=str(score.teacher_topk_ids.dtype),
-               topk_value_diff=(score.teacher_topk_logprobs - want.values).abs().max().item(),
-               # ids may differ only where two logits tie exactly (then their values agree anyway)
-               topk_id_diff=(full.gather(1, score.teacher_topk_ids) - want.values).abs().max().item(),
-               ref_topk_none=score.ref_topk_logprobs is None)
+    row = dict(
+        topk_shape=tuple(score.teacher_topk_ids.shape),
+        topk_ids_dtype=str(score.teacher_topk_ids.dtype),
+        topk_value_diff=(score.teacher_topk_logprobs - want.values).abs().max().item(),
+        # ids may differ only where two logits tie exactly (then their values agree anyway)
+        topk_id_diff=(full.gather(1, score.teacher_topk_ids) - want.values).abs().max().item(),
+        ref_topk_none=score.ref_topk_logprobs is None,
+    )
     if ref_ckpt is not None and score.ref_topk_logprobs is not None:
         ref_full = standalone.log_softmax(ref_ckpt, renderers[ref_ckpt](request), request["response_ids"])
         row["ref_topk_diff"] = (score.ref_topk_logprobs - ref_full.gather(1, score.teacher_topk_ids)).abs().max().item()
@@ -212,12 +245,18 @@ def _check_scores(scores, requests, expectations, standalone, renderers, topk: i
         teacher_ckpt, lam, ref_ckpt = expectations[request["domain"]]
         prompt = renderers[teacher_ckpt](request)
         expected_teacher = standalone.logprobs(teacher_ckpt, prompt, request["response_ids"])
-        row = dict(domain=request["domain"], teacher=score.teacher, lam=score.lam,
-                   teacher_shape=tuple(score.teacher_logprobs.shape), dtype=str(score.teacher_logprobs.dtype),
-                   n=len(request["response_ids"]),
-                   tokens=len(prompt) + len(request["response_ids"]),
-                   teacher_diff=(score.teacher_logprobs - expected_teacher).abs().max().item(),
-                   ref_none=score.ref_logprobs is None, ref_diff=None)
+        row = dict(
+            domain=request["domain"],
+            teacher=score.teacher,
+            lam=score.lam,
+            teacher_shape=tuple(score.teacher_logprobs.shape),
+            dtype=str(score.teacher_logprobs.dtype),
+            n=len(request["response_ids"]),
+            tokens=len(prompt) + len(request["response_ids"]),
+            teacher_diff=(score.teacher_logprobs - expected_teacher).abs().max().item(),
+            ref_none=score.ref_logprobs is None,
+            ref_diff=None,
+        )
         if ref_ckpt is not None and score.ref_logprobs is not None:
             ref_prompt = renderers[ref_ckpt](request)
             expected_ref = standalone.logprobs(ref_ckpt, ref_prompt, request["response_ids"])
@@ -229,8 +268,11 @@ def _check_scores(scores, requests, expectations, standalone, renderers, topk: i
         if topk:
             row.update(_check_topk(score, request, expectations[request["domain"]], standalone, renderers, topk))
         else:
-            row["topk_none"] = (score.teacher_topk_ids is None and score.teacher_topk_logprobs is None
-                                and score.ref_topk_logprobs is None)
+            row["topk_none"] = (
+                score.teacher_topk_ids is None
+                and score.teacher_topk_logprobs is None
+                and score.ref_topk_logprobs is None
+            )
         rows.append(row)
     return rows
 
@@ -252,28 +294,41 @@ def _pool_body(rank: int, world_size: int, checkpoints: dict[str, str]) -> dict:
     loads, restore_loads = _count_model_loads()
     cfg = ScoringConfig(
         teachers={
-            "math": TeacherConfig(model=PoolModelConfig(checkpoints["math"], tp=2, pp=2), domains=["math"],
-                                  lam=1.25, reference="math_base"),
-            "code": TeacherConfig(model=PoolModelConfig(checkpoints["code"], tp=1), domains=["code"],
-                                  lam=0.5),
-            "physics": TeacherConfig(model=PoolModelConfig(checkpoints["math"], tp=1, pp=2),
-                                     domains=["physics", "chemistry"], lam=2.0, reference="math_base"),
+            "math": TeacherConfig(
+                model=PoolModelConfig(checkpoints["math"], tp=2, pp=2),
+                domains=["math"],
+                lam=1.25,
+                reference="math_base",
+            ),
+            "code": TeacherConfig(model=PoolModelConfig(checkpoints["code"], tp=1), domains=["code"], lam=0.5),
+            "physics": TeacherConfig(
+                model=PoolModelConfig(checkpoints["math"], tp=1, pp=2),
+                domains=["physics", "chemistry"],
+                lam=2.0,
+                reference="math_base",
+            ),
             "chat": TeacherConfig(model=PoolModelConfig(checkpoints["math_base"], tp=2), domains=["chat"]),
             "moe": TeacherConfig(model=PoolModelConfig(checkpoints["moe"], ep=2), domains=["moe"], lam=0.8),
             # MoE under TP needs sequence parallelism: sequences are padded to a multiple of TP.
-            "moe_sp": TeacherConfig(model=PoolModelConfig(checkpoints["moe"], tp=2, ep=2),
-                                    domains=["moe_sp"]),
+            "moe_sp": TeacherConfig(model=PoolModelConfig(checkpoints["moe"], tp=2, ep=2), domains=["moe_sp"]),
         },
-        references={"math_base": PoolModelConfig(checkpoints["math_base"], tp=2),
-                    "unused": PoolModelConfig(checkpoints["math"])},
+        references={
+            "math_base": PoolModelConfig(checkpoints["math_base"], tp=2),
+            "unused": PoolModelConfig(checkpoints["math"]),
+        },
         micro_batch_tokens=100,  # ~2 right-padded sequences per micro-batch, several per replica
     )
     pool = ScoringPool(cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout())
     # teacher checkpoint, lam, reference checkpoint (None: no reference run)
-    expectations = {"math": ("math", 1.25, "math_base"), "code": ("code", 0.5, "student"),
-                    "physics": ("math", 2.0, "math_base"), "chemistry": ("math", 2.0, "math_base"),
-                    "chat": ("math_base", 1.0, None), "moe": ("moe", 0.8, "student"),
-                    "moe_sp": ("moe", 1.0, None)}
+    expectations = {
+        "math": ("math", 1.25, "math_base"),
+        "code": ("code", 0.5, "student"),
+        "physics": ("math", 2.0, "math_base"),
+        "chemistry": ("math", 2.0, "math_base"),
+        "chat": ("math_base", 1.0, None),
+        "moe": ("moe", 0.8, "student"),
+        "moe_sp": ("moe", 1.0, None),
+    }
     standalone = _Standalone(checkpoints, ["student", "math", "code", "math_base", "moe"])
     report: dict[str, Any] = {"rows": []}
 
@@ -321,15 +376,16 @@ def _pipeline_student_body(rank: int, world_size: int, checkpoints: dict[str, st
     from megatron_gopd.scoring import ScoreRequest, ScoringPool
 
     platform.init_model_parallel(tp=1, pp=2)
-    cfg = ScoringConfig(teachers={"math": TeacherConfig(model=PoolModelConfig(checkpoints["math"], pp=2),
-                                                        domains=["math"], lam=1.5)},
-                        micro_batch_tokens=40)
+    cfg = ScoringConfig(
+        teachers={"math": TeacherConfig(model=PoolModelConfig(checkpoints["math"], pp=2), domains=["math"], lam=1.5)},
+        micro_batch_tokens=40,
+    )
     # Validated once (as a launcher would), handed over as JSON: the pool builds from the plan.
-    plan = validate_scoring_config(cfg, student_checkpoint=checkpoints["student"],
-                                   student_layout=ParallelLayout(pp=2), world_size=world_size)
+    plan = validate_scoring_config(
+        cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(pp=2), world_size=world_size
+    )
     plan = ScoringPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
-    pool = ScoringPool(cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(pp=2),
-                       plan=plan)
+    pool = ScoringPool(cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(pp=2), plan=plan)
     # Ranks of one student pipeline (same data-parallel shard) pass identical requests.
     shard = rank % 2
     requests = _requests(shard, 4, ["math"], seed=3)
@@ -348,8 +404,9 @@ def _pipeline_student_body(rank: int, world_size: int, checkpoints: dict[str, st
     standalone = _Standalone(checkpoints, ["student", "math"])
     renderers = {name: (lambda r: r["prompt_ids"]) for name in checkpoints}
     rows = _check_scores(scores, requests, {"math": ("math", 1.5, "student")}, standalone, renderers)
-    rows += _check_scores(topk_scores, requests, {"math": ("math", 1.5, "student")}, standalone, renderers,
-                          topk=TINY_VOCAB_SIZE)
+    rows += _check_scores(
+        topk_scores, requests, {"math": ("math", 1.5, "student")}, standalone, renderers, topk=TINY_VOCAB_SIZE
+    )
     return {"rows": rows, "redistributed": redistributed, "mismatch_error": mismatch_error}
 
 
@@ -363,8 +420,7 @@ def _bad_setup_body(rank: int, world_size: int, checkpoints: dict[str, str]) -> 
     counts, restore = _count_groups()
 
     def teacher(ckpt: str, **sizes: int) -> ScoringConfig:
-        return ScoringConfig(teachers={"math": TeacherConfig(model=PoolModelConfig(ckpt, **sizes),
-                                                             domains=["math"])})
+        return ScoringConfig(teachers={"math": TeacherConfig(model=PoolModelConfig(ckpt, **sizes), domains=["math"])})
 
     cases = {
         "missing": teacher(checkpoints["missing"]),
@@ -385,16 +441,25 @@ def _bad_setup_body(rank: int, world_size: int, checkpoints: dict[str, str]) -> 
         except ScoringConfigError as err:
             errors[name] = str(err)
     try:
-        ScoringPool(teacher(checkpoints["math"]), student_checkpoint=checkpoints["student"],
-                    student_layout=ParallelLayout(tp=2))  # not what parallel_state says
+        ScoringPool(
+            teacher(checkpoints["math"]), student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(tp=2)
+        )  # not what parallel_state says
         errors["student_layout"] = "no error"
     except ValueError as err:
         errors["student_layout"] = str(err)
-    other_job = validate_scoring_config(teacher(checkpoints["math"]), student_checkpoint=checkpoints["student"],
-                                        student_layout=ParallelLayout(), world_size=2)
+    other_job = validate_scoring_config(
+        teacher(checkpoints["math"]),
+        student_checkpoint=checkpoints["student"],
+        student_layout=ParallelLayout(),
+        world_size=2,
+    )
     try:
-        ScoringPool(teacher(checkpoints["math"]), student_checkpoint=checkpoints["student"],
-                    student_layout=ParallelLayout(), plan=other_job)
+        ScoringPool(
+            teacher(checkpoints["math"]),
+            student_checkpoint=checkpoints["student"],
+            student_layout=ParallelLayout(),
+            plan=other_job,
+        )
         errors["plan_for_other_job"] = "no error"
     except ValueError as err:
         errors["plan_for_other_job"] = str(err)
@@ -410,10 +475,16 @@ def _bad_setup_body(rank: int, world_size: int, checkpoints: dict[str, str]) -> 
 def test_pool_scores_match_standalone_models_and_route_by_domain(checkpoints):
     reports = run_distributed(_pool_body, world_size=4, timeout=240, checkpoints=checkpoints)
     rows = [row for report in reports for row in report["rows"]]
-    expected_teacher = {"math": "math", "code": "code", "physics": "physics", "chemistry": "physics",
-                        "chat": "chat", "moe": "moe", "moe_sp": "moe_sp"}
-    expected_lam = {"math": 1.25, "code": 0.5, "physics": 2.0, "chemistry": 2.0, "chat": 1.0, "moe": 0.8,
-                    "moe_sp": 1.0}
+    expected_teacher = {
+        "math": "math",
+        "code": "code",
+        "physics": "physics",
+        "chemistry": "physics",
+        "chat": "chat",
+        "moe": "moe",
+        "moe_sp": "moe_sp",
+    }
+    expected_lam = {"math": 1.25, "code": 0.5, "physics": 2.0, "chemistry": 2.0, "chat": 1.0, "moe": 0.8, "moe_sp": 1.0}
     assert {row["domain"] for row in rows} == set(expected_teacher)
     for row in rows:
         assert row["teacher"] == expected_teacher[row["domain"]], row
@@ -439,11 +510,16 @@ def test_pool_scores_match_standalone_models_and_route_by_domain(checkpoints):
     # Each model ran exactly the sequences routed to it: sum over its distinct replicas.
     stats = [report["stats"] for report in reports]
     assert set(stats[0]) == {"math", "code", "physics", "chat", "moe", "moe_sp", "math_base", STUDENT_INIT}
-    for model, domains, key in [("math", {"math"}, "tokens"), ("code", {"code"}, "tokens"),
-                                ("physics", {"physics", "chemistry"}, "tokens"), ("chat", {"chat"}, "tokens"),
-                                ("moe", {"moe"}, "tokens"), ("moe_sp", {"moe_sp"}, "tokens"),
-                                ("math_base", {"math", "physics", "chemistry"}, "ref_tokens"),
-                                (STUDENT_INIT, {"code", "moe"}, "ref_tokens")]:
+    for model, domains, key in [
+        ("math", {"math"}, "tokens"),
+        ("code", {"code"}, "tokens"),
+        ("physics", {"physics", "chemistry"}, "tokens"),
+        ("chat", {"chat"}, "tokens"),
+        ("moe", {"moe"}, "tokens"),
+        ("moe_sp", {"moe_sp"}, "tokens"),
+        ("math_base", {"math", "physics", "chemistry"}, "ref_tokens"),
+        (STUDENT_INIT, {"code", "moe"}, "ref_tokens"),
+    ]:
         replicas = {s[model]["replica"]: s[model] for s in stats}
         assert len(replicas) == stats[0][model]["num_replicas"], model
         mine = [row for row in rows if row["domain"] in domains]
@@ -529,29 +605,43 @@ def test_reference_none_only_with_plain_opd():
 def test_scoring_config_lists_every_problem():
     with pytest.raises(ScoringConfigError) as err:
         ScoringConfig(
-            teachers={"math": TeacherConfig(domains=["math", "algebra"], lam=1.25, reference="math_base"),
-                      "algebra": TeacherConfig(domains=["algebra"]),
-                      "empty": TeacherConfig(domains=[]),
-                      "student_init": TeacherConfig(domains=["x"])},
+            teachers={
+                "math": TeacherConfig(domains=["math", "algebra"], lam=1.25, reference="math_base"),
+                "algebra": TeacherConfig(domains=["algebra"]),
+                "empty": TeacherConfig(domains=[]),
+                "student_init": TeacherConfig(domains=["x"]),
+            },
             references={"student_init": PoolModelConfig("x"), "empty": PoolModelConfig("y")},
-            micro_batch_tokens=0)
+            micro_batch_tokens=0,
+        )
     message = str(err.value)
-    for expected in ["reference 'math_base' is not defined; known: ['empty', 'student_init']",
-                     "domain 'algebra' is claimed by teachers 'math' and 'algebra'",
-                     "teacher 'empty' has no domains",
-                     "references may not be named 'student_init'",
-                     "teachers may not be named 'student_init'",
-                     "'empty' names both a teacher and a reference",
-                     "micro_batch_tokens must be >= 1"]:
+    for expected in [
+        "reference 'math_base' is not defined; known: ['empty', 'student_init']",
+        "domain 'algebra' is claimed by teachers 'math' and 'algebra'",
+        "teacher 'empty' has no domains",
+        "references may not be named 'student_init'",
+        "teachers may not be named 'student_init'",
+        "'empty' names both a teacher and a reference",
+        "micro_batch_tokens must be >= 1",
+    ]:
         assert expected in message, message
 
 
 def test_scoring_config_from_yaml_dict():
-    cfg = from_dict(ScoringConfig, {
-        "teachers": {"math": {"model": {"checkpoint": "/ckpt/math", "tp": 2, "pp": 2}, "domains": ["math"],
-                              "lam": 1.25, "reference": "math_base"}},
-        "references": {"math_base": {"checkpoint": "/ckpt/base", "tp": 2}},
-    })
+    cfg = from_dict(
+        ScoringConfig,
+        {
+            "teachers": {
+                "math": {
+                    "model": {"checkpoint": "/ckpt/math", "tp": 2, "pp": 2},
+                    "domains": ["math"],
+                    "lam": 1.25,
+                    "reference": "math_base",
+                }
+            },
+            "references": {"math_base": {"checkpoint": "/ckpt/base", "tp": 2}},
+        },
+    )
     assert cfg.teachers["math"].model.layout.tp == 2 and cfg.references["math_base"].tp == 2
     assert cfg.routing() == {"math": "math"}
     with pytest.raises(ConfigError, match="lam must be a finite number > 0"):
@@ -564,17 +654,25 @@ def test_scoring_config_from_yaml_dict():
 def test_validation_reports_every_problem_at_once(checkpoints):
     from megatron_gopd.models import ParallelLayout
 
-    cfg = ScoringConfig(teachers={
-        "math": TeacherConfig(model=PoolModelConfig(checkpoints["bad_vocab"], tp=3), domains=["math"]),
-        "code": TeacherConfig(model=PoolModelConfig(checkpoints["missing"]), domains=["code"])})
+    cfg = ScoringConfig(
+        teachers={
+            "math": TeacherConfig(model=PoolModelConfig(checkpoints["bad_vocab"], tp=3), domains=["math"]),
+            "code": TeacherConfig(model=PoolModelConfig(checkpoints["missing"]), domains=["code"]),
+        }
+    )
     with pytest.raises(ScoringConfigError) as err:
-        validate_scoring_config(cfg, student_checkpoint=checkpoints["student"],
-                                student_layout=ParallelLayout(), world_size=4)
+        validate_scoring_config(
+            cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(), world_size=4
+        )
     assert "3 problem(s)" in str(err.value), str(err.value)
     plan = validate_scoring_config(
-        ScoringConfig(teachers={"code": TeacherConfig(model=PoolModelConfig(checkpoints["code"]),
-                                                      domains=["code"], lam=1.1)}),
-        student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(), world_size=4)
+        ScoringConfig(
+            teachers={"code": TeacherConfig(model=PoolModelConfig(checkpoints["code"]), domains=["code"], lam=1.1)}
+        ),
+        student_checkpoint=checkpoints["student"],
+        student_layout=ParallelLayout(),
+        world_size=4,
+    )
     # the code teacher's chat template differs from the student's: it renders prompts itself
     assert [(p.name, p.rerender) for p in plan.models] == [("code", True), (STUDENT_INIT, False)]
     assert plan.models[0].tokenizer_dir == str(Path(checkpoints["code"]) / "hf")
@@ -582,8 +680,10 @@ def test_validation_reports_every_problem_at_once(checkpoints):
     assert ScoringPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     # ... but only to a pool for the same job and config.
     with pytest.raises(ValueError, match="was made for student"):
-        plan.check_matches(cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(),
-                           world_size=2)
+        plan.check_matches(
+            cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(), world_size=2
+        )
     with pytest.raises(ValueError, match="does not describe this scoring config"):
-        plan.check_matches(cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(),
-                           world_size=4)
+        plan.check_matches(
+            cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(), world_size=4
+        )

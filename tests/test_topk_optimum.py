@@ -27,8 +27,9 @@ def _teacher_and_reference(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _tabular_optimum(teacher: torch.Tensor, ref: torch.Tensor, topk_ids: torch.Tensor, lam: float) -> torch.Tensor:
     """The student log-probs [VOCAB] minimising the top-k reverse KL, found by L-BFGS."""
     logits = torch.zeros(VOCAB, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([logits], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [logits], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -63,6 +64,7 @@ def test_topk_optimum_is_the_gopd_target_up_to_the_documented_tail_offset(lam):
     tail_bucket = teacher.exp()[~in_topk].sum() ** lam * ref.exp()[~in_topk].sum() ** (1 - lam)
     predicted = torch.log((top_mass + tail_exact) / (top_mass + tail_bucket))
     assert offset.mean().item() == pytest.approx(predicted.item(), abs=3e-3)
+
     # Precisely: the target shifted by c on the top-k (the tail taking the rest) is where the loss's
     # gradient vanishes; the exact target itself is not (for lam != 1).
     def gradient_at(top_logp: torch.Tensor) -> float:

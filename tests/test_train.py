@@ -29,12 +29,14 @@ def _asset_overrides(assets: Path) -> list[str]:
     """Point the tiny example config at this session's assets."""
     text = TINY_CONFIG.read_text().replace("outputs/tiny_assets", str(assets))
     cfg = load_config(TrainConfig, _write(assets.parent / "tiny.yaml", text))
-    return [f"student.checkpoint={cfg.student.checkpoint}",
-            f"scoring.teachers.math.model.checkpoint={cfg.scoring.teachers['math'].model.checkpoint}",
-            f"scoring.teachers.code.model.checkpoint={cfg.scoring.teachers['code'].model.checkpoint}",
-            f"scoring.references.math_base.checkpoint={cfg.scoring.references['math_base'].checkpoint}",
-            f"data.sources=[{{path: {assets}/data/math.jsonl, share: 1.0}}, "
-            f"{{path: {assets}/data/code.jsonl, share: 1.0}}]"]
+    return [
+        f"student.checkpoint={cfg.student.checkpoint}",
+        f"scoring.teachers.math.model.checkpoint={cfg.scoring.teachers['math'].model.checkpoint}",
+        f"scoring.teachers.code.model.checkpoint={cfg.scoring.teachers['code'].model.checkpoint}",
+        f"scoring.references.math_base.checkpoint={cfg.scoring.references['math_base'].checkpoint}",
+        f"data.sources=[{{path: {assets}/data/math.jsonl, share: 1.0}}, "
+        f"{{path: {assets}/data/code.jsonl, share: 1.0}}]",
+    ]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -42,12 +44,25 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def gopd_train(assets: Path, output_dir: Path, *overrides: str, nproc: int = 4,
-               config: Path = TINY_CONFIG) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "megatron_gopd.cli", "gopd-train", "--config", str(config),
-           "--nproc", str(nproc), f"output_dir={output_dir}", *_asset_overrides(assets), *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def gopd_train(
+    assets: Path, output_dir: Path, *overrides: str, nproc: int = 4, config: Path = TINY_CONFIG
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_gopd.cli",
+        "gopd-train",
+        "--config",
+        str(config),
+        "--nproc",
+        str(nproc),
+        f"output_dir={output_dir}",
+        *_asset_overrides(assets),
+        *overrides,
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
@@ -92,9 +107,22 @@ TWO_RANKS = ("scoring.teachers.math.model.pp=1",)  # the tiny config's TP2 x PP2
 def test_reverse_kl_to_the_teachers_falls(tiny_assets, tmp_path):
     """Plain OPD (lam = 1): the student moves towards both teachers."""
     out = tmp_path / "opd"
-    _ok(gopd_train(tiny_assets, out, "steps=16", "save_every=0", "export_hf=false", "optim.lr=3e-3",
-                   "optim.warmup_steps=0", "prompts_per_step=16", "scoring.teachers.math.lam=1.0",
-                   "scoring.teachers.code.lam=1.0", *TWO_RANKS, nproc=2))
+    _ok(
+        gopd_train(
+            tiny_assets,
+            out,
+            "steps=16",
+            "save_every=0",
+            "export_hf=false",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=0",
+            "prompts_per_step=16",
+            "scoring.teachers.math.lam=1.0",
+            "scoring.teachers.code.lam=1.0",
+            *TWO_RANKS,
+            nproc=2,
+        )
+    )
     metrics = read_metrics(out)
     kl = [(m["reverse_kl/math"] + m["reverse_kl/code"]) / 2 for m in metrics]
     first, last = sum(kl[:4]) / 4, sum(kl[-4:]) / 4
@@ -126,24 +154,30 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_assets, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, message", [
-    (["optim.lrr=1"], "unknown key (did you mean 'optim.lr'?)"),
-    (["steps=two"], "'steps' (command-line override): expected an integer"),
-    (["student.checkpoint=/does/not/exist"], "is not a megatron-gopd checkpoint"),
-    (["student.tp=3"], "num_attention_heads=4 is not divisible by tensor_parallel=3"),
-    (["scoring.teachers.math.model.tp=3"], "tp x pp = 3 x 2 = 6 does not divide the world size 4"),
-    (["scoring.teachers.math.domains=[]"], "math"),
-    (["loss.kind=topk", "reward.only=true"], "loss.kind=topk distils the teachers' distributions"),
-    (["loss.kind=topk", "loss.topk=0"], "loss.topk must be >= 1"),
-    (["rollout.temperature=0.7"], "rollout temperature=0.7: training rollouts must be drawn from the student's own"),
-    (["rollout.top_p=0.9", "rollout.top_k=5"], "rollout top_p=0.9, top_k=5: training rollouts"),
-    (["loss.tis_cap=0"], "loss.tis_cap must be > 0 or null"),
-    (["rollout.max_new_tokens=1000000"], "leaves no room for a prompt in the student's context"),
-    (["data.max_prompt_length=1000000"], "data.max_prompt_length=1000000 + rollout.max_new_tokens="),
-    (["optim.lr=nan"], "optim.lr must be a finite number"),
-    (["keep_checkpoints=0"], "keep_checkpoints must be >= 1"),
-    (["output_dir=/proc/gopd-never"], "cannot write under /proc"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown key (did you mean 'optim.lr'?)"),
+        (["steps=two"], "'steps' (command-line override): expected an integer"),
+        (["student.checkpoint=/does/not/exist"], "is not a megatron-gopd checkpoint"),
+        (["student.tp=3"], "num_attention_heads=4 is not divisible by tensor_parallel=3"),
+        (["scoring.teachers.math.model.tp=3"], "tp x pp = 3 x 2 = 6 does not divide the world size 4"),
+        (["scoring.teachers.math.domains=[]"], "math"),
+        (["loss.kind=topk", "reward.only=true"], "loss.kind=topk distils the teachers' distributions"),
+        (["loss.kind=topk", "loss.topk=0"], "loss.topk must be >= 1"),
+        (
+            ["rollout.temperature=0.7"],
+            "rollout temperature=0.7: training rollouts must be drawn from the student's own",
+        ),
+        (["rollout.top_p=0.9", "rollout.top_k=5"], "rollout top_p=0.9, top_k=5: training rollouts"),
+        (["loss.tis_cap=0"], "loss.tis_cap must be > 0 or null"),
+        (["rollout.max_new_tokens=1000000"], "leaves no room for a prompt in the student's context"),
+        (["data.max_prompt_length=1000000"], "data.max_prompt_length=1000000 + rollout.max_new_tokens="),
+        (["optim.lr=nan"], "optim.lr must be a finite number"),
+        (["keep_checkpoints=0"], "keep_checkpoints must be >= 1"),
+        (["output_dir=/proc/gopd-never"], "cannot write under /proc"),
+    ],
+)
 def test_bad_input_fails_fast_without_output(tiny_assets, tmp_path, overrides, message):
     out = tmp_path / "never"
     result = gopd_train(tiny_assets, out, *overrides)
@@ -171,8 +205,19 @@ def test_stop_signal_checkpoints_and_the_same_command_resumes(tiny_assets, tmp_p
 
     out = tmp_path / "signalled"
     args = ("steps=30", "save_every=0", "export_hf=false", *TWO_RANKS)
-    cmd = [sys.executable, "-m", "megatron_gopd.cli", "gopd-train", "--config", str(TINY_CONFIG), "--nproc", "2",
-           f"output_dir={out}", *_asset_overrides(tiny_assets), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_gopd.cli",
+        "gopd-train",
+        "--config",
+        str(TINY_CONFIG),
+        "--nproc",
+        "2",
+        f"output_dir={out}",
+        *_asset_overrides(tiny_assets),
+        *args,
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -197,21 +242,46 @@ def test_two_node_loopback_run_equals_a_single_node_run(tiny_assets, tmp_path):
     import socket
 
     args = [*_asset_overrides(tiny_assets), "steps=2", "save_every=0", "export_hf=false", *TWO_RANKS]
-    env = {**os.environ, "CONFIG": str(TINY_CONFIG), "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "CONFIG": str(TINY_CONFIG),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     launch = REPO / "examples" / "launch"
     single = tmp_path / "single"
-    _ok(subprocess.run(["bash", str(launch / "torchrun_single_node.sh"), *args, f"output_dir={single}"],
-                       env={**env, "NPROC_PER_NODE": "2"}, capture_output=True, text=True, timeout=600, cwd=REPO))
+    _ok(
+        subprocess.run(
+            ["bash", str(launch / "torchrun_single_node.sh"), *args, f"output_dir={single}"],
+            env={**env, "NPROC_PER_NODE": "2"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+        )
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     multi = tmp_path / "multi"
-    nodes = [subprocess.Popen(["bash", str(launch / "torchrun_multi_node.sh"), *args, f"output_dir={multi}"],
-                              env={**env, "NNODES": "2", "NODE_RANK": str(rank), "NPROC_PER_NODE": "1",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-             for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(launch / "torchrun_multi_node.sh"), *args, f"output_dir={multi}"],
+            env={
+                **env,
+                "NNODES": "2",
+                "NODE_RANK": str(rank),
+                "NPROC_PER_NODE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+        )
+        for rank in (0, 1)
+    ]
     for node in nodes:
         output, _ = node.communicate(timeout=600)
         assert node.returncode == 0, output[-3000:]
@@ -226,9 +296,21 @@ def test_two_node_loopback_run_equals_a_single_node_run(tiny_assets, tmp_path):
 def test_sft_baseline_fits_teacher_responses(tiny_assets, tmp_path):
     """mode=sft: cross-entropy on the records' responses; the loss (NLL per token) falls."""
     out = tmp_path / "sft"
-    _ok(gopd_train(tiny_assets, out, "mode=sft", "steps=8", "save_every=0", "export_hf=false",
-                   "optim.lr=3e-3", "optim.warmup_steps=0",
-                   f"data.sources=[{{path: {tiny_assets}/data/math_sft.jsonl}}]", *TWO_RANKS, nproc=2))
+    _ok(
+        gopd_train(
+            tiny_assets,
+            out,
+            "mode=sft",
+            "steps=8",
+            "save_every=0",
+            "export_hf=false",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=0",
+            f"data.sources=[{{path: {tiny_assets}/data/math_sft.jsonl}}]",
+            *TWO_RANKS,
+            nproc=2,
+        )
+    )
     losses = [m["loss"] for m in read_metrics(out)]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
@@ -236,8 +318,9 @@ def test_sft_baseline_fits_teacher_responses(tiny_assets, tmp_path):
 
 @pytest.mark.slow
 def test_sft_needs_responses(tiny_assets, tmp_path):
-    result = gopd_train(tiny_assets, tmp_path / "never", "mode=sft",
-                        f"data.sources=[{{path: {tiny_assets}/data/math.jsonl}}]")
+    result = gopd_train(
+        tiny_assets, tmp_path / "never", "mode=sft", f"data.sources=[{{path: {tiny_assets}/data/math.jsonl}}]"
+    )
     assert result.returncode == 2 and "has no 'response' field" in result.stderr, result.stderr[-2000:]
 
 
@@ -245,8 +328,9 @@ def test_sft_needs_responses(tiny_assets, tmp_path):
 def test_pipelined_tensor_parallel_student(tiny_assets, tmp_path):
     """The student itself at TP=2 x PP=2 (micro-batches of different shapes through the pipeline)."""
     out = tmp_path / "tp2pp2"
-    _ok(gopd_train(tiny_assets, out, "steps=2", "save_every=0", "student.tp=2", "student.pp=2",
-                   "micro_batch_tokens=64"))
+    _ok(
+        gopd_train(tiny_assets, out, "steps=2", "save_every=0", "student.tp=2", "student.pp=2", "micro_batch_tokens=64")
+    )
     metrics = read_metrics(out)
     assert len(metrics) == 2 and all(math.isfinite(v) for m in metrics for v in m.values())
     from transformers import AutoModelForCausalLM
@@ -260,8 +344,19 @@ def test_hidden_state_logprob_path_equals_the_logits_path(tiny_assets, tmp_path)
     runs = {}
     for flag in ("true", "false"):
         out = tmp_path / flag
-        _ok(gopd_train(tiny_assets, out, "steps=2", "save_every=0", "export_hf=false", "student.tp=2",
-                       f"loss.logprobs_from_hidden={flag}", *TWO_RANKS, nproc=2))
+        _ok(
+            gopd_train(
+                tiny_assets,
+                out,
+                "steps=2",
+                "save_every=0",
+                "export_hf=false",
+                "student.tp=2",
+                f"loss.logprobs_from_hidden={flag}",
+                *TWO_RANKS,
+                nproc=2,
+            )
+        )
         runs[flag] = read_metrics(out)
     for hidden, logits in zip(runs["true"], runs["false"]):
         for name in ("loss", "grad_norm", "entropy", "reverse_kl/math", "reverse_kl/code"):
@@ -277,12 +372,25 @@ def test_topk_loss_is_zero_when_the_target_is_the_student(tiny_assets, tmp_path)
     TP=2 teacher, reference at the student's layout)."""
     out = tmp_path / "self"
     student = f"{tiny_assets}/ckpt/student"
-    _ok(gopd_train(tiny_assets, out, "steps=1", "save_every=0", "export_hf=false", "student.tp=2",
-                   "loss.kind=topk", "loss.topk=100000", *TWO_RANKS,
-                   f"scoring.teachers.math.model.checkpoint={student}", "scoring.teachers.math.lam=2.0",
-                   "scoring.teachers.math.reference=student_init",
-                   f"scoring.teachers.code.model.checkpoint={student}", "scoring.teachers.code.lam=1.0",
-                   nproc=2))
+    _ok(
+        gopd_train(
+            tiny_assets,
+            out,
+            "steps=1",
+            "save_every=0",
+            "export_hf=false",
+            "student.tp=2",
+            "loss.kind=topk",
+            "loss.topk=100000",
+            *TWO_RANKS,
+            f"scoring.teachers.math.model.checkpoint={student}",
+            "scoring.teachers.math.lam=2.0",
+            "scoring.teachers.math.reference=student_init",
+            f"scoring.teachers.code.model.checkpoint={student}",
+            "scoring.teachers.code.lam=1.0",
+            nproc=2,
+        )
+    )
     (metrics,) = read_metrics(out)
     for teacher in ("math", "code"):
         assert abs(metrics[f"target_kl/{teacher}"]) < 1e-5, metrics
@@ -294,9 +402,22 @@ def test_topk_loss_is_zero_when_the_target_is_the_student(tiny_assets, tmp_path)
 def test_topk_loss_moves_the_student_towards_the_extrapolated_target(tiny_assets, tmp_path):
     """loss.kind=topk with k = 8 of the vocabulary (a tail bucket), ExOPD lam = 1.25: the KL falls."""
     out = tmp_path / "topk"
-    _ok(gopd_train(tiny_assets, out, "steps=12", "save_every=0", "export_hf=false", "optim.lr=3e-3",
-                   "optim.warmup_steps=0", "prompts_per_step=16", "loss.kind=topk", "loss.topk=8",
-                   *TWO_RANKS, nproc=2))
+    _ok(
+        gopd_train(
+            tiny_assets,
+            out,
+            "steps=12",
+            "save_every=0",
+            "export_hf=false",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=0",
+            "prompts_per_step=16",
+            "loss.kind=topk",
+            "loss.topk=8",
+            *TWO_RANKS,
+            nproc=2,
+        )
+    )
     metrics = read_metrics(out)
     assert all(math.isfinite(v) for m in metrics for v in m.values())
     kl = [(m["target_kl/math"] + m["target_kl/code"]) / 2 for m in metrics]
@@ -304,15 +425,25 @@ def test_topk_loss_moves_the_student_towards_the_extrapolated_target(tiny_assets
 
 
 @pytest.mark.slow
-def test_sequence_mean_normalisation_is_exact_under_micro_batching_on_two_data_parallel_ranks(tiny_assets,
-                                                                                              tmp_path):
+def test_sequence_mean_normalisation_is_exact_under_micro_batching_on_two_data_parallel_ranks(tiny_assets, tmp_path):
     """loss.agg=seq-mean-token-mean (the official runs' aggregation): the same rollouts (same seeds, DP=2)
     packed into many small micro-batches or one per rank give the same step loss and gradient."""
     runs = {}
     for name, tokens in (("packed_small", 48), ("one_micro_batch", 8192)):
         out = tmp_path / name
-        _ok(gopd_train(tiny_assets, out, "steps=2", "save_every=0", "export_hf=false", "loss.agg=seq-mean-token-mean",
-                       f"micro_batch_tokens={tokens}", *TWO_RANKS, nproc=2))
+        _ok(
+            gopd_train(
+                tiny_assets,
+                out,
+                "steps=2",
+                "save_every=0",
+                "export_hf=false",
+                "loss.agg=seq-mean-token-mean",
+                f"micro_batch_tokens={tokens}",
+                *TWO_RANKS,
+                nproc=2,
+            )
+        )
         runs[name] = read_metrics(out)
     for small, one in zip(runs["packed_small"], runs["one_micro_batch"]):
         for key in ("loss", "grad_norm", "entropy", "reverse_kl/math"):
@@ -323,16 +454,46 @@ def test_sequence_mean_normalisation_is_exact_under_micro_batching_on_two_data_p
 def test_biased_rollouts_train_when_explicitly_allowed(tiny_assets, tmp_path):
     """rollout.allow_biased_sampling=true lets a truncated, cooled sampler through (one step)."""
     out = tmp_path / "biased"
-    _ok(gopd_train(tiny_assets, out, "steps=1", "save_every=0", "export_hf=false", "rollout.temperature=0.7",
-                   "rollout.top_k=5", "rollout.allow_biased_sampling=true", *TWO_RANKS, nproc=2))
+    _ok(
+        gopd_train(
+            tiny_assets,
+            out,
+            "steps=1",
+            "save_every=0",
+            "export_hf=false",
+            "rollout.temperature=0.7",
+            "rollout.top_k=5",
+            "rollout.allow_biased_sampling=true",
+            *TWO_RANKS,
+            nproc=2,
+        )
+    )
     assert math.isfinite(read_metrics(out)[0]["loss"])
 
 
 def _start_in_own_session(tiny_assets, out, *args):
-    cmd = [sys.executable, "-m", "megatron_gopd.cli", "gopd-train", "--config", str(TINY_CONFIG), "--nproc", "2",
-           f"output_dir={out}", *_asset_overrides(tiny_assets), *args]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_gopd.cli",
+        "gopd-train",
+        "--config",
+        str(TINY_CONFIG),
+        "--nproc",
+        "2",
+        f"output_dir={out}",
+        *_asset_overrides(tiny_assets),
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _wait_for_lines(proc, path: Path, lines: int, timeout_s: float = 300) -> None:
@@ -403,8 +564,16 @@ def test_fast_and_megatron_rollout_engines_train_alike(tiny_assets, tmp_path):
     runs = {}
     for engine in ("fast", "megatron"):
         out = tmp_path / engine
-        result = gopd_train(tiny_assets, out, "steps=2", "save_every=0", "export_hf=false", f"rollout.engine={engine}",
-                            *TWO_RANKS, nproc=2)
+        result = gopd_train(
+            tiny_assets,
+            out,
+            "steps=2",
+            "save_every=0",
+            "export_hf=false",
+            f"rollout.engine={engine}",
+            *TWO_RANKS,
+            nproc=2,
+        )
         _ok(result)
         runs[engine] = read_metrics(out)
     for fast, reference in zip(runs["fast"], runs["megatron"]):

@@ -90,8 +90,13 @@ optim: {{lr: 3.0e-3, warmup_steps: 0}}
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vllm_assets")
-    subprocess.run([sys.executable, "-m", "tests.test_vllm", "assets", str(out)], cwd=REPO, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "tests.test_vllm", "assets", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (out / "train.yaml").write_text(_config_text(out))
     return out
 
@@ -122,7 +127,7 @@ def _full_forward_logprobs(module, vocab_size: int, prompts: list[list[int]], sa
     for row, sample in enumerate(samples):
         start = len(prompts[sample.prompt_index])
         targets = torch.tensor(sample.token_ids)[:, None]  # [L, 1]
-        out.append(logp[row, start - 1:start - 1 + len(sample.token_ids)].gather(1, targets).squeeze(1).tolist())
+        out.append(logp[row, start - 1 : start - 1 + len(sample.token_ids)].gather(1, targets).squeeze(1).tolist())
     return out
 
 
@@ -137,15 +142,21 @@ def _compare_engines(trainer, native, prompts: list[list[int]]) -> dict:
     greedy = SamplingParams(temperature=0.0, max_new_tokens=24)
     out = {"sync_s": engine.last_sync_seconds}
     v, m = engine.generate(prompts, greedy), native.generate(prompts, greedy)
-    out["greedy"] = {"vllm": [s.token_ids for s in v], "megatron": [s.token_ids for s in m],
-                     "vllm_finish": [s.finish_reason for s in v], "megatron_finish": [s.finish_reason for s in m],
-                     "logprob_gap": max(abs(a - b) for sv, sm in zip(v, m) for a, b in zip(sv.logprobs, sm.logprobs)),
-                     "vllm_sampler": max(abs(x) for s in v for x in s.sampler_logprobs)}
+    out["greedy"] = {
+        "vllm": [s.token_ids for s in v],
+        "megatron": [s.token_ids for s in m],
+        "vllm_finish": [s.finish_reason for s in v],
+        "megatron_finish": [s.finish_reason for s in m],
+        "logprob_gap": max(abs(a - b) for sv, sm in zip(v, m) for a, b in zip(sv.logprobs, sm.logprobs)),
+        "vllm_sampler": max(abs(x) for s in v for x in s.sampler_logprobs),
+    }
     # A stop token that greedy decoding reaches: both engines end there, with finish reason "stop".
     stop = SamplingParams(temperature=0.0, max_new_tokens=24, stop_token_ids=(m[0].token_ids[2],))
     v, m = engine.generate(prompts, stop), native.generate(prompts, stop)
-    out["stop"] = {"vllm": [(s.token_ids, s.finish_reason) for s in v],
-                   "megatron": [(s.token_ids, s.finish_reason) for s in m]}
+    out["stop"] = {
+        "vllm": [(s.token_ids, s.finish_reason) for s in v],
+        "megatron": [(s.token_ids, s.finish_reason) for s in m],
+    }
     # The training setting: temperature 1, no truncation, n samples per prompt.
     sampled = SamplingParams(temperature=1.0, max_new_tokens=16, n=2, seed=11)
     v = engine.generate(prompts, sampled)
@@ -155,7 +166,8 @@ def _compare_engines(trainer, native, prompts: list[list[int]]) -> dict:
         "logprob_gap": max(abs(a - b) for s, ref in zip(v, reference) for a, b in zip(s.logprobs, ref)),
         "sampler_gap": max(abs(a - b) for s in v for a, b in zip(s.sampler_logprobs, s.logprobs)),
         "tokens": [s.token_ids for s in v],
-        "repeat_tokens": [s.token_ids for s in engine.generate(prompts, sampled)]}
+        "repeat_tokens": [s.token_ids for s in engine.generate(prompts, sampled)],
+    }
     # Truncated sampling: sampler log-probs of the renormalised top-k distribution; no T=1 log-probs.
     truncated = SamplingParams(temperature=0.7, top_k=5, max_new_tokens=12, seed=3)
     v = engine.generate(prompts, truncated)
@@ -164,8 +176,11 @@ def _compare_engines(trainer, native, prompts: list[list[int]]) -> dict:
         allowed, logp = ref
         outside += sum(t not in a for t, a in zip(s.token_ids, allowed))
         gaps += [abs(x - y) for x, y in zip(s.sampler_logprobs, logp)]
-    out["truncated"] = {"sampler_gap": max(gaps), "outside_top_k": outside,
-                        "logprobs_none": all(s.logprobs is None for s in v)}
+    out["truncated"] = {
+        "sampler_gap": max(gaps),
+        "outside_top_k": outside,
+        "logprobs_none": all(s.logprobs is None for s in v),
+    }
     return out
 
 
@@ -179,9 +194,10 @@ def _full_forward_logits_sets(module, vocab_size: int, prompts, samples, samplin
         seq = prompts[sample.prompt_index] + sample.token_ids
         with torch.no_grad():
             logits = gather_from_tensor_model_parallel_region(
-                module(torch.tensor([seq]), torch.arange(len(seq))[None, :], None))[0, :, :vocab_size]  # [s, V]
+                module(torch.tensor([seq]), torch.arange(len(seq))[None, :], None)
+            )[0, :, :vocab_size]  # [s, V]
         start = len(prompts[sample.prompt_index])
-        steps = logits[start - 1:start - 1 + len(sample.token_ids)].double() / sampling.temperature  # [L, V]
+        steps = logits[start - 1 : start - 1 + len(sample.token_ids)].double() / sampling.temperature  # [L, V]
         top = steps.topk(sampling.top_k, dim=-1)
         allowed = [set(row) for row in top.indices.tolist()]
         masked = torch.full_like(steps, -math.inf).scatter(1, top.indices, top.values)
@@ -226,9 +242,22 @@ def _rank_main(config: str, out_dir: str, tp: int, steps: int) -> None:
 @pytest.mark.parametrize("tp", [1, 2])
 def test_vllm_engine_inside_the_trainer(assets, tmp_path, tp):
     steps = 3
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "tests.test_vllm", "ranks", str(assets / "train.yaml"), str(tmp_path), str(tp),
-           str(steps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "tests.test_vllm",
+        "ranks",
+        str(assets / "train.yaml"),
+        str(tmp_path),
+        str(tp),
+        str(steps),
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
     assert result.returncode == 0, result.stderr[-6000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -270,8 +299,18 @@ def _free_port() -> int:
 
 
 def _gopd_train(assets: Path, output_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "megatron_gopd.cli", "gopd-train", "--config", str(assets / "train.yaml"),
-            "--nproc", "2", f"output_dir={output_dir}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "megatron_gopd.cli",
+        "gopd-train",
+        "--config",
+        str(assets / "train.yaml"),
+        "--nproc",
+        "2",
+        f"output_dir={output_dir}",
+        *overrides,
+    ]
 
 
 def _read_metrics(output_dir: Path) -> list[dict]:
@@ -285,8 +324,9 @@ def test_gopd_train_with_vllm_learns_and_resumes_after_a_kill(assets, tmp_path):
 
     out = tmp_path / "run"
     args = _gopd_train(assets, out, "steps=8", "save_every=4", "prompts_per_step=16")
-    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=_env(), start_new_session=True)
+    process = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
+    )
     deadline = time.time() + 480
     while len(_read_metrics(out)) < 5 and process.poll() is None and time.time() < deadline:
         time.sleep(0.5)
@@ -317,10 +357,33 @@ def test_gopd_train_with_vllm_learns_and_resumes_after_a_kill(assets, tmp_path):
 
 def _gopd_eval(assets: Path, out: Path, *args: str) -> dict:
     result = subprocess.run(
-        [sys.executable, "-m", "megatron_gopd.cli", "gopd-eval", "--model", str(assets / "ckpt" / "student"),
-         "--data", str(assets / "data" / "math.jsonl"), "--k", "4", "--max-prompts", "32",
-         "--max-new-tokens", "12", "--seed", "5", "--out", str(out), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+        [
+            sys.executable,
+            "-m",
+            "megatron_gopd.cli",
+            "gopd-eval",
+            "--model",
+            str(assets / "ckpt" / "student"),
+            "--data",
+            str(assets / "data" / "math.jsonl"),
+            "--k",
+            "4",
+            "--max-prompts",
+            "32",
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -358,8 +421,18 @@ def test_unservable_models_fail_the_config_check(assets):
 def test_gopd_eval_engine_vllm_refuses_unservable_models(assets, capfd):
     from megatron_gopd.cli import eval_main
 
-    code = eval_main(["--model", str(assets / "ckpt" / "student_hd16"), "--data", str(assets / "data" / "math.jsonl"),
-                      "--engine", "vllm", "--nproc", "2"])
+    code = eval_main(
+        [
+            "--model",
+            str(assets / "ckpt" / "student_hd16"),
+            "--data",
+            str(assets / "data" / "math.jsonl"),
+            "--engine",
+            "vllm",
+            "--nproc",
+            "2",
+        ]
+    )
     assert code == 2  # returned before starting any rank
     assert "--engine vllm: vLLM's CPU attention has no kernel for head_dim=16" in capfd.readouterr().err
 
@@ -374,7 +447,9 @@ def test_check_vllm_support_messages(monkeypatch):
     arch = dataclasses.replace(tiny_arch(), kv_channels=HEAD_DIM)
     real_find_spec = importlib.util.find_spec
     with monkeypatch.context() as patched:
-        patched.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+        patched.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a)
+        )
         with pytest.raises(ValueError, match="rollout.engine=vllm: vLLM is not installed"):
             vllm_engine.check_vllm_support(arch, tp=1, pp=1, where="rollout.engine=vllm")
     if not vllm_installed():
@@ -382,8 +457,9 @@ def test_check_vllm_support_messages(monkeypatch):
     with pytest.raises(ValueError, match="needs a student with pp=1"):
         vllm_engine.check_vllm_support(arch, tp=1, pp=2, where="x")
     with pytest.raises(ValueError, match="vLLM cannot serve NotAModelForCausalLM"):
-        vllm_engine.check_vllm_support(dataclasses.replace(arch, hf_architecture="NotAModelForCausalLM"),
-                                       tp=1, pp=1, where="x")
+        vllm_engine.check_vllm_support(
+            dataclasses.replace(arch, hf_architecture="NotAModelForCausalLM"), tp=1, pp=1, where="x"
+        )
     with pytest.raises(ValueError, match="no kernel for head_dim=16"):
         vllm_engine.check_vllm_support(dataclasses.replace(arch, kv_channels=16), tp=1, pp=1, where="x")
     vllm_engine.check_vllm_support(arch, tp=2, pp=1, where="x")  # servable: no error

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """HF directory -> Megatron distributed checkpoint; same flags as ``gopd-convert hf-to-mcore``.
 
-    python tools/convert_hf_to_megatron.py --hf-dir Qwen3-1.7B --out ckpt/qwen3-1.7b --tp 2
+python tools/convert_hf_to_megatron.py --hf-dir Qwen3-1.7B --out ckpt/qwen3-1.7b --tp 2
 """
 
 import sys

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Megatron checkpoint -> HF directory; same flags as ``gopd-convert mcore-to-hf``.
 
-    python tools/convert_megatron_to_hf.py --ckpt outputs/run/checkpoints/step_50 --out student-hf
+python tools/convert_megatron_to_hf.py --ckpt outputs/run/checkpoints/step_50 --out student-hf
 """
 
 import sys

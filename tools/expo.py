@@ -31,30 +31,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher", required=True,
         help="HF checkpoint directory of the teacher (also the source of config and tokenizer)",
     )  # fmt: skip
-    parser.add_argument(
-        "--alpha", required=True, type=float, help="0 = base, 1 = teacher, > 1 extrapolates"
-    )
+    parser.add_argument("--alpha", required=True, type=float, help="0 = base, 1 = teacher, > 1 extrapolates")
     parser.add_argument("--out", required=True, help="output directory (absent or empty)")
     parser.add_argument(
         "--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
         help="largest output shard, e.g. 2GB or 500MB (about the peak memory); default 2GiB",
     )  # fmt: skip
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the merge; returns the process exit code (0 ok, 2 on bad inputs)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        expo_merge(
-            args.base, args.teacher, args.alpha, args.out, max_shard_bytes=args.max_shard_size
-        )
+        expo_merge(args.base, args.teacher, args.alpha, args.out, max_shard_bytes=args.max_shard_size)
     except ExpoError as exc:
         print(f"expo: error: {exc}", file=sys.stderr)
         return 2

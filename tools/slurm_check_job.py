@@ -70,8 +70,10 @@ def main() -> int:
                 save_checkpoint(ckpt_dir, done, attempt)
         if STOP_REQUESTED:
             if rank == 0:
-                print(f"attempt {attempt}: {STOP_REQUESTED[0]} received: checkpoint step-{done:06d} saved, "
-                      "exiting", flush=True)
+                print(
+                    f"attempt {attempt}: {STOP_REQUESTED[0]} received: checkpoint step-{done:06d} saved, exiting",
+                    flush=True,
+                )
             return 0
     if rank == 0:
         save_checkpoint(ckpt_dir, args.steps, attempt)

@@ -25,8 +25,12 @@ def _parse(argv):
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--tolerance", type=float, default=1e-3,
-                        help="max |logit difference| accepted (fp32: 1e-4 is typical; bf16 needs ~0.1)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="max |logit difference| accepted (fp32: 1e-4 is typical; bf16 needs ~0.1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -47,8 +51,13 @@ def _megatron_logits(model, tokens: torch.Tensor, vocab_size: int):
     with torch.no_grad():
         get_forward_backward_func()(
             forward_step_func=lambda _it, m: (m(tokens, positions, None), loss_func),
-            data_iterator=iter([None]), model=[model], num_microbatches=1,
-            seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True)
+            data_iterator=iter([None]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=True,
+        )
     return out.get("logits") if parallel_state.is_pipeline_last_stage() else None
 
 
@@ -70,8 +79,9 @@ def main(argv=None) -> int:
     platform.init_model_parallel(tp=args.tp, pp=args.pp, ep=args.ep)
     model, arch = load_model(args.ckpt, layout, dtype="float32")
     model.eval()
-    tokens = torch.randint(0, arch.vocab_size, (args.batch, args.seq_len),
-                           generator=torch.Generator().manual_seed(args.seed))
+    tokens = torch.randint(
+        0, arch.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed)
+    )
     logits = _megatron_logits(model, tokens.to(platform.device()), arch.vocab_size)
     status = torch.zeros(1)
     if logits is not None and env.rank == torch.distributed.get_world_size() - 1:
@@ -82,9 +92,12 @@ def main(argv=None) -> int:
             expected = reference(tokens).logits.float()
         diff = (logits.cpu() - expected).abs()
         top1 = (logits.cpu().argmax(-1) == expected.argmax(-1)).float().mean().item()
-        print(f"max |logit diff| {diff.max().item():.3e}  mean {diff.mean().item():.3e}  "
-              f"top-1 agreement {top1:.4f}  ({args.batch}x{args.seq_len} tokens, "
-              f"tp={args.tp} pp={args.pp} ep={args.ep})", flush=True)
+        print(
+            f"max |logit diff| {diff.max().item():.3e}  mean {diff.mean().item():.3e}  "
+            f"top-1 agreement {top1:.4f}  ({args.batch}x{args.seq_len} tokens, "
+            f"tp={args.tp} pp={args.pp} ep={args.ep})",
+            flush=True,
+        )
         status[0] = float(diff.max().item() > args.tolerance)
     torch.distributed.all_reduce(status, op=torch.distributed.ReduceOp.MAX)
     platform.shutdown_distributed()

@@ -13,5 +13,11 @@ May import: `models`, `platform`, `checkpointing` (convert only), torch, megatro
 from megatron_gopd.bridge.safetensors_io import CheckpointError, SafetensorsReader, ShardedSafetensorsWriter
 from megatron_gopd.bridge.weights import check_hf_checkpoint, export_hf_weights, load_hf_weights
 
-__all__ = ["CheckpointError", "SafetensorsReader", "ShardedSafetensorsWriter", "check_hf_checkpoint",
-           "export_hf_weights", "load_hf_weights"]
+__all__ = [
+    "CheckpointError",
+    "SafetensorsReader",
+    "ShardedSafetensorsWriter",
+    "check_hf_checkpoint",
+    "export_hf_weights",
+    "load_hf_weights",
+]

@@ -19,7 +19,12 @@ from megatron_gopd import platform
 from megatron_gopd.bridge.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter, check_output_dir
 from megatron_gopd.bridge.weights import check_hf_checkpoint, export_hf_weights, load_hf_weights
 from megatron_gopd.checkpointing import (
-    HF_SUBDIR, CheckpointError, atomic_directory_write, check_checkpoint_files, copy_side_files, load_model,
+    HF_SUBDIR,
+    CheckpointError,
+    atomic_directory_write,
+    check_checkpoint_files,
+    copy_side_files,
+    load_model,
     read_checkpoint_meta,
     save_model_checkpoint,
 )
@@ -48,8 +53,10 @@ def _world() -> int:
 
 def _check_world(layout: ParallelLayout) -> None:
     if _world() % (layout.tp * layout.pp):
-        raise ValueError(f"this job has {_world()} ranks but tp x pp = {layout.tp * layout.pp}; launch "
-                         f"with torchrun --nproc-per-node {layout.tp * layout.pp * layout.ep}")
+        raise ValueError(
+            f"this job has {_world()} ranks but tp x pp = {layout.tp * layout.pp}; launch "
+            f"with torchrun --nproc-per-node {layout.tp * layout.pp * layout.ep}"
+        )
 
 
 def check_conversion(direction: str, source: str | Path, out_dir: str | Path, layout: ParallelLayout) -> None:
@@ -66,8 +73,9 @@ def check_conversion(direction: str, source: str | Path, out_dir: str | Path, la
     check_output_dir(out_dir)
 
 
-def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout,
-                dtype: Optional[str] = None) -> ConversionReport:
+def hf_to_mcore(
+    hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout, dtype: Optional[str] = None
+) -> ConversionReport:
     """Convert a HF checkpoint into a Megatron distributed checkpoint at `layout` (collective).
 
     Everything is checked before any model is built: the architecture, the split, the presence and
@@ -83,11 +91,23 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout,
     dtype = dtype or _supported_dtype(arch.torch_dtype)
     platform.init_model_parallel(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp)
     model = build_gpt_model(arch, layout, dtype=dtype, perform_initialization=False)
-    logger.info("loading %s (%s, %d layers) at tp=%d pp=%d ep=%d in %s", hf_dir, arch.hf_architecture,
-                arch.num_layers, layout.tp, layout.pp, layout.ep, dtype)
+    logger.info(
+        "loading %s (%s, %d layers) at tp=%d pp=%d ep=%d in %s",
+        hf_dir,
+        arch.hf_architecture,
+        arch.num_layers,
+        layout.tp,
+        layout.pp,
+        layout.ep,
+        dtype,
+    )
     bytes_read = load_hf_weights(model, arch, hf_dir)
-    meta = {"family": arch.family, "hf_architecture": arch.hf_architecture, "dtype": dtype,
-            "saved_layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep}}
+    meta = {
+        "family": arch.family,
+        "hf_architecture": arch.hf_architecture,
+        "dtype": dtype,
+        "saved_layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep},
+    }
     logger.info("writing distributed checkpoint to %s", out_dir)
     save_model_checkpoint(model, out_dir, hf_source_dir=hf_dir, meta=meta)
     report = ConversionReport(time.perf_counter() - start, bytes_read)
@@ -95,8 +115,12 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, layout: ParallelLayout,
     return report
 
 
-def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, layout: Optional[ParallelLayout] = None,
-                max_shard_bytes: int = 5 * 1024**3) -> ConversionReport:
+def mcore_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    layout: Optional[ParallelLayout] = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> ConversionReport:
     """Export a Megatron checkpoint to a HF directory: sharded safetensors, index, config, tokenizer.
 
     Runs on any world that fits `layout` (default: TP=PP=EP=1, i.e. every rank loads everything);
@@ -115,8 +139,14 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, layout: Optional[Para
     return report
 
 
-def write_hf_directory(model, arch: ModelArchitecture, out_dir: str | Path, hf_source_dir: str | Path,
-                       max_shard_bytes: int = 5 * 1024**3, replace: bool = False) -> int:
+def write_hf_directory(
+    model,
+    arch: ModelArchitecture,
+    out_dir: str | Path,
+    hf_source_dir: str | Path,
+    max_shard_bytes: int = 5 * 1024**3,
+    replace: bool = False,
+) -> int:
     """Stream `model`'s weights into a HF directory (collective; rank 0 writes); return its bytes.
 
     Sharded safetensors + index, the config (with the exported dtype) and tokenizer files from

@@ -48,30 +48,37 @@ def _layer(arch: ModelArchitecture, i: int) -> list[ParamMapping]:
     mg, hf = f"decoder.layers.{i}", f"model.layers.{i}"
     out = [
         ParamMapping(f"{mg}.input_layernorm.weight", (f"{hf}.input_layernorm.weight",), "replicated"),
-        ParamMapping(f"{mg}.self_attention.linear_qkv.weight",
-                     tuple(f"{hf}.self_attn.{p}_proj.weight" for p in "qkv"), "qkv"),
+        ParamMapping(
+            f"{mg}.self_attention.linear_qkv.weight", tuple(f"{hf}.self_attn.{p}_proj.weight" for p in "qkv"), "qkv"
+        ),
         ParamMapping(f"{mg}.self_attention.linear_proj.weight", (f"{hf}.self_attn.o_proj.weight",), "row"),
-        ParamMapping(f"{mg}.pre_mlp_layernorm.weight", (f"{hf}.post_attention_layernorm.weight",),
-                     "replicated"),
+        ParamMapping(f"{mg}.pre_mlp_layernorm.weight", (f"{hf}.post_attention_layernorm.weight",), "replicated"),
     ]
     if arch.qk_layernorm:
-        out += [ParamMapping(f"{mg}.self_attention.q_layernorm.weight", (f"{hf}.self_attn.q_norm.weight",),
-                             "replicated"),
-                ParamMapping(f"{mg}.self_attention.k_layernorm.weight", (f"{hf}.self_attn.k_norm.weight",),
-                             "replicated")]
+        out += [
+            ParamMapping(f"{mg}.self_attention.q_layernorm.weight", (f"{hf}.self_attn.q_norm.weight",), "replicated"),
+            ParamMapping(f"{mg}.self_attention.k_layernorm.weight", (f"{hf}.self_attn.k_norm.weight",), "replicated"),
+        ]
     if not arch.is_moe:
-        out += [ParamMapping(f"{mg}.mlp.linear_fc1.weight",
-                             (f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"), "gate_up"),
-                ParamMapping(f"{mg}.mlp.linear_fc2.weight", (f"{hf}.mlp.down_proj.weight",), "row")]
+        out += [
+            ParamMapping(
+                f"{mg}.mlp.linear_fc1.weight", (f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"), "gate_up"
+            ),
+            ParamMapping(f"{mg}.mlp.linear_fc2.weight", (f"{hf}.mlp.down_proj.weight",), "row"),
+        ]
         return out
     out.append(ParamMapping(f"{mg}.mlp.router.weight", (f"{hf}.mlp.gate.weight",), "replicated"))
     for e in range(arch.num_experts):
         expert_mg, expert_hf = f"{mg}.mlp.experts.local_experts.{e}", f"{hf}.mlp.experts.{e}"
-        out += [ParamMapping(f"{expert_mg}.linear_fc1.weight",
-                             (f"{expert_hf}.gate_proj.weight", f"{expert_hf}.up_proj.weight"), "gate_up",
-                             expert=True),
-                ParamMapping(f"{expert_mg}.linear_fc2.weight", (f"{expert_hf}.down_proj.weight",), "row",
-                             expert=True)]
+        out += [
+            ParamMapping(
+                f"{expert_mg}.linear_fc1.weight",
+                (f"{expert_hf}.gate_proj.weight", f"{expert_hf}.up_proj.weight"),
+                "gate_up",
+                expert=True,
+            ),
+            ParamMapping(f"{expert_mg}.linear_fc2.weight", (f"{expert_hf}.down_proj.weight",), "row", expert=True),
+        ]
     return out
 
 
@@ -91,32 +98,43 @@ def param_mappings(arch: ModelArchitecture) -> list[ParamMapping]:
 def hf_shapes(arch: ModelArchitecture) -> dict[str, tuple[int, ...]]:
     """The full shape of every HF tensor of `arch` (what an export yields)."""
     h, d = arch.hidden_size, arch.kv_channels
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h),
-                                          "model.norm.weight": (h,)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
     if not arch.tie_word_embeddings:
         shapes["lm_head.weight"] = (arch.vocab_size, h)
     for i in range(arch.num_layers):
         p = f"model.layers.{i}"
-        shapes.update({
-            f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
-            f"{p}.self_attn.q_proj.weight": (arch.num_attention_heads * d, h),
-            f"{p}.self_attn.k_proj.weight": (arch.num_query_groups * d, h),
-            f"{p}.self_attn.v_proj.weight": (arch.num_query_groups * d, h),
-            f"{p}.self_attn.o_proj.weight": (h, arch.num_attention_heads * d),
-        })
+        shapes.update(
+            {
+                f"{p}.input_layernorm.weight": (h,),
+                f"{p}.post_attention_layernorm.weight": (h,),
+                f"{p}.self_attn.q_proj.weight": (arch.num_attention_heads * d, h),
+                f"{p}.self_attn.k_proj.weight": (arch.num_query_groups * d, h),
+                f"{p}.self_attn.v_proj.weight": (arch.num_query_groups * d, h),
+                f"{p}.self_attn.o_proj.weight": (h, arch.num_attention_heads * d),
+            }
+        )
         if arch.qk_layernorm:
             shapes.update({f"{p}.self_attn.q_norm.weight": (d,), f"{p}.self_attn.k_norm.weight": (d,)})
         if arch.is_moe:
             shapes[f"{p}.mlp.gate.weight"] = (arch.num_experts, h)
             f = arch.moe_ffn_hidden_size
             for e in range(arch.num_experts):
-                shapes.update({f"{p}.mlp.experts.{e}.gate_proj.weight": (f, h),
-                               f"{p}.mlp.experts.{e}.up_proj.weight": (f, h),
-                               f"{p}.mlp.experts.{e}.down_proj.weight": (h, f)})
+                shapes.update(
+                    {
+                        f"{p}.mlp.experts.{e}.gate_proj.weight": (f, h),
+                        f"{p}.mlp.experts.{e}.up_proj.weight": (f, h),
+                        f"{p}.mlp.experts.{e}.down_proj.weight": (h, f),
+                    }
+                )
         else:
             f = arch.ffn_hidden_size
-            shapes.update({f"{p}.mlp.gate_proj.weight": (f, h), f"{p}.mlp.up_proj.weight": (f, h),
-                           f"{p}.mlp.down_proj.weight": (h, f)})
+            shapes.update(
+                {
+                    f"{p}.mlp.gate_proj.weight": (f, h),
+                    f"{p}.mlp.up_proj.weight": (f, h),
+                    f"{p}.mlp.down_proj.weight": (h, f),
+                }
+            )
     return shapes
 
 
@@ -169,12 +187,18 @@ class ShardGeometry:
 
     @classmethod
     def of(cls, arch: ModelArchitecture, tp: int) -> "ShardGeometry":
-        return cls(arch.vocab_size, arch.padded_vocab_size(tp), arch.num_query_groups,
-                   arch.num_attention_heads // arch.num_query_groups, arch.kv_channels)
+        return cls(
+            arch.vocab_size,
+            arch.padded_vocab_size(tp),
+            arch.num_query_groups,
+            arch.num_attention_heads // arch.num_query_groups,
+            arch.kv_channels,
+        )
 
 
-def shard_ranges(kind: SplitKind, shapes: list[tuple[int, ...]], rank: int, size: int,
-                 geo: ShardGeometry) -> list[tuple[slice, ...]]:
+def shard_ranges(
+    kind: SplitKind, shapes: list[tuple[int, ...]], rank: int, size: int, geo: ShardGeometry
+) -> list[tuple[slice, ...]]:
     """For each HF tensor of a mapping, the (rows, cols) slice this rank needs.
 
     Reading only these slices from safetensors keeps a rank's memory at its own share.
@@ -192,15 +216,19 @@ def shard_ranges(kind: SplitKind, shapes: list[tuple[int, ...]], rank: int, size
         groups = geo.num_query_groups // size
         g0, g1 = rank * groups, (rank + 1) * groups
         q_rows = geo.heads_per_group * geo.kv_channels
-        return [(slice(g0 * q_rows, g1 * q_rows),), (slice(g0 * geo.kv_channels, g1 * geo.kv_channels),),
-                (slice(g0 * geo.kv_channels, g1 * geo.kv_channels),)]
+        return [
+            (slice(g0 * q_rows, g1 * q_rows),),
+            (slice(g0 * geo.kv_channels, g1 * geo.kv_channels),),
+            (slice(g0 * geo.kv_channels, g1 * geo.kv_channels),),
+        ]
     # column and gate_up: a contiguous block of rows of every part
     rows = shapes[0][0] // size
     return [(slice(rank * rows, (rank + 1) * rows),) for _ in shapes]
 
 
-def assemble_shard(kind: SplitKind, parts: list[torch.Tensor], rank: int, size: int,
-                   geo: ShardGeometry) -> torch.Tensor:
+def assemble_shard(
+    kind: SplitKind, parts: list[torch.Tensor], rank: int, size: int, geo: ShardGeometry
+) -> torch.Tensor:
     """Build a rank's Megatron tensor from its slices of the HF tensors (see `shard_ranges`)."""
     if kind == "vocab":
         rows = parts[0]

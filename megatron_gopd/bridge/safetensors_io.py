@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -67,12 +67,12 @@ class SafetensorsReader:
         elif (self.dir / SINGLE_FILE).is_file():
             weight_map = {name: SINGLE_FILE for name in self._keys(self.dir / SINGLE_FILE)}
         else:
-            raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.dir} "
-                                  "(only safetensors checkpoints work)")
+            raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.dir} (only safetensors checkpoints work)")
         missing_files = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
         if missing_files:
-            raise CheckpointError(f"{index} lists {', '.join(missing_files)}, which "
-                                  f"{'is' if len(missing_files) == 1 else 'are'} missing")
+            raise CheckpointError(
+                f"{index} lists {', '.join(missing_files)}, which {'is' if len(missing_files) == 1 else 'are'} missing"
+            )
         self.weight_map = weight_map
         self._handles: dict[str, object] = {}
         self._remap_every_bytes = remap_every_bytes
@@ -135,8 +135,9 @@ class SafetensorsReader:
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"cannot read {name!r} from {self.dir / self.weight_map[name]} "
-                                  f"(truncated file?): {err}") from err
+            raise CheckpointError(
+                f"cannot read {name!r} from {self.dir / self.weight_map[name]} (truncated file?): {err}"
+            ) from err
         self._bytes_since_remap += tensor.numel() * tensor.element_size()
         if self._bytes_since_remap > self._remap_every_bytes:
             self._handles.clear()  # unmaps the files: their pages leave this process's RSS
@@ -175,8 +176,12 @@ class ShardedSafetensorsWriter:
         save_file(self._pending, str(self.out_dir / file), metadata={"format": "pt"})
         self._files.append((file, list(self._pending)))
         self._written_bytes += self._pending_bytes
-        logger.info("wrote shard %d: %d tensors so far, %.3f GB", len(self._files),
-                    sum(len(names) for _, names in self._files), self._written_bytes / 1e9)
+        logger.info(
+            "wrote shard %d: %d tensors so far, %.3f GB",
+            len(self._files),
+            sum(len(names) for _, names in self._files),
+            self._written_bytes / 1e9,
+        )
         self._pending, self._pending_bytes = {}, 0
 
     def finish(self) -> list[str]:
@@ -225,8 +230,7 @@ def check_output_dir(out_dir: str | Path) -> None:
     """Refuse an existing non-empty output directory (nothing is ever overwritten)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"output {out} already exists and is not empty; choose another path "
-                              "or remove it")
+        raise CheckpointError(f"output {out} already exists and is not empty; choose another path or remove it")
 
 
 def dtype_of(name: Optional[str]) -> torch.dtype:

@@ -16,7 +16,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_gopd.bridge.mapping import (
-    ParamMapping, ShardGeometry, assemble_shard, canonical_name, hf_shapes, param_mappings, shard_ranges,
+    ParamMapping,
+    ShardGeometry,
+    assemble_shard,
+    canonical_name,
+    hf_shapes,
+    param_mappings,
+    shard_ranges,
     split_shards,
 )
 from megatron_gopd.bridge.safetensors_io import CheckpointError, SafetensorsReader
@@ -54,8 +60,7 @@ class RankPlacement:
         tp_rank, tp_size, tp_group = coords("tp")
         ep_rank, ep_size, _ = coords("ep")
         etp_rank, etp_size, etp_group = coords("expt_tp")
-        return cls(pp_rank, pp_size, tp_rank, tp_size, ep_rank, ep_size, etp_rank, etp_size,
-                   tp_group, etp_group)
+        return cls(pp_rank, pp_size, tp_rank, tp_size, ep_rank, ep_size, etp_rank, etp_size, tp_group, etp_group)
 
     def split(self, mapping: ParamMapping) -> tuple[int, int, Optional[dist.ProcessGroup]]:
         """(rank, size, group) of the dimension `mapping` is split over."""
@@ -87,10 +92,12 @@ def check_hf_checkpoint(arch: ModelArchitecture, reader: SafetensorsReader) -> N
     names = reader.names()
     missing = sorted(set(expected) - names)
     if missing:
-        raise CheckpointError(f"{reader.dir} lacks {len(missing)} tensor(s) the config implies, e.g. "
-                              f"{', '.join(missing[:5])}")
-    wrong = [f"{n}: {reader.shape(n)} (config implies {shape})" for n, shape in expected.items()
-             if reader.shape(n) != shape]
+        raise CheckpointError(
+            f"{reader.dir} lacks {len(missing)} tensor(s) the config implies, e.g. {', '.join(missing[:5])}"
+        )
+    wrong = [
+        f"{n}: {reader.shape(n)} (config implies {shape})" for n, shape in expected.items() if reader.shape(n) != shape
+    ]
     if wrong:
         raise CheckpointError(f"{reader.dir}: tensor shapes disagree with config.json: " + "; ".join(wrong[:5]))
 
@@ -116,13 +123,15 @@ def load_hf_weights(model, arch: ModelArchitecture, hf_dir: str | Path) -> int:
         mapping = mappings[name]
         rank, size, _ = place.split(mapping)
         shapes = [reader.shape(h) for h in mapping.hf]
-        parts = [reader.read(h, index) for h, index in zip(mapping.hf, shard_ranges(
-            mapping.kind, shapes, rank, size, geo))]
+        parts = [
+            reader.read(h, index) for h, index in zip(mapping.hf, shard_ranges(mapping.kind, shapes, rank, size, geo))
+        ]
         bytes_read += sum(p.numel() * p.element_size() for p in parts)
         shard = assemble_shard(mapping.kind, parts, rank, size, geo)
         if shard.shape != param.shape:
-            raise CheckpointError(f"{name}: built {tuple(shard.shape)} from {mapping.hf} but the model "
-                                  f"expects {tuple(param.shape)}")
+            raise CheckpointError(
+                f"{name}: built {tuple(shard.shape)} from {mapping.hf} but the model expects {tuple(param.shape)}"
+            )
         param.data.copy_(shard.to(param.dtype))
     return bytes_read
 
@@ -172,8 +181,11 @@ def export_hf_weights(model, arch: ModelArchitecture) -> Iterator[tuple[str, tor
             tensors = split_shards(mapping.kind, shards, geo)
         held_everywhere = place.pp_size == 1 and (not mapping.expert or place.ep_size == 1)
         if world > 1 and not held_everywhere:
-            source = min(r for r, (pp, tp, ep, etp) in enumerate(coords)
-                         if pp == stage and (ep == owner_ep and etp == 0 if mapping.expert else tp == 0))
+            source = min(
+                r
+                for r, (pp, tp, ep, etp) in enumerate(coords)
+                if pp == stage and (ep == owner_ep and etp == 0 if mapping.expert else tp == 0)
+            )
             if not tensors:
                 tensors = [torch.empty(shapes[h], dtype=dtype, device=device) for h in mapping.hf]
             for tensor in tensors:

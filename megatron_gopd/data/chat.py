@@ -49,16 +49,11 @@ def prompt_to_messages(prompt: Any) -> list[dict[str, str]]:
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise ValueError(
-            f"{PROMPT_FIELD!r} must be a string or a non-empty list of chat messages, "
-            f"got {type(prompt).__name__}"
+            f"{PROMPT_FIELD!r} must be a string or a non-empty list of chat messages, got {type(prompt).__name__}"
         )
     messages = []
     for msg in prompt:
-        if not (
-            isinstance(msg, dict)
-            and isinstance(msg.get("role"), str)
-            and isinstance(msg.get("content"), str)
-        ):
+        if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
             raise ValueError(f"chat message must have string 'role' and 'content', got {msg!r}")
         messages.append({key: value for key, value in msg.items() if value is not None})
     return messages
@@ -89,9 +84,7 @@ def check_template_kwargs(tokenizer: PreTrainedTokenizerBase, template_kwargs: d
         ValueError: the tokenizer has no chat template, or a kwarg is not read by it.
     """
     if not tokenizer.chat_template:
-        raise ValueError(
-            f"tokenizer {tokenizer.name_or_path!r} has no chat template: prompts are rendered with one"
-        )
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template: prompts are rendered with one")
     known = template_variables(tokenizer)
     if known is None:
         return

@@ -41,9 +41,7 @@ class DataSourceConfig:
         # Only value checks: the default instance must construct (a config loader may build it
         # first and fill the path later); `DataConfig.validate()` checks the path.
         if self.share is not None and (not math.isfinite(self.share) or self.share < 0):
-            raise ValueError(
-                f"data source {self.label!r}: share must be a finite number >= 0, got {self.share}"
-            )
+            raise ValueError(f"data source {self.label!r}: share must be a finite number >= 0, got {self.share}")
         if self.num_samples is not None and self.num_samples < 0:
             raise ValueError(f"data source {self.label!r}: num_samples must be >= 0, got {self.num_samples}")
 
@@ -93,9 +91,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         # A generic YAML loader may hand the sources over as plain dicts.
-        self.sources = [
-            DataSourceConfig(**src) if isinstance(src, dict) else src for src in self.sources
-        ]
+        self.sources = [DataSourceConfig(**src) if isinstance(src, dict) else src for src in self.sources]
         self._check_values()
 
     def _check_values(self) -> None:

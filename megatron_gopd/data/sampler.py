@@ -112,9 +112,7 @@ def build_prompt_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) ->
     index_offset = 0
     for src_cfg in cfg.sources:
         records = load_records(src_cfg.path, src_cfg.split, cfg.cache_dir)
-        source = tokenize_source(
-            src_cfg, records, tokenizer, template_kwargs, cfg.max_prompt_length, index_offset
-        )
+        source = tokenize_source(src_cfg, records, tokenizer, template_kwargs, cfg.max_prompt_length, index_offset)
         _check_not_empty(source, cfg.max_prompt_length)
         sources.append(source)
         index_offset += len(records)
@@ -123,8 +121,14 @@ def build_prompt_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) ->
         logger.info(
             "prompt source %s: %d records, %d kept, %d dropped as longer than max_prompt_length=%s, "
             "%d per epoch, prompt tokens mean %.1f max %d",
-            stats.name, stats.rows, stats.kept, stats.dropped_too_long, cfg.max_prompt_length,
-            stats.per_epoch, stats.mean_prompt_tokens, stats.max_prompt_tokens,
+            stats.name,
+            stats.rows,
+            stats.kept,
+            stats.dropped_too_long,
+            cfg.max_prompt_length,
+            stats.per_epoch,
+            stats.mean_prompt_tokens,
+            stats.max_prompt_tokens,
         )
     return dataset
 
@@ -209,9 +213,7 @@ class PromptSampler:
                     f"{expected[key]!r} (same seed, shuffle and prompt data are needed to resume)"
                 )
         if not 0 <= state["position"] <= self.epoch_size or state["epoch"] < 0:
-            raise ValueError(
-                f"invalid prompt sampler position: epoch {state['epoch']}, position {state['position']}"
-            )
+            raise ValueError(f"invalid prompt sampler position: epoch {state['epoch']}, position {state['position']}")
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self._plan = self._epoch_plan(self.epoch)
@@ -238,6 +240,7 @@ def _draw(size: int, count: int, rng: Optional[np.random.Generator]) -> np.ndarr
     Without ``rng`` the passes and the subset are in order (the first rows), else each is a fresh
     permutation.
     """
+
     def one_pass() -> np.ndarray:
         return rng.permutation(size) if rng is not None else np.arange(size)
 

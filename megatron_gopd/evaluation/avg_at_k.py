@@ -40,18 +40,31 @@ class EvalReport:
     overall: DomainScore
 
     def to_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "overall": dataclasses.asdict(self.overall),
-                "domains": {name: dataclasses.asdict(score) for name, score in self.domains.items()}}
+        return {
+            "k": self.k,
+            "overall": dataclasses.asdict(self.overall),
+            "domains": {name: dataclasses.asdict(score) for name, score in self.domains.items()},
+        }
 
     def table(self) -> str:
         """A plain-text table for the terminal."""
         rows = [("domain", "prompts", f"avg@{self.k}", f"pass@{self.k}", "resp. tokens", "truncated")]
         for name, s in [*sorted(self.domains.items()), ("overall", self.overall)]:
-            rows.append((name, str(s.prompts), f"{100 * s.avg_at_k:.1f}", f"{100 * s.pass_at_k:.1f}",
-                         f"{s.mean_response_tokens:.1f}", f"{100 * s.truncated_frac:.1f}%"))
+            rows.append(
+                (
+                    name,
+                    str(s.prompts),
+                    f"{100 * s.avg_at_k:.1f}",
+                    f"{100 * s.pass_at_k:.1f}",
+                    f"{s.mean_response_tokens:.1f}",
+                    f"{100 * s.truncated_frac:.1f}%",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
-                                   enumerate(zip(row, widths))) for row in rows)
+        return "\n".join(
+            "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in rows
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,22 +90,34 @@ def aggregate(verdicts: Sequence[SampleVerdict], k: int) -> EvalReport:
         samples = [v for group in prompts for v in group]
         n = max(len(prompts), 1)
         return DomainScore(
-            prompts=len(prompts), samples=len(samples),
+            prompts=len(prompts),
+            samples=len(samples),
             avg_at_k=sum(sum(v.correct for v in g) / len(g) for g in prompts) / n,
             pass_at_k=sum(any(v.correct for v in g) for g in prompts) / n,
             mean_response_tokens=sum(v.response_tokens for v in samples) / max(len(samples), 1),
-            truncated_frac=sum(v.truncated for v in samples) / max(len(samples), 1))
+            truncated_frac=sum(v.truncated for v in samples) / max(len(samples), 1),
+        )
 
     domains: dict[str, list[list[SampleVerdict]]] = {}
     for group in by_prompt.values():
         domains.setdefault(group[0].domain, []).append(group)
-    return EvalReport(k=k, domains={name: score(groups) for name, groups in domains.items()},
-                      overall=score(list(by_prompt.values())))
+    return EvalReport(
+        k=k, domains={name: score(groups) for name, groups in domains.items()}, overall=score(list(by_prompt.values()))
+    )
 
 
-def evaluate(engine, tokenizer, records: Sequence, sampling, *, dp_rank: int = 0, dp_size: int = 1,
-             registry=None, scoring_rank: bool = True,
-             keep_samples: bool = False) -> tuple[EvalReport, list[SampleVerdict]]:
+def evaluate(
+    engine,
+    tokenizer,
+    records: Sequence,
+    sampling,
+    *,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    registry=None,
+    scoring_rank: bool = True,
+    keep_samples: bool = False,
+) -> tuple[EvalReport, list[SampleVerdict]]:
     """Generate ``sampling.n`` samples for this replica's slice of `records`, verify, gather.
 
     Args:
@@ -120,9 +145,16 @@ def evaluate(engine, tokenizer, records: Sequence, sampling, *, dp_rank: int = 0
             record = mine[sample.prompt_index]
             text = tokenizer.decode(sample.token_ids, skip_special_tokens=True)
             result = registry.score(record.verifier_fields(), text)
-            verdicts.append(SampleVerdict(record.index, record.domain, bool(result.correct),
-                                          len(sample.token_ids), sample.finish_reason == "length",
-                                          response=text if keep_samples else None))
+            verdicts.append(
+                SampleVerdict(
+                    record.index,
+                    record.domain,
+                    bool(result.correct),
+                    len(sample.token_ids),
+                    sample.finish_reason == "length",
+                    response=text if keep_samples else None,
+                )
+            )
     gathered: list[Optional[list[SampleVerdict]]] = [verdicts]
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()

@@ -58,32 +58,67 @@ def run_eval(args: Any) -> dict:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     enable_thinking = None if args.enable_thinking is None else args.enable_thinking == "true"
-    data = DataConfig(sources=[DataSourceConfig(path=args.data)], max_prompt_length=args.max_prompt_length,
-                      enable_thinking=enable_thinking, shuffle=False)
+    data = DataConfig(
+        sources=[DataSourceConfig(path=args.data)],
+        max_prompt_length=args.max_prompt_length,
+        enable_thinking=enable_thinking,
+        shuffle=False,
+    )
     records = all_records(build_prompt_dataset(data, tokenizer))[: args.max_prompts]
     eos = sorted({i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None})
     if args.engine == "vllm":
-        engine = VLLMRolloutEngine(model, arch, tokenizer_dir, eos_token_ids=eos, max_batch_size=args.max_batch_size,
-                                   kv_cache_gb=args.kv_cache_gb, seed=args.seed)
+        engine = VLLMRolloutEngine(
+            model,
+            arch,
+            tokenizer_dir,
+            eos_token_ids=eos,
+            max_batch_size=args.max_batch_size,
+            kv_cache_gb=args.kv_cache_gb,
+            seed=args.seed,
+        )
         engine.sync_weights()
     else:
-        engine = build_rollout_engine(args.engine, model, arch, eos_token_ids=eos, layout=layout,
-                                      kv_cache_gb=args.kv_cache_gb, max_batch_size=args.max_batch_size)
+        engine = build_rollout_engine(
+            args.engine,
+            model,
+            arch,
+            eos_token_ids=eos,
+            layout=layout,
+            kv_cache_gb=args.kv_cache_gb,
+            max_batch_size=args.max_batch_size,
+        )
     dp_rank = parallel_state.get_data_parallel_rank()
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, n=args.k,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed * 1009 + dp_rank)
-    scoring_rank = (parallel_state.is_pipeline_last_stage()
-                    and parallel_state.get_tensor_model_parallel_rank() == 0)
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        n=args.k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed * 1009 + dp_rank,
+    )
+    scoring_rank = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     writer = dist.get_rank() == 0  # asked now: closing the vLLM engine ends torch.distributed
     try:
-        report, verdicts = evaluate(engine, tokenizer, records, sampling, dp_rank=dp_rank,
-                                    dp_size=parallel_state.get_data_parallel_world_size(),
-                                    scoring_rank=scoring_rank, keep_samples=bool(args.samples_out))
+        report, verdicts = evaluate(
+            engine,
+            tokenizer,
+            records,
+            sampling,
+            dp_rank=dp_rank,
+            dp_size=parallel_state.get_data_parallel_world_size(),
+            scoring_rank=scoring_rank,
+            keep_samples=bool(args.samples_out),
+        )
     finally:
         engine.close()
-    result = {"model": str(args.model), "data": str(args.data), "temperature": args.temperature,
-              "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-              **report.to_dict()}
+    result = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        **report.to_dict(),
+    }
     if writer:
         print(report.table(), flush=True)
         if args.out:
@@ -108,8 +143,14 @@ def write_samples(path: str, records: list, verdicts: list) -> None:
     with open(tmp, "w") as f:
         for verdict in sorted(verdicts, key=lambda v: v.prompt_index):
             record = by_index[verdict.prompt_index]
-            row = {"prompt_index": record.index, "prompt": record.messages, **record.verifier_fields(),
-                   "response": verdict.response, "correct": verdict.correct, "truncated": verdict.truncated,
-                   "response_tokens": verdict.response_tokens}
+            row = {
+                "prompt_index": record.index,
+                "prompt": record.messages,
+                **record.verifier_fields(),
+                "response": verdict.response,
+                "correct": verdict.correct,
+                "truncated": verdict.truncated,
+                "response_tokens": verdict.response_tokens,
+            }
             f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
     os.replace(tmp, path)

@@ -12,8 +12,9 @@ How it works and what it guarantees:
   directory is empty or absent. Any mismatch raises `ExpoError` naming the offending tensors.
 - Tensors are streamed one at a time through the bridge's `SafetensorsReader` (memory-mapped),
   combined in fp32 (fp64 stays fp64) in chunks, and written by its `ShardedSafetensorsWriter` in
-  the teacher's dtype (with a warning where the base's dtype differs). The formula is evaluated as ``torch.lerp(base, teacher, alpha)``, which
-  equals base + alpha * (teacher - base) up to fp32 rounding and is exact at alpha = 0 and 1.
+  the teacher's dtype (with a warning where the base's dtype differs). The formula is evaluated as
+  ``torch.lerp(base, teacher, alpha)``, which equals base + alpha * (teacher - base) up to fp32
+  rounding and is exact at alpha = 0 and 1.
   Peak memory is about one output shard (``max_shard_bytes``) plus one tensor.
 - Integer and bool tensors (buffers, not weights) are copied from the teacher. fp8 tensors are
   refused: block-quantised weights come with separate scales, and extrapolating both is wrong.
@@ -133,9 +134,7 @@ def check_compatible(base: CheckpointIndex, teacher: CheckpointIndex) -> None:
 # The arithmetic and the shard plan
 
 
-def extrapolate(
-    base: torch.Tensor, teacher: torch.Tensor, alpha: float, out_dtype: torch.dtype
-) -> torch.Tensor:
+def extrapolate(base: torch.Tensor, teacher: torch.Tensor, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
     """``base + alpha * (teacher - base)`` in fp32 (fp64 if an input is), cast to ``out_dtype``.
 
     Uses ``torch.lerp``, exact at alpha 0 and 1, in chunks so that the fp32 temporaries of a large
@@ -148,9 +147,7 @@ def extrapolate(
     flat_out, flat_base, flat_teacher = out.view(-1), base.reshape(-1), teacher.reshape(-1)
     for start in range(0, flat_out.numel(), _CHUNK_ELEMENTS):
         part = slice(start, start + _CHUNK_ELEMENTS)
-        flat_out[part] = torch.lerp(
-            flat_base[part].to(compute), flat_teacher[part].to(compute), alpha
-        )
+        flat_out[part] = torch.lerp(flat_base[part].to(compute), flat_teacher[part].to(compute), alpha)
     return out
 
 
@@ -223,8 +220,7 @@ def expo_merge(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.expo-tmp-", dir=out_dir.parent))
     try:
         with _as_expo_error():
-            shard_files = _write_shards(names, Path(base_dir), Path(teacher_dir), alpha, tmp_dir,
-                                        max_shard_bytes)
+            shard_files = _write_shards(names, Path(base_dir), Path(teacher_dir), alpha, tmp_dir, max_shard_bytes)
         _copy_non_weight_files(Path(teacher_dir), tmp_dir)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); rename cannot replace a directory portably
@@ -267,9 +263,7 @@ def _write_shards(
     return writer.finish()
 
 
-def _merged_tensor(
-    name: str, base: SafetensorsReader, teacher: SafetensorsReader, alpha: float
-) -> torch.Tensor:
+def _merged_tensor(name: str, base: SafetensorsReader, teacher: SafetensorsReader, alpha: float) -> torch.Tensor:
     teacher_tensor = teacher.read(name)
     if not teacher_tensor.is_floating_point():
         # Integer/bool buffers are not weights to extrapolate; keep the teacher's.
@@ -279,8 +273,11 @@ def _merged_tensor(
 
 def _copy_non_weight_files(teacher_dir: Path, dest: Path) -> None:
     """Copy the teacher's top-level config, tokenizer and generation files (not weights/folders)."""
-    side_files = [entry.name for entry in sorted(teacher_dir.iterdir())
-                  if entry.is_file() and not entry.name.endswith(_WEIGHT_SUFFIXES)]
+    side_files = [
+        entry.name
+        for entry in sorted(teacher_dir.iterdir())
+        if entry.is_file() and not entry.name.endswith(_WEIGHT_SUFFIXES)
+    ]
     copied = copy_side_files(teacher_dir, dest, side_files)
     logger.info("copied from the teacher: %s", ", ".join(copied) or "nothing")
     if "config.json" not in copied:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_gopd.logprobs.head_gemm import fp32_addmm_, fp32_mm, head_gemm_dtype
 from megatron_gopd.logprobs.shared import (
     LogprobsOut,
     ProcessGroup,
@@ -26,17 +27,24 @@ from megatron_gopd.logprobs.shared import (
     chunk_positions,
     tp_all_reduce,
 )
-from megatron_gopd.logprobs.head_gemm import fp32_addmm_, fp32_mm, head_gemm_dtype
 
 
 class _LogprobsFromHidden(torch.autograd.Function):
     """Chunked, TP-exact log-probs and entropy from hidden states and a vocab-parallel head."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                tp_group: ProcessGroup, temperature: float, vocab_size: Optional[int],
-                chunk_size: Optional[int], with_entropy: bool,
-                gemm_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        tp_group: ProcessGroup,
+        temperature: float,
+        vocab_size: Optional[int],
+        chunk_size: Optional[int],
+        with_entropy: bool,
+        gemm_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         seq_len, batch, hidden_size = hidden.shape  # [s, b, h]
         local_vocab = weight.shape[0]  # weight: [v/tp, h]
         k = targets.shape[2]
@@ -45,7 +53,7 @@ class _LogprobsFromHidden(torch.autograd.Function):
         # The real rows of the head in the GEMM's dtype (a view unless that differs from the
         # weight's): weight-sized, independent of the sequence length. Released after forward;
         # backward makes it again rather than keep it alive in between.
-        head = weight[:shard.valid].to(gemm_dtype)  # [v_valid, h]
+        head = weight[: shard.valid].to(gemm_dtype)  # [v_valid, h]
         logp = hidden.new_empty((seq_len, batch, k), dtype=torch.float32)
         log_norm = hidden.new_empty((seq_len, batch), dtype=torch.float32)
         entropy = hidden.new_empty((seq_len, batch) if with_entropy else (0,), dtype=torch.float32)
@@ -53,8 +61,7 @@ class _LogprobsFromHidden(torch.autograd.Function):
             s1 = min(s0 + step, seq_len)
             z = _chunk_logits(hidden[s0:s1].reshape(-1, hidden_size), head, temperature, gemm_dtype)  # [n, v_valid]
             index, in_shard = shard.local_targets(targets[s0:s1].reshape(-1, k))
-            chunk_logp, chunk_norm, chunk_entropy = chunk_forward(
-                z, index, in_shard, tp_group, with_entropy)
+            chunk_logp, chunk_norm, chunk_entropy = chunk_forward(z, index, in_shard, tp_group, with_entropy)
             del z
             logp[s0:s1] = chunk_logp.view(s1 - s0, batch, k)
             log_norm[s0:s1] = chunk_norm.view(s1 - s0, batch)
@@ -77,30 +84,31 @@ class _LogprobsFromHidden(torch.autograd.Function):
         seq_len, batch, hidden_size = hidden.shape
         k = targets.shape[2]
         shard = VocabShard(weight.shape[0], tp_group, vocab_size)
-        head = weight[:shard.valid].to(gemm_dtype)  # [v_valid, h]
+        head = weight[: shard.valid].to(gemm_dtype)  # [v_valid, h]
         # fp32 accumulators: [s, b, h] for the hidden states, [v/tp, h] for this shard's head rows.
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) \
-            if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if need_weight else None
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         for s0 in range(0, seq_len, step):
             s1 = min(s0 + step, seq_len)
             hidden_chunk = hidden[s0:s1].reshape(-1, hidden_size)  # [n, h]
             z = _chunk_logits(hidden_chunk, head, temperature, gemm_dtype)  # [n, v_valid]
             index, in_shard = shard.local_targets(targets[s0:s1].reshape(-1, k))
             grad_z = chunk_grad_logits(
-                z, log_norm[s0:s1].reshape(-1),
+                z,
+                log_norm[s0:s1].reshape(-1),
                 entropy[s0:s1].reshape(-1) if grad_entropy is not None else entropy,
-                index, in_shard,
+                index,
+                in_shard,
                 None if grad_logp is None else grad_logp[s0:s1].reshape(-1, k).float(),
-                None if grad_entropy is None else grad_entropy[s0:s1].reshape(-1).float())
+                None if grad_entropy is None else grad_entropy[s0:s1].reshape(-1).float(),
+            )
             if temperature != 1.0:
                 grad_z.div_(temperature)  # z = hidden @ W^T / T
             if grad_hidden is not None:
                 # [n, v_valid] @ [v_valid, h]: this shard's part of d/dhidden.
                 grad_hidden[s0:s1].view(-1, hidden_size).copy_(fp32_mm(grad_z, head, gemm_dtype))
             if grad_weight is not None and shard.valid > 0:
-                fp32_addmm_(grad_weight[:shard.valid], grad_z.t(), hidden_chunk, gemm_dtype)  # [v_valid, h]
+                fp32_addmm_(grad_weight[: shard.valid], grad_z.t(), hidden_chunk, gemm_dtype)  # [v_valid, h]
             del z, grad_z
         if grad_hidden is not None:
             # Every rank saw only its vocabulary shard: the full gradient is the sum over TP.
@@ -111,8 +119,9 @@ class _LogprobsFromHidden(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
-def _chunk_logits(hidden: torch.Tensor, head: torch.Tensor, temperature: float,
-                  gemm_dtype: torch.dtype) -> torch.Tensor:
+def _chunk_logits(
+    hidden: torch.Tensor, head: torch.Tensor, temperature: float, gemm_dtype: torch.dtype
+) -> torch.Tensor:
     """fp32 logits [n, v_valid] = hidden [n, h] @ head [v_valid, h]^T / T, a fresh tensor."""
     z = fp32_mm(hidden, head.t(), gemm_dtype)
     if temperature != 1.0:
@@ -160,11 +169,21 @@ def token_logprobs_from_hidden(
     """
     check_temperature(temperature)
     if hidden.dim() != 3 or output_weight.dim() != 2 or hidden.shape[2] != output_weight.shape[1]:
-        raise ValueError(f"expected hidden [s, b, h] and output_weight [V/tp, h]; got "
-                         f"{tuple(hidden.shape)} and {tuple(output_weight.shape)}")
+        raise ValueError(
+            f"expected hidden [s, b, h] and output_weight [V/tp, h]; got "
+            f"{tuple(hidden.shape)} and {tuple(output_weight.shape)}"
+        )
     targets_3d, has_k = as_targets_3d(targets, hidden.shape[0], hidden.shape[1])
     logp, entropy = _LogprobsFromHidden.apply(
-        hidden, output_weight, targets_3d, tp_group, float(temperature), vocab_size, chunk_size,
-        with_entropy, head_gemm_dtype(output_weight, gemm_dtype))
+        hidden,
+        output_weight,
+        targets_3d,
+        tp_group,
+        float(temperature),
+        vocab_size,
+        chunk_size,
+        with_entropy,
+        head_gemm_dtype(output_weight, gemm_dtype),
+    )
     logp = logp if has_k else logp.squeeze(-1)
     return (logp, entropy) if with_entropy else logp

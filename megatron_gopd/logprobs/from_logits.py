@@ -31,9 +31,16 @@ class _LogprobsFromLogits(torch.autograd.Function):
     """Chunked, TP-exact target log-probs and entropy from vocab-parallel logits [s, b, V/tp]."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, tp_group: ProcessGroup,
-                temperature: float, vocab_size: Optional[int], chunk_size: Optional[int],
-                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        tp_group: ProcessGroup,
+        temperature: float,
+        vocab_size: Optional[int],
+        chunk_size: Optional[int],
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         seq_len, batch, local_vocab = logits.shape  # [s, b, v/tp]
         k = targets.shape[2]  # targets: [s, b, k]
         shard = VocabShard(local_vocab, tp_group, vocab_size)
@@ -43,10 +50,9 @@ class _LogprobsFromLogits(torch.autograd.Function):
         entropy = logits.new_empty((seq_len, batch) if with_entropy else (0,), dtype=torch.float32)
         for s0 in range(0, seq_len, step):
             s1 = min(s0 + step, seq_len)
-            z = scaled_fp32(logits[s0:s1, :, :shard.valid], temperature)  # [n, v_valid]
+            z = scaled_fp32(logits[s0:s1, :, : shard.valid], temperature)  # [n, v_valid]
             index, in_shard = shard.local_targets(targets[s0:s1].reshape(-1, k))
-            chunk_logp, chunk_norm, chunk_entropy = chunk_forward(
-                z, index, in_shard, tp_group, with_entropy)
+            chunk_logp, chunk_norm, chunk_entropy = chunk_forward(z, index, in_shard, tp_group, with_entropy)
             logp[s0:s1] = chunk_logp.view(s1 - s0, batch, k)
             log_norm[s0:s1] = chunk_norm.view(s1 - s0, batch)
             if with_entropy:
@@ -68,20 +74,23 @@ class _LogprobsFromLogits(torch.autograd.Function):
         k = targets.shape[2]
         shard = VocabShard(local_vocab, tp_group, vocab_size)
         grad_logits = torch.empty_like(logits)  # [s, b, v/tp]
-        grad_logits[..., shard.valid:].zero_()  # padded rows get zero gradient
+        grad_logits[..., shard.valid :].zero_()  # padded rows get zero gradient
         for s0 in range(0, seq_len, step):
             s1 = min(s0 + step, seq_len)
-            z = scaled_fp32(logits[s0:s1, :, :shard.valid], temperature)  # [n, v_valid]
+            z = scaled_fp32(logits[s0:s1, :, : shard.valid], temperature)  # [n, v_valid]
             index, in_shard = shard.local_targets(targets[s0:s1].reshape(-1, k))
             grad_z = chunk_grad_logits(
-                z, log_norm[s0:s1].reshape(-1),
+                z,
+                log_norm[s0:s1].reshape(-1),
                 entropy[s0:s1].reshape(-1) if grad_entropy is not None else entropy,
-                index, in_shard,
+                index,
+                in_shard,
                 None if grad_logp is None else grad_logp[s0:s1].reshape(-1, k).float(),
-                None if grad_entropy is None else grad_entropy[s0:s1].reshape(-1).float())
+                None if grad_entropy is None else grad_entropy[s0:s1].reshape(-1).float(),
+            )
             if temperature != 1.0:
                 grad_z.div_(temperature)  # z = logits / T
-            grad_logits[s0:s1, :, :shard.valid] = grad_z.view(s1 - s0, batch, shard.valid)
+            grad_logits[s0:s1, :, : shard.valid] = grad_z.view(s1 - s0, batch, shard.valid)
         return grad_logits, None, None, None, None, None, None
 
 
@@ -119,7 +128,8 @@ def token_logprobs_from_logits(
         raise ValueError(f"logits must be [s, b, V/tp], got {tuple(logits.shape)}")
     targets_3d, has_k = as_targets_3d(targets, logits.shape[0], logits.shape[1])
     logp, entropy = _LogprobsFromLogits.apply(
-        logits, targets_3d, tp_group, float(temperature), vocab_size, chunk_size, with_entropy)
+        logits, targets_3d, tp_group, float(temperature), vocab_size, chunk_size, with_entropy
+    )
     logp = logp if has_k else logp.squeeze(-1)
     return (logp, entropy) if with_entropy else logp
 
@@ -165,7 +175,7 @@ def topk_logprobs_from_logits(
     ids = torch.empty((seq_len, batch, k), dtype=torch.int64, device=logits.device)
     for s0 in range(0, seq_len, step):
         s1 = min(s0 + step, seq_len)
-        z = scaled_fp32(logits[s0:s1, :, :shard.valid], temperature)  # [n, v_valid]
+        z = scaled_fp32(logits[s0:s1, :, : shard.valid], temperature)  # [n, v_valid]
         log_norm = global_log_norm(z, tp_group)  # [n]
         # Every shard offers exactly k candidates (-inf fillers where it has fewer real rows).
         cand_values = z.new_full((z.shape[0], k), -math.inf)

@@ -19,8 +19,9 @@ from megatron_gopd.logprobs.shared import (
 )
 
 
-def _mixture_logits(teacher_chunk: torch.Tensor, ref_chunk: Optional[torch.Tensor], lam: float,
-                    temperature: float) -> torch.Tensor:
+def _mixture_logits(
+    teacher_chunk: torch.Tensor, ref_chunk: Optional[torch.Tensor], lam: float, temperature: float
+) -> torch.Tensor:
     """Unnormalised log q = lam * z_teacher + (1 - lam) * z_ref: [cs, b, v] -> fresh fp32 [n, v].
 
     Per-token normalisers of log pi* and log pi_ref are constants over the vocabulary, so the
@@ -34,14 +35,19 @@ def _mixture_logits(teacher_chunk: torch.Tensor, ref_chunk: Optional[torch.Tenso
 
 
 def _chunk_student_and_target(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, ref_logits: Optional[torch.Tensor],
-    rows: slice, valid: int, lam: float, temperature: float,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    ref_logits: Optional[torch.Tensor],
+    rows: slice,
+    valid: int,
+    lam: float,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised fp32 log pi_student and log q [n, v_valid] of sequence positions ``rows``."""
     log_p = scaled_fp32(student_logits[rows, :, :valid], temperature)  # [n, v_valid]
-    log_q = _mixture_logits(teacher_logits[rows, :, :valid],
-                            None if ref_logits is None else ref_logits[rows, :, :valid],
-                            lam, temperature)  # [n, v_valid]
+    log_q = _mixture_logits(
+        teacher_logits[rows, :, :valid], None if ref_logits is None else ref_logits[rows, :, :valid], lam, temperature
+    )  # [n, v_valid]
     return log_p, log_q
 
 
@@ -49,10 +55,17 @@ class _ReverseKLFromLogits(torch.autograd.Function):
     """Chunked, TP-exact KL(pi_student || q) per token; gradient w.r.t. the student logits only."""
 
     @staticmethod
-    def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                ref_logits: Optional[torch.Tensor], lam: float, tp_group: ProcessGroup,
-                temperature: float, vocab_size: Optional[int],
-                chunk_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        ref_logits: Optional[torch.Tensor],
+        lam: float,
+        tp_group: ProcessGroup,
+        temperature: float,
+        vocab_size: Optional[int],
+        chunk_size: Optional[int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         seq_len, batch, local_vocab = student_logits.shape  # [s, b, v/tp]
         shard = VocabShard(local_vocab, tp_group, vocab_size)
         step = chunk_positions(seq_len, batch, local_vocab, chunk_size)
@@ -64,7 +77,8 @@ class _ReverseKLFromLogits(torch.autograd.Function):
             s1 = min(s0 + step, seq_len)
             rows = slice(s0, s1)
             log_p, log_q = _chunk_student_and_target(
-                student_logits, teacher_logits, ref_logits, rows, valid, lam, temperature)
+                student_logits, teacher_logits, ref_logits, rows, valid, lam, temperature
+            )
             chunk_student_norm = global_log_norm(log_p, tp_group)  # [n]
             chunk_target_norm = global_log_norm(log_q, tp_group)  # [n]
             log_p.sub_(chunk_student_norm[:, None])  # [n, v] log pi_student
@@ -75,8 +89,7 @@ class _ReverseKLFromLogits(torch.autograd.Function):
             kl[rows] = chunk_kl.view(s1 - s0, batch)
             student_norm[rows] = chunk_student_norm.view(s1 - s0, batch)
             target_norm[rows] = chunk_target_norm.view(s1 - s0, batch)
-        ctx.save_for_backward(student_logits, teacher_logits, ref_logits, kl, student_norm,
-                              target_norm)
+        ctx.save_for_backward(student_logits, teacher_logits, ref_logits, kl, student_norm, target_norm)
         ctx.config = (lam, tp_group, temperature, vocab_size, step)
         ctx.set_materialize_grads(False)
         return kl
@@ -85,8 +98,7 @@ class _ReverseKLFromLogits(torch.autograd.Function):
     def backward(ctx, grad_kl: Optional[torch.Tensor]):
         if grad_kl is None or not ctx.needs_input_grad[0]:
             return (None,) * 8
-        (student_logits, teacher_logits, ref_logits, kl, student_norm,
-         target_norm) = ctx.saved_tensors
+        (student_logits, teacher_logits, ref_logits, kl, student_norm, target_norm) = ctx.saved_tensors
         lam, tp_group, temperature, vocab_size, step = ctx.config
         seq_len, batch, local_vocab = student_logits.shape
         valid = VocabShard(local_vocab, tp_group, vocab_size).valid
@@ -96,7 +108,8 @@ class _ReverseKLFromLogits(torch.autograd.Function):
             s1 = min(s0 + step, seq_len)
             rows = slice(s0, s1)
             log_p, log_q = _chunk_student_and_target(
-                student_logits, teacher_logits, ref_logits, rows, valid, lam, temperature)
+                student_logits, teacher_logits, ref_logits, rows, valid, lam, temperature
+            )
             log_p.sub_(student_norm[rows].reshape(-1, 1))
             log_q.sub_(target_norm[rows].reshape(-1, 1))
             # dKL/dz_j = p_j (log p_j - log q_j - KL), times the upstream gradient and 1/T.
@@ -142,13 +155,18 @@ def full_vocab_reverse_kl(
         raise ValueError(f"ref_logits may be None only when lam == 1 (got lam={lam})")
     for name, other in (("teacher_logits", teacher_logits), ("ref_logits", ref_logits)):
         if other is not None and other.shape != student_logits.shape:
-            raise ValueError(f"{name} {tuple(other.shape)} must match student_logits "
-                             f"{tuple(student_logits.shape)}")
+            raise ValueError(f"{name} {tuple(other.shape)} must match student_logits {tuple(student_logits.shape)}")
     if student_logits.dim() != 3:
         raise ValueError(f"logits must be [s, b, V/tp], got {tuple(student_logits.shape)}")
     if lam == 1.0:
         ref_logits = None  # q = pi*: the reference drops out exactly
     return _ReverseKLFromLogits.apply(
-        student_logits, teacher_logits.detach(),
-        None if ref_logits is None else ref_logits.detach(), float(lam), tp_group,
-        float(temperature), vocab_size, chunk_size)
+        student_logits,
+        teacher_logits.detach(),
+        None if ref_logits is None else ref_logits.detach(),
+        float(lam),
+        tp_group,
+        float(temperature),
+        vocab_size,
+        chunk_size,
+    )

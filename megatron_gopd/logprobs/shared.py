@@ -45,8 +45,8 @@ class VocabShard:
             vocab_size = padded_vocab
         if not 0 < vocab_size <= padded_vocab:
             raise ValueError(
-                f"vocab_size={vocab_size} must be in (0, {padded_vocab}] "
-                f"(local vocab {local_vocab} x tp {tp_size})")
+                f"vocab_size={vocab_size} must be in (0, {padded_vocab}] (local vocab {local_vocab} x tp {tp_size})"
+            )
         self.start = tp_rank * local_vocab
         # Rows [0, valid) of the local shard are real tokens; the rest is Megatron's padding.
         self.valid = max(0, min(local_vocab, vocab_size - self.start))
@@ -84,7 +84,10 @@ def gather_targets(z: torch.Tensor, index: torch.Tensor, in_shard: torch.Tensor)
 
 
 def chunk_forward(
-    z: torch.Tensor, index: torch.Tensor, in_shard: torch.Tensor, tp_group: ProcessGroup,
+    z: torch.Tensor,
+    index: torch.Tensor,
+    in_shard: torch.Tensor,
+    tp_group: ProcessGroup,
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs of the targets [n, k], log-normaliser [n] and entropy [n] (empty if not asked)."""
@@ -102,7 +105,7 @@ def chunk_forward(
     k = index.shape[1]
     log_sum_exp = torch.log(stats[:, 0])  # [n] log sum exp(z - max)
     log_norm = row_max + log_sum_exp  # [n] logsumexp(z)
-    logp = stats[:, 1:1 + k] - log_norm[:, None]  # [n, k]
+    logp = stats[:, 1 : 1 + k] - log_norm[:, None]  # [n, k]
     if with_entropy:
         # H = logsumexp(z) - E_p[z] = log_sum_exp - E_p[z - max]
         entropy = log_sum_exp - stats[:, 1 + k] / stats[:, 0]
@@ -112,8 +115,13 @@ def chunk_forward(
 
 
 def chunk_grad_logits(
-    z: torch.Tensor, log_norm: torch.Tensor, entropy: torch.Tensor, index: torch.Tensor,
-    in_shard: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+    z: torch.Tensor,
+    log_norm: torch.Tensor,
+    entropy: torch.Tensor,
+    index: torch.Tensor,
+    in_shard: torch.Tensor,
+    grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """d(loss)/dz [n, v] for one chunk, written into `z`'s storage.
 
@@ -163,7 +171,8 @@ def check_temperature(temperature: float) -> None:
 def as_targets_3d(targets: torch.Tensor, seq_len: int, batch: int) -> tuple[torch.Tensor, bool]:
     """Targets [s, b] or [s, b, k] -> ([s, b, k] int64, whether there was a k dimension)."""
     if targets.shape[:2] != (seq_len, batch) or targets.dim() not in (2, 3):
-        raise ValueError(f"targets must be [s, b] or [s, b, k] with s, b = {seq_len}, {batch}; "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must be [s, b] or [s, b, k] with s, b = {seq_len}, {batch}; got {tuple(targets.shape)}"
+        )
     has_k = targets.dim() == 3
     return (targets if has_k else targets.unsqueeze(-1)).long(), has_k

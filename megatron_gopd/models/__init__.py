@@ -11,5 +11,13 @@ May import: `platform` (device, Transformer Engine availability), torch and mega
 from megatron_gopd.models.architecture import FAMILIES, ModelArchitecture, UnsupportedModelError
 from megatron_gopd.models.builder import ModelConfig, ParallelLayout, build_gpt_model, layer_spec, transformer_config
 
-__all__ = ["FAMILIES", "ModelArchitecture", "ModelConfig", "ParallelLayout", "UnsupportedModelError",
-           "build_gpt_model", "layer_spec", "transformer_config"]
+__all__ = [
+    "FAMILIES",
+    "ModelArchitecture",
+    "ModelConfig",
+    "ParallelLayout",
+    "UnsupportedModelError",
+    "build_gpt_model",
+    "layer_spec",
+    "transformer_config",
+]

@@ -98,8 +98,12 @@ class ModelArchitecture:
         """Check that the model can be split over this grid; raise ValueError naming the field."""
         etp = tp if etp is None else etp
         problems = []
-        for size_name, size in (("tensor_parallel", tp), ("pipeline_parallel", pp),
-                                ("expert_parallel", ep), ("expert_tensor_parallel", etp)):
+        for size_name, size in (
+            ("tensor_parallel", tp),
+            ("pipeline_parallel", pp),
+            ("expert_parallel", ep),
+            ("expert_tensor_parallel", etp),
+        ):
             if size < 1:
                 problems.append(f"{size_name} must be >= 1, got {size}")
         if not problems:
@@ -110,8 +114,10 @@ class ModelArchitecture:
                 ("num_hidden_layers", self.num_layers, "pipeline_parallel", pp),
             ]
             if self.is_moe:
-                checks += [("num_experts", self.num_experts, "expert_parallel", ep),
-                           ("moe_intermediate_size", self.moe_ffn_hidden_size, "expert_tensor_parallel", etp)]
+                checks += [
+                    ("num_experts", self.num_experts, "expert_parallel", ep),
+                    ("moe_intermediate_size", self.moe_ffn_hidden_size, "expert_tensor_parallel", etp),
+                ]
             elif ep != 1:
                 problems.append(f"expert_parallel={ep} but the model has no experts")
             for field, value, size_name, size in checks:
@@ -130,13 +136,17 @@ def _rope(hf: dict[str, Any], problems: list[str]) -> tuple[float, Optional[floa
     if rope_type in (None, "default"):
         return float(theta), None
     if rope_type != "llama3":
-        problems.append(f"rope type {rope_type!r} (rope_scaling / rope_parameters) is not supported; "
-                        "supported: default, llama3")
+        problems.append(
+            f"rope type {rope_type!r} (rope_scaling / rope_parameters) is not supported; supported: default, llama3"
+        )
         return float(theta), None
     fields = scaling or params
     # Megatron's Llama-3 scaling hard-codes these three values (rotary_pos_embedding._apply_scaling).
-    for key, expected in (("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
-                          ("original_max_position_embeddings", 8192)):
+    for key, expected in (
+        ("low_freq_factor", 1.0),
+        ("high_freq_factor", 4.0),
+        ("original_max_position_embeddings", 8192),
+    ):
         if float(fields.get(key, expected)) != float(expected):
             problems.append(f"rope_scaling.{key}={fields.get(key)} is not supported (Megatron uses {expected})")
     return float(theta), float(fields.get("factor", 8.0))
@@ -150,7 +160,8 @@ def _parse(hf: dict[str, Any], source: str) -> ModelArchitecture:
     if family is None:
         raise UnsupportedModelError(
             f"{source}: architectures={architectures} / model_type={hf.get('model_type')!r} is not "
-            f"supported; supported: {', '.join(FAMILIES)}")
+            f"supported; supported: {', '.join(FAMILIES)}"
+        )
     arch_name = arch_name or next(k for k, v in FAMILIES.items() if v == family)
 
     def need(key: str) -> Any:
@@ -189,11 +200,14 @@ def _parse(hf: dict[str, Any], source: str) -> ModelArchitecture:
         experts = hf.get("num_experts", hf.get("num_local_experts"))
         if experts is None:
             problems.append("required field 'num_experts' (or 'num_local_experts') is missing")
-        moe = dict(num_experts=experts or 0, moe_router_topk=need("num_experts_per_tok"),
-                   moe_ffn_hidden_size=need("moe_intermediate_size"),
-                   # transformers' default when the field is absent
-                   moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                   moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)))
+        moe = dict(
+            num_experts=experts or 0,
+            moe_router_topk=need("num_experts_per_tok"),
+            moe_ffn_hidden_size=need("moe_intermediate_size"),
+            # transformers' default when the field is absent
+            moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)),
+        )
     arch = ModelArchitecture(
         family=family,
         hf_architecture=arch_name,
@@ -214,20 +228,27 @@ def _parse(hf: dict[str, Any], source: str) -> ModelArchitecture:
         torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
         **moe,
     )
-    sizes = {"num_hidden_layers": arch.num_layers, "hidden_size": arch.hidden_size,
-             "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_query_groups,
-             "head_dim": arch.kv_channels, "vocab_size": arch.vocab_size}
+    sizes = {
+        "num_hidden_layers": arch.num_layers,
+        "hidden_size": arch.hidden_size,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_query_groups,
+        "head_dim": arch.kv_channels,
+        "vocab_size": arch.vocab_size,
+    }
     if arch.is_moe:
-        sizes.update(num_experts=arch.num_experts, num_experts_per_tok=arch.moe_router_topk,
-                     moe_intermediate_size=arch.moe_ffn_hidden_size)
+        sizes.update(
+            num_experts=arch.num_experts,
+            num_experts_per_tok=arch.moe_router_topk,
+            moe_intermediate_size=arch.moe_ffn_hidden_size,
+        )
     else:
         sizes["intermediate_size"] = arch.ffn_hidden_size
     for key, value in sizes.items():
         if key in hf and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             problems.append(f"{key}={value!r} must be a positive integer")
     if not problems and arch.num_attention_heads % arch.num_query_groups:
-        problems.append(f"num_attention_heads={heads} is not a multiple of "
-                        f"num_key_value_heads={arch.num_query_groups}")
+        problems.append(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={arch.num_query_groups}")
     if problems:
         raise UnsupportedModelError(f"{source} ({arch_name}): " + "; ".join(problems))
     return arch

@@ -58,9 +58,17 @@ class SDPAttention(MegatronModule):
     softmax types are refused at construction or call with an error naming the setting.
     """
 
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -76,8 +84,11 @@ class SDPAttention(MegatronModule):
         if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
             problems.append(f"window_size={config.window_size} (sliding windows are not supported)")
         if problems:
-            raise ValueError("SDPAttention cannot run this TransformerConfig: " + "; ".join(problems)
-                             + ". Use attention='local' or Transformer Engine's attention.")
+            raise ValueError(
+                "SDPAttention cannot run this TransformerConfig: "
+                + "; ".join(problems)
+                + ". Use attention='local' or Transformer Engine's attention."
+            )
 
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
@@ -87,13 +98,18 @@ class SDPAttention(MegatronModule):
         self.num_attention_heads_per_partition = divide(config.num_attention_heads, tp_size)
         self.num_query_groups_per_partition = divide(config.num_query_groups, tp_size)
         self.hidden_size_per_attention_head = config.kv_channels
-        self.softmax_scale = (1.0 / math.sqrt(config.kv_channels) if softmax_scale is None
-                              else softmax_scale)
+        self.softmax_scale = 1.0 / math.sqrt(config.kv_channels) if softmax_scale is None else softmax_scale
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Optional[torch.Tensor], attn_mask_type=None,
-                attention_bias: Optional[torch.Tensor] = None,
-                packed_seq_params=None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type=None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
         """Attention output ``[sq, b, heads/tp * d]`` (``[t, heads/tp * d]`` for packed input).
 
         `query` is ``[sq, b, heads/tp, d]`` and `key` / `value` ``[sk, b, groups/tp, d]``; with a
@@ -104,8 +120,10 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention does not take an attention_bias")
         if packed_seq_params is not None:
             if attention_mask is not None:
-                raise ValueError("SDPAttention: packed sequences take no attention_mask (the "
-                                 "sequence boundaries in packed_seq_params are the mask)")
+                raise ValueError(
+                    "SDPAttention: packed sequences take no attention_mask (the "
+                    "sequence boundaries in packed_seq_params are the mask)"
+                )
             return self._packed_forward(query, key, value, packed_seq_params)
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         sq, sk = query.shape[0], key.shape[0]
@@ -113,8 +131,9 @@ class SDPAttention(MegatronModule):
         is_causal = False
         if attention_mask is not None:
             if attention_mask.dtype != torch.bool:
-                raise ValueError(f"SDPAttention: attention_mask must be boolean (True = masked "
-                                 f"out), got {attention_mask.dtype}")
+                raise ValueError(
+                    f"SDPAttention: attention_mask must be boolean (True = masked out), got {attention_mask.dtype}"
+                )
             allowed = ~attention_mask
         elif mask_type in _CAUSAL_MASK_TYPES and sq > 1:
             if sq == sk:
@@ -127,17 +146,24 @@ class SDPAttention(MegatronModule):
         # [b, n, sq, d] -> [sq, b, n * d]
         return context.permute(2, 0, 1, 3).reshape(sq, query.shape[1], -1)
 
-    def _packed_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        params) -> torch.Tensor:
+    def _packed_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params) -> torch.Tensor:
         """Causal attention within each packed sequence: ``[t, n, d]`` -> ``[t, n * d]``."""
         cu_seqlens = _checked_cu_seqlens(params, query.shape[0], key.shape[0])
-        context = packed_causal_attention(query, key, value, cu_seqlens, self.softmax_scale,
-                                          max_seqlen=params.max_seqlen_q)
+        context = packed_causal_attention(
+            query, key, value, cu_seqlens, self.softmax_scale, max_seqlen=params.max_seqlen_q
+        )
         return context.reshape(context.shape[0], -1)  # [t, n * d]
 
 
-def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
-                 is_causal: bool, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+def grouped_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    is_causal: bool,
+    allowed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """SDPA on ``[b, heads, s, d]`` queries, ``[b, groups, s, d]`` keys / values -> ``[b, heads, s, d]``.
 
     Each key/value head serves ``heads / groups`` consecutive query heads (Megatron's grouping).
@@ -146,22 +172,26 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     """
     heads, groups = q.shape[1], k.shape[1]
     if heads % groups != 0:
-        raise ValueError(f"{heads} query heads per partition is not a multiple of {groups} "
-                         "key/value heads")
-    native_gqa = heads != groups and not (q.is_cuda and (q.dtype not in _HALF_DTYPES
-                                                         or allowed is not None))
+        raise ValueError(f"{heads} query heads per partition is not a multiple of {groups} key/value heads")
+    native_gqa = heads != groups and not (q.is_cuda and (q.dtype not in _HALF_DTYPES or allowed is not None))
     if heads != groups and not native_gqa:
         # CUDA's memory-efficient kernel (fp32, masks) has no GQA; without this repeat SDPA
         # would fall back to its math kernel, which materialises the scores.
         k = k.repeat_interleave(heads // groups, dim=1)
         v = v.repeat_interleave(heads // groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=0.0,
-                                          is_causal=is_causal, scale=scale, enable_gqa=native_gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, dropout_p=0.0, is_causal=is_causal, scale=scale, enable_gqa=native_gqa
+    )
 
 
-def packed_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            cu_seqlens: torch.Tensor, scale: float,
-                            max_seqlen: Optional[int] = None) -> torch.Tensor:
+def packed_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    max_seqlen: Optional[int] = None,
+) -> torch.Tensor:
     """Causal attention of packed sequences, none attending across a boundary.
 
     `query` ``[t, heads, d]``, `key` / `value` ``[t, groups, d]``, sequence i at rows
@@ -190,8 +220,7 @@ def packed_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 def _checked_cu_seqlens(params, total_q: int, total_kv: int) -> torch.Tensor:
     """The packed sequences' boundaries ``[n + 1]``, after checking `params` describes the input."""
     if params.qkv_format != "thd":
-        raise ValueError(f"SDPAttention takes packed sequences in qkv_format 'thd', got "
-                         f"{params.qkv_format!r}")
+        raise ValueError(f"SDPAttention takes packed sequences in qkv_format 'thd', got {params.qkv_format!r}")
     cu_q, cu_kv = params.cu_seqlens_q, params.cu_seqlens_kv
     if cu_q is None or cu_kv is None:
         raise ValueError("PackedSeqParams.cu_seqlens_q and cu_seqlens_kv are both required")
@@ -200,13 +229,14 @@ def _checked_cu_seqlens(params, total_q: int, total_kv: int) -> torch.Tensor:
     for name in ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
         padded = getattr(params, name)
         if padded is not None and not torch.equal(padded.cpu(), cu_q.cpu()):
-            raise ValueError(f"SDPAttention: PackedSeqParams.{name} differing from the unpadded "
-                             "boundaries is not supported; pack padding as its own sequence")
+            raise ValueError(
+                f"SDPAttention: PackedSeqParams.{name} differing from the unpadded "
+                "boundaries is not supported; pack padding as its own sequence"
+            )
     cu = cu_q.cpu()
     rising = int(cu[0]) == 0 and bool((cu[1:] >= cu[:-1]).all())
     if not rising or int(cu[-1]) != total_q or total_q != total_kv:
-        raise ValueError(f"PackedSeqParams.cu_seqlens_q {cu.tolist()} must rise from 0 to the "
-                         f"packed length {total_q}")
+        raise ValueError(f"PackedSeqParams.cu_seqlens_q {cu.tolist()} must rise from 0 to the packed length {total_q}")
     return cu
 
 
@@ -230,8 +260,9 @@ def _varlen_can_take(query: torch.Tensor, key: torch.Tensor) -> bool:
     return query.shape[1] == key.shape[1] or "enable_gqa" in names
 
 
-def _varlen_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor,
-                   max_len: int, scale: float) -> torch.Tensor:
+def _varlen_causal(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float
+) -> torch.Tensor:
     """torch's varlen FlashAttention, causal, on ``[t, n, d]`` tensors (signature of torch 2.10+)."""
     from torch.nn.attention.varlen import varlen_attn
 
@@ -243,8 +274,7 @@ def _varlen_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if "scale" in names:
         kwargs["scale"] = scale
     elif abs(scale - query.shape[-1] ** -0.5) > 1e-12:
-        raise ValueError("this torch's varlen_attn takes no softmax scale; the model's differs "
-                         "from 1/sqrt(head_dim)")
+        raise ValueError("this torch's varlen_attn takes no softmax scale; the model's differs from 1/sqrt(head_dim)")
     return varlen_attn(query, key, value, cu, cu, max_len, max_len, **kwargs)
 
 
@@ -258,9 +288,11 @@ def packing_support_problem(model: torch.nn.Module) -> Optional[str]:
 
     for name, module in model.named_modules():
         if isinstance(module, DotProductAttention):
-            return (f"{name} is megatron-core's local DotProductAttention (attention='local'), "
-                    "which cannot take packed sequences; build the model with attention='sdpa' "
-                    "or 'auto'")
+            return (
+                f"{name} is megatron-core's local DotProductAttention (attention='local'), "
+                "which cannot take packed sequences; build the model with attention='sdpa' "
+                "or 'auto'"
+            )
     return None
 
 

@@ -72,9 +72,15 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def transformer_config(arch: ModelArchitecture, layout: ParallelLayout, *, dtype: str = "float32",
-                       recompute: bool = False, perform_initialization: bool = True,
-                       calculate_per_token_loss: bool = False):
+def transformer_config(
+    arch: ModelArchitecture,
+    layout: ParallelLayout,
+    *,
+    dtype: str = "float32",
+    recompute: bool = False,
+    perform_initialization: bool = True,
+    calculate_per_token_loss: bool = False,
+):
     """The Megatron `TransformerConfig` that reproduces `arch` exactly on `layout`.
 
     Dropout is always 0 (distillation log-probs must match between scoring and training). Fused
@@ -168,22 +174,21 @@ def layer_spec(arch: ModelArchitecture, layers_per_stage: int, *, attention: str
     from megatron_gopd.models.attention import ATTENTION_BACKENDS
 
     if attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention={attention!r} is not supported; choose one of "
-                         f"{list(ATTENTION_BACKENDS)}")
+        raise ValueError(f"attention={attention!r} is not supported; choose one of {list(ATTENTION_BACKENDS)}")
     num_experts = arch.num_experts if arch.is_moe else None
     if platform.have_transformer_engine():
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=arch.is_moe, qk_layernorm=arch.qk_layernorm)
+            num_experts=num_experts, moe_grouped_gemm=arch.is_moe, qk_layernorm=arch.qk_layernorm
+        )
         if attention != "auto":
             _set_core_attention(spec, attention)
         return spec
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
-        num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_layernorm,
-        normalization="RMSNorm")
+        num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
+    )
     _replace_norms(spec)
     _set_core_attention(spec, "sdpa" if attention == "auto" else attention)
-    return TransformerBlockSubmodules(layer_specs=[spec] * layers_per_stage,
-                                      layer_norm=SequenceParallelRMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers_per_stage, layer_norm=SequenceParallelRMSNorm)
 
 
 def _set_core_attention(spec, attention: str) -> None:
@@ -211,11 +216,19 @@ def _replace_norms(spec) -> None:
             _replace_norms(value)
 
 
-def build_gpt_model(arch: ModelArchitecture, layout: ParallelLayout, *, dtype: str = "float32",
-                    pg_collection=None, pre_process: Optional[bool] = None,
-                    post_process: Optional[bool] = None, perform_initialization: bool = True,
-                    recompute: bool = False, calculate_per_token_loss: bool = False,
-                    attention: str = "auto"):
+def build_gpt_model(
+    arch: ModelArchitecture,
+    layout: ParallelLayout,
+    *,
+    dtype: str = "float32",
+    pg_collection=None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    perform_initialization: bool = True,
+    recompute: bool = False,
+    calculate_per_token_loss: bool = False,
+    attention: str = "auto",
+):
     """Build this rank's pipeline stage of `arch` as a Megatron `GPTModel` on `platform.device()`.
 
     `pg_collection` gives the model its own process groups (a teacher laid out differently from the
@@ -223,12 +236,17 @@ def build_gpt_model(arch: ModelArchitecture, layout: ParallelLayout, *, dtype: s
     vocab-parallel logits ``[s, b, padded_vocab / tp]`` (``parallel_output=True``). `attention`
     picks the core attention (see `layer_spec`).
     """
-    from megatron.core.models.gpt import GPTModel
     from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(arch, layout, dtype=dtype, recompute=recompute,
-                                perform_initialization=perform_initialization,
-                                calculate_per_token_loss=calculate_per_token_loss)
+    config = transformer_config(
+        arch,
+        layout,
+        dtype=dtype,
+        recompute=recompute,
+        perform_initialization=perform_initialization,
+        calculate_per_token_loss=calculate_per_token_loss,
+    )
     if pg_collection is not None:
         pp_group = pg_collection.pp
         stage, stages = pp_group.rank(), pp_group.size()
@@ -236,8 +254,9 @@ def build_gpt_model(arch: ModelArchitecture, layout: ParallelLayout, *, dtype: s
         stage = parallel_state.get_pipeline_model_parallel_rank()
         stages = parallel_state.get_pipeline_model_parallel_world_size()
     if stages != layout.pp:
-        raise ValueError(f"the process groups have {stages} pipeline stages but the layout asks for "
-                         f"pipeline_parallel={layout.pp}")
+        raise ValueError(
+            f"the process groups have {stages} pipeline stages but the layout asks for pipeline_parallel={layout.pp}"
+        )
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch, arch.num_layers // layout.pp, attention=attention),

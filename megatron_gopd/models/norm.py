@@ -16,10 +16,19 @@ import torch
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
     """`torch.nn.RMSNorm` with Megatron's norm constructor signature and sequence-parallel marking."""
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
-                 zero_centered_gamma: bool = False, normalization: str = "RMSNorm") -> None:
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "RMSNorm",
+    ) -> None:
         if config.normalization != "RMSNorm" or zero_centered_gamma or config.layernorm_zero_centered_gamma:
-            raise ValueError("SequenceParallelRMSNorm implements plain RMSNorm only "
-                             f"(got normalization={config.normalization!r}, zero-centred gamma)")
+            raise ValueError(
+                "SequenceParallelRMSNorm implements plain RMSNorm only "
+                f"(got normalization={config.normalization!r}, zero-centred gamma)"
+            )
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel

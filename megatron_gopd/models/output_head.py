@@ -40,7 +40,8 @@ class OutputHead:
                 # The log-prob kernel all-reduces the hidden gradient over TP itself, so the
                 # gather's backward must only split it (not reduce-scatter it again).
                 hidden = gather_from_sequence_parallel_region(
-                    hidden, tensor_parallel_output_grad=False, group=layer.tp_group)
+                    hidden, tensor_parallel_output_grad=False, group=layer.tp_group
+                )
             return hidden, None
 
         layer.forward = pass_through

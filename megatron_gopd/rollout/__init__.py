@@ -12,8 +12,15 @@ engine per data-parallel replica, the student's weights copied in before each ro
     engine.release()  # before training: frees the KV slots
 """
 
-from megatron_gopd.rollout.base import (FINISH_REASONS, FinishReason, RolloutBatch, RolloutEngine, RolloutSample,
-                                        SamplingParams, validate_request)
+from megatron_gopd.rollout.base import (
+    FINISH_REASONS,
+    FinishReason,
+    RolloutBatch,
+    RolloutEngine,
+    RolloutSample,
+    SamplingParams,
+    validate_request,
+)
 from megatron_gopd.rollout.factory import ENGINE_KINDS, build_rollout_engine
 from megatron_gopd.rollout.fast_engine import FastGenerationStats, FastRolloutEngine
 from megatron_gopd.rollout.fast_support import fast_engine_unsupported_reason
@@ -21,8 +28,26 @@ from megatron_gopd.rollout.megatron_engine import GenerationStats, MegatronRollo
 from megatron_gopd.rollout.sampling import SampledTokens, sample_from_logits, sample_seed, truncation_mask
 from megatron_gopd.rollout.vllm_engine import VLLMRolloutEngine, check_vllm_support, vllm_installed
 
-__all__ = ["ENGINE_KINDS", "FINISH_REASONS", "FastGenerationStats", "FastRolloutEngine", "FinishReason",
-           "GenerationStats", "MegatronRolloutEngine", "RolloutBatch", "RolloutEngine", "RolloutSample",
-           "SampledTokens", "SamplingParams", "VLLMRolloutEngine", "build_rollout_engine", "check_vllm_support",
-           "fast_engine_unsupported_reason", "sample_from_logits", "sample_seed", "truncation_mask",
-           "validate_request", "vllm_installed"]
+__all__ = [
+    "ENGINE_KINDS",
+    "FINISH_REASONS",
+    "FastGenerationStats",
+    "FastRolloutEngine",
+    "FinishReason",
+    "GenerationStats",
+    "MegatronRolloutEngine",
+    "RolloutBatch",
+    "RolloutEngine",
+    "RolloutSample",
+    "SampledTokens",
+    "SamplingParams",
+    "VLLMRolloutEngine",
+    "build_rollout_engine",
+    "check_vllm_support",
+    "fast_engine_unsupported_reason",
+    "sample_from_logits",
+    "sample_seed",
+    "truncation_mask",
+    "validate_request",
+    "vllm_installed",
+]

@@ -67,8 +67,9 @@ class SamplingParams:
         # Accept any iterable of ints (a YAML list, a list) but store a hashable tuple.
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         problems = []
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0
+        ):
             problems.append(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -176,9 +177,14 @@ class RolloutBatch:
         return out
 
 
-def validate_request(prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                     max_sequence_length: int, vocab_size: int,
-                     eos_token_ids: Sequence[int] = ()) -> None:
+def validate_request(
+    prompt_token_ids: Sequence[Sequence[int]],
+    sampling: SamplingParams,
+    *,
+    max_sequence_length: int,
+    vocab_size: int,
+    eos_token_ids: Sequence[int] = (),
+) -> None:
     """Check a generation request before any work; raise ValueError / TypeError naming the problem.
 
     Every prompt must be non-empty, hold token ids in ``[0, vocab_size)`` and be shorter than
@@ -188,8 +194,9 @@ def validate_request(prompt_token_ids: Sequence[Sequence[int]], sampling: Sampli
     if not isinstance(sampling, SamplingParams):
         raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
     if isinstance(prompt_token_ids, (str, bytes, torch.Tensor)) or not isinstance(prompt_token_ids, Sequence):
-        raise TypeError("prompt_token_ids must be a list of token-id lists (one per prompt), got "
-                        f"{type(prompt_token_ids).__name__}")
+        raise TypeError(
+            f"prompt_token_ids must be a list of token-id lists (one per prompt), got {type(prompt_token_ids).__name__}"
+        )
     problems = []
     for index, prompt in enumerate(prompt_token_ids):
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
@@ -197,8 +204,10 @@ def validate_request(prompt_token_ids: Sequence[Sequence[int]], sampling: Sampli
         elif len(prompt) == 0:
             problems.append(f"prompt {index} is empty (a prompt needs at least one token)")
         elif len(prompt) >= max_sequence_length:
-            problems.append(f"prompt {index} has {len(prompt)} tokens but the context is "
-                            f"{max_sequence_length} tokens: it must be shorter, to leave room for a response")
+            problems.append(
+                f"prompt {index} has {len(prompt)} tokens but the context is "
+                f"{max_sequence_length} tokens: it must be shorter, to leave room for a response"
+            )
         else:
             bad = [t for t in prompt if not _is_token_id(t) or not 0 <= t < vocab_size]
             if bad:
@@ -213,9 +222,13 @@ def validate_request(prompt_token_ids: Sequence[Sequence[int]], sampling: Sampli
         raise ValueError("invalid generation request: " + "; ".join(problems))
 
 
-def check_engine_limits(vocab_size: int, max_position_embeddings: int, eos_token_ids: Sequence[int],
-                        max_sequence_length: Optional[int], max_batch_size: Optional[int]
-                        ) -> tuple[tuple[int, ...], int]:
+def check_engine_limits(
+    vocab_size: int,
+    max_position_embeddings: int,
+    eos_token_ids: Sequence[int],
+    max_sequence_length: Optional[int],
+    max_batch_size: Optional[int],
+) -> tuple[tuple[int, ...], int]:
     """An engine's construction arguments checked (ValueError naming the argument).
 
     Returns the EOS ids as a tuple of ints and the context length (`max_sequence_length`, default
@@ -227,8 +240,9 @@ def check_engine_limits(vocab_size: int, max_position_embeddings: int, eos_token
         raise ValueError(f"eos_token_ids {outside} are outside the vocabulary [0, {vocab_size})")
     context = max_sequence_length or max_position_embeddings
     if not 1 < context <= max_position_embeddings:
-        raise ValueError(f"max_sequence_length={context} must be in "
-                         f"(1, max_position_embeddings={max_position_embeddings}]")
+        raise ValueError(
+            f"max_sequence_length={context} must be in (1, max_position_embeddings={max_position_embeddings}]"
+        )
     if max_batch_size is not None and max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
     return eos, context

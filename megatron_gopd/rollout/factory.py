@@ -17,10 +17,19 @@ EngineKind = Literal["auto", "fast", "megatron"]
 ENGINE_KINDS: tuple[str, ...] = ("auto", "fast", "megatron")
 
 
-def build_rollout_engine(kind: EngineKind, model, arch: ModelArchitecture, *, eos_token_ids: Sequence[int] = (),
-                         max_sequence_length: Optional[int] = None, layout: Optional[ParallelLayout] = None,
-                         kv_cache_gb: Optional[float] = None, max_batch_size: Optional[int] = None,
-                         pipeline_microbatch_tokens: Optional[int] = None, **fast_options) -> RolloutEngine:
+def build_rollout_engine(
+    kind: EngineKind,
+    model,
+    arch: ModelArchitecture,
+    *,
+    eos_token_ids: Sequence[int] = (),
+    max_sequence_length: Optional[int] = None,
+    layout: Optional[ParallelLayout] = None,
+    kv_cache_gb: Optional[float] = None,
+    max_batch_size: Optional[int] = None,
+    pipeline_microbatch_tokens: Optional[int] = None,
+    **fast_options,
+) -> RolloutEngine:
     """The rollout engine of `kind` for this rank's student chunk `model`.
 
     ``"auto"``: `FastRolloutEngine` when `fast_engine_unsupported_reason` finds nothing against it,
@@ -37,10 +46,22 @@ def build_rollout_engine(kind: EngineKind, model, arch: ModelArchitecture, *, eo
     if kind != "megatron":
         reason = fast_engine_unsupported_reason(model, arch, layout)
         if reason is None:
-            return FastRolloutEngine(model, arch, eos_token_ids=eos_token_ids, max_sequence_length=max_sequence_length,
-                                     kv_cache_gb=kv_cache_gb, **fast_options)
+            return FastRolloutEngine(
+                model,
+                arch,
+                eos_token_ids=eos_token_ids,
+                max_sequence_length=max_sequence_length,
+                kv_cache_gb=kv_cache_gb,
+                **fast_options,
+            )
         if kind == "fast":
             raise ValueError(f"rollout engine 'fast' was requested but cannot run this student: {reason}")
         logger.info("rollout engine: falling back to the Megatron engine (%s)", reason)
-    return MegatronRolloutEngine(model, arch, eos_token_ids=eos_token_ids, max_sequence_length=max_sequence_length,
-                                 max_batch_size=max_batch_size, pipeline_microbatch_tokens=pipeline_microbatch_tokens)
+    return MegatronRolloutEngine(
+        model,
+        arch,
+        eos_token_ids=eos_token_ids,
+        max_sequence_length=max_sequence_length,
+        max_batch_size=max_batch_size,
+        pipeline_microbatch_tokens=pipeline_microbatch_tokens,
+    )

@@ -40,8 +40,9 @@ DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 """``(q [B, Hq, d], keys [B, Hkv, kv_len, d], values [B, Hkv, kv_len, d], lengths [B], scale) -> [B, Hq, d]``."""
 
 
-def reference_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                               scale: float) -> torch.Tensor:
+def reference_decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
     """The oracle: per sample, softmax over its first ``lengths[b]`` keys, GQA by explicit expansion."""
     heads, groups = q.shape[1], keys.shape[1]
     out = torch.empty_like(q)  # [B, Hq, d]
@@ -53,8 +54,9 @@ def reference_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torc
     return out
 
 
-def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                             scale: float) -> torch.Tensor:
+def grouped_decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Batched decode attention over a length bucket, masked past each sample's length."""
     batch, heads, dim = q.shape
     groups, kv_len = keys.shape[1], keys.shape[2]
@@ -66,8 +68,9 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return out.reshape(batch, heads, dim)
 
 
-def reference_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
-                                scale: float) -> torch.Tensor:
+def reference_prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float
+) -> torch.Tensor:
     """The oracle: per packed sequence, causal softmax attention with keys copied to every head."""
     heads, groups = q.shape[1], k.shape[1]
     out = torch.empty_like(q)  # [T, Hq, d]
@@ -82,8 +85,9 @@ def reference_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out
 
 
-def packed_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
-                             scale: float) -> torch.Tensor:
+def packed_prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float
+) -> torch.Tensor:
     """Causal attention within each packed sequence: ``q [T, Hq, d], k / v [T, Hkv, d] -> [T, Hq, d]``."""
     global _VARLEN_PREFILL
     if _VARLEN_PREFILL is not False and q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16):
@@ -99,14 +103,22 @@ def packed_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             if _VARLEN_PREFILL:  # it worked before: a real failure, not a missing entry point
                 raise
             _VARLEN_PREFILL = False
-            logger.info("FlashAttention varlen prefill unavailable (%s: %s); per-prompt SDPA instead",
-                        type(error).__name__, error)
+            logger.info(
+                "FlashAttention varlen prefill unavailable (%s: %s); per-prompt SDPA instead",
+                type(error).__name__,
+                error,
+            )
     out = torch.empty_like(q)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         # SDPA wants [heads, s, d]; enable_gqa lets a KV head serve its query heads without a copy.
         out[start:end] = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
-            is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+            q[start:end].transpose(0, 1),
+            k[start:end].transpose(0, 1),
+            v[start:end].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        ).transpose(0, 1)
     return out
 
 
@@ -121,8 +133,12 @@ def _have_varlen() -> bool:
 
 def attention_entry_points() -> dict[str, Optional[str]]:
     """Which attention entry points this torch / environment offers (for the GPU check's report)."""
-    found: dict[str, Optional[str]] = {"torch": torch.__version__, "varlen_attn": None, "flash_attn": None,
-                                       "flashinfer": None}
+    found: dict[str, Optional[str]] = {
+        "torch": torch.__version__,
+        "varlen_attn": None,
+        "flash_attn": None,
+        "flashinfer": None,
+    }
     if _have_varlen():
         import inspect
 

@@ -33,16 +33,20 @@ import torch.distributed as dist
 
 from megatron_gopd import platform
 from megatron_gopd.models import ModelArchitecture
-from megatron_gopd.rollout.base import (RolloutBatch, RolloutEngine, RolloutSample, SamplingParams,
-                                        validate_request)
+from megatron_gopd.rollout.base import RolloutBatch, RolloutEngine, RolloutSample, SamplingParams, validate_request
 from megatron_gopd.rollout.fast_attention import grouped_decode_attention
 from megatron_gopd.rollout.fast_model import decode_step, decoder_weights, prefill, rope_tables
 from megatron_gopd.rollout.fast_support import fast_engine_unsupported_reason
 from megatron_gopd.rollout.kv_slots import GB, KVSlots, KVSlotShape, SlotAllocator, slots_for_budget
 from megatron_gopd.rollout.megatron_engine import GenerationStats
 from megatron_gopd.rollout.replica import check_same_request
-from megatron_gopd.rollout.sample_rows import (SampleRow, append_pending_logprobs, pack_logprobs, record_token,
-                                               unpack_logprobs)
+from megatron_gopd.rollout.sample_rows import (
+    SampleRow,
+    append_pending_logprobs,
+    pack_logprobs,
+    record_token,
+    unpack_logprobs,
+)
 from megatron_gopd.rollout.sampling import UniformStreams, sample_from_logits, sample_seed
 
 logger = logging.getLogger(__name__)
@@ -118,11 +122,20 @@ class FastRolloutEngine(RolloutEngine):
     stale weights. Call `release` before training to give the KV slots back.
     """
 
-    def __init__(self, model, arch: ModelArchitecture, *, eos_token_ids: Sequence[int] = (),
-                 max_sequence_length: Optional[int] = None, kv_cache_gb: Optional[float] = None,
-                 kv_cache_memory_fraction: float = 0.9, max_slots: Optional[int] = None,
-                 prefill_token_budget: int = 8192, continuous_batching: bool = True,
-                 cuda_graphs: bool = True) -> None:
+    def __init__(
+        self,
+        model,
+        arch: ModelArchitecture,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        max_sequence_length: Optional[int] = None,
+        kv_cache_gb: Optional[float] = None,
+        kv_cache_memory_fraction: float = 0.9,
+        max_slots: Optional[int] = None,
+        prefill_token_budget: int = 8192,
+        continuous_batching: bool = True,
+        cuda_graphs: bool = True,
+    ) -> None:
         from megatron.core.utils import get_model_config
 
         reason = fast_engine_unsupported_reason(model, arch)
@@ -135,8 +148,10 @@ class FastRolloutEngine(RolloutEngine):
             raise ValueError(f"eos_token_ids {outside} are outside the vocabulary [0, {arch.vocab_size})")
         self.max_sequence_length = max_sequence_length or arch.max_position_embeddings
         if not 1 < self.max_sequence_length <= arch.max_position_embeddings:
-            raise ValueError(f"max_sequence_length={self.max_sequence_length} must be in "
-                             f"(1, max_position_embeddings={arch.max_position_embeddings}]")
+            raise ValueError(
+                f"max_sequence_length={self.max_sequence_length} must be in "
+                f"(1, max_position_embeddings={arch.max_position_embeddings}]"
+            )
         if max_slots is not None and (not isinstance(max_slots, int) or max_slots < 1):
             raise ValueError(f"max_slots must be an int >= 1 or None, got {max_slots!r}")
         if kv_cache_gb is not None and not kv_cache_gb > 0:
@@ -181,11 +196,20 @@ class FastRolloutEngine(RolloutEngine):
 
     def _slots_for(self, samples: int, slot_tokens: int) -> KVSlots:
         """KV buffers for `samples` samples of up to `slot_tokens` positions (reused when they fit)."""
-        what = "kv_cache_gb" if self.kv_cache_gb is not None else (
-            f"kv_cache_memory_fraction ({self.kv_cache_memory_fraction} of free memory)"
-            if self.device.type == "cuda" else f"the CPU default kv_cache_gb={DEFAULT_CPU_KV_CACHE_GB}")
-        slots = min(slots_for_budget(self.slot_shape, slot_tokens, self._budget_bytes(), what=what), samples,
-                    self.max_slots or samples)
+        what = (
+            "kv_cache_gb"
+            if self.kv_cache_gb is not None
+            else (
+                f"kv_cache_memory_fraction ({self.kv_cache_memory_fraction} of free memory)"
+                if self.device.type == "cuda"
+                else f"the CPU default kv_cache_gb={DEFAULT_CPU_KV_CACHE_GB}"
+            )
+        )
+        slots = min(
+            slots_for_budget(self.slot_shape, slot_tokens, self._budget_bytes(), what=what),
+            samples,
+            self.max_slots or samples,
+        )
         if self.cache is None or not self.cache.fits(slots, slot_tokens):
             self.release()
             self.cache = KVSlots(self.slot_shape, slots, slot_tokens, self.device)
@@ -202,8 +226,13 @@ class FastRolloutEngine(RolloutEngine):
     # ------------------------------------------------------------------------------------------
     # Public API
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 max_new_tokens_per_prompt: Optional[Sequence[int]] = None) -> RolloutBatch:
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        max_new_tokens_per_prompt: Optional[Sequence[int]] = None,
+    ) -> RolloutBatch:
         """Sample ``sampling.n`` responses per prompt; every rank of the TP group gets the batch.
 
         See `RolloutEngine.generate`. `max_new_tokens_per_prompt` optionally gives each prompt its
@@ -212,23 +241,37 @@ class FastRolloutEngine(RolloutEngine):
         (and for a KV budget that holds no sample of this request), RuntimeError when the ranks of
         the TP group were given different requests.
         """
-        validate_request(prompt_token_ids, sampling, max_sequence_length=self.max_sequence_length,
-                         vocab_size=self.arch.vocab_size, eos_token_ids=self.eos_token_ids)
+        validate_request(
+            prompt_token_ids,
+            sampling,
+            max_sequence_length=self.max_sequence_length,
+            vocab_size=self.arch.vocab_size,
+            eos_token_ids=self.eos_token_ids,
+        )
         limits = [sampling.max_new_tokens] * len(prompt_token_ids)
         if max_new_tokens_per_prompt is not None:
             limits = [int(n) for n in max_new_tokens_per_prompt]
             if len(limits) != len(prompt_token_ids) or min(limits, default=1) < 1:
-                raise ValueError(f"max_new_tokens_per_prompt must hold one limit >= 1 per prompt "
-                                 f"({len(prompt_token_ids)}), got {list(max_new_tokens_per_prompt)[:8]}")
+                raise ValueError(
+                    f"max_new_tokens_per_prompt must hold one limit >= 1 per prompt "
+                    f"({len(prompt_token_ids)}), got {list(max_new_tokens_per_prompt)[:8]}"
+                )
         self.last_stats = stats = FastGenerationStats()
         if len(prompt_token_ids) == 0:
             return RolloutBatch(samples=[])
         prompts = [[int(t) for t in prompt] for prompt in prompt_token_ids]
         check_same_request(prompts, sampling, (self.tp_group,), self.device)
         samples = [
-            _Sample(sample_id=p * sampling.n + j, prompt_index=p, sample_index=j, prompt=prompt,
-                    budget=min(limits[p], self.max_sequence_length - len(prompt)))
-            for p, prompt in enumerate(prompts) for j in range(sampling.n)]
+            _Sample(
+                sample_id=p * sampling.n + j,
+                prompt_index=p,
+                sample_index=j,
+                prompt=prompt,
+                budget=min(limits[p], self.max_sequence_length - len(prompt)),
+            )
+            for p, prompt in enumerate(prompts)
+            for j in range(sampling.n)
+        ]
         # The last sampled token is never fed back: a sample needs len(prompt) + budget - 1 positions.
         slot_tokens = max(len(s.prompt) + s.budget - 1 for s in samples)
         cache = self._slots_for(len(samples), slot_tokens)
@@ -245,30 +288,57 @@ class FastRolloutEngine(RolloutEngine):
         self._share_logprobs(samples, sampling)
         stats.cuda_graphs = len(self._graphs)
         stats.samples = len(samples)
-        batch = RolloutBatch(samples=[
-            RolloutSample(prompt_index=s.prompt_index, sample_index=s.sample_index, token_ids=s.token_ids,
-                          sampler_logprobs=s.sampler_logprobs,
-                          logprobs=s.logprobs if sampling.return_logprobs else None, finish_reason=s.finish_reason)
-            for s in samples])
+        batch = RolloutBatch(
+            samples=[
+                RolloutSample(
+                    prompt_index=s.prompt_index,
+                    sample_index=s.sample_index,
+                    token_ids=s.token_ids,
+                    sampler_logprobs=s.sampler_logprobs,
+                    logprobs=s.logprobs if sampling.return_logprobs else None,
+                    finish_reason=s.finish_reason,
+                )
+                for s in samples
+            ]
+        )
         stats.generated_tokens = batch.num_tokens
-        logger.info("fast engine: %d samples, %d tokens in %.2f s (%.0f tokens/s; prefill %.2f s over %d prompts, "
-                    "%d decode steps); %d slots x %d tokens, occupancy %.0f%% while queued; truncated %.1f%%",
-                    stats.samples, stats.generated_tokens, stats.seconds, stats.tokens_per_second,
-                    stats.prefill_seconds, stats.prompt_prefills, stats.decode_steps, stats.slots,
-                    stats.slot_tokens, 100 * stats.occupancy_while_queued, 100 * batch.truncation_rate)
+        logger.info(
+            "fast engine: %d samples, %d tokens in %.2f s (%.0f tokens/s; prefill %.2f s over %d prompts, "
+            "%d decode steps); %d slots x %d tokens, occupancy %.0f%% while queued; truncated %.1f%%",
+            stats.samples,
+            stats.generated_tokens,
+            stats.seconds,
+            stats.tokens_per_second,
+            stats.prefill_seconds,
+            stats.prompt_prefills,
+            stats.decode_steps,
+            stats.slots,
+            stats.slot_tokens,
+            100 * stats.occupancy_while_queued,
+            100 * batch.truncation_rate,
+        )
         return batch
 
     # ------------------------------------------------------------------------------------------
     # Sampling and communication (called by _Run)
 
-    def sample(self, logits: Optional[torch.Tensor], samples: list[_Sample], sampling: SamplingParams,
-               streams: Optional[UniformStreams], pending: list) -> list[int]:
+    def sample(
+        self,
+        logits: Optional[torch.Tensor],
+        samples: list[_Sample],
+        sampling: SamplingParams,
+        streams: Optional[UniformStreams],
+        pending: list,
+    ) -> list[int]:
         """Sample the next token of `samples` from their logits ``[k, V_padded]`` on TP rank 0;
         returns the tokens on every rank and keeps the log-probs (device) in `pending`."""
         token_ids = None
         if self.is_sampler:
-            uniforms = (torch.zeros(len(samples), dtype=torch.float64) if streams is None
-                        else streams.draw([s.sample_id for s in samples], [len(s.token_ids) for s in samples]))
+            uniforms = (
+                torch.zeros(len(samples), dtype=torch.float64)
+                if streams is None
+                else streams.draw([s.sample_id for s in samples], [len(s.token_ids) for s in samples])
+            )
             picked = sample_from_logits(logits, self.arch.vocab_size, sampling, uniforms)
             token_ids = picked.token_ids
             pending.append((samples, picked.sampler_logprobs, picked.logprobs))
@@ -298,16 +368,21 @@ class FastRolloutEngine(RolloutEngine):
     # ------------------------------------------------------------------------------------------
     # The decode step, eager or as a CUDA graph
 
-    def decode_and_sample(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, attention,
-                          sampling: SamplingParams, uniforms: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def decode_and_sample(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        kv_len: int,
+        attention,
+        sampling: SamplingParams,
+        uniforms: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """One decode step over the first B slots and sampling of all B rows (TP=1, CUDA graphs).
 
         Returns ``token ids [B], sampler log-probs [B], log-probs [B] or None`` (device tensors,
         overwritten by the next call when replayed from a graph).
         """
-        key = (tokens.shape[0], kv_len, sampling.temperature, sampling.top_k, sampling.top_p,
-               sampling.return_logprobs)
+        key = (tokens.shape[0], kv_len, sampling.temperature, sampling.top_k, sampling.top_p, sampling.return_logprobs)
         if key not in self._graphs:
             self._graphs[key] = self._capture(key, tokens, positions, kv_len, attention, sampling, uniforms)
         graph, static_in, static_out = self._graphs[key]
@@ -316,15 +391,32 @@ class FastRolloutEngine(RolloutEngine):
         graph.replay()
         return static_out
 
-    def _capture(self, key: tuple, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, attention,
-                 sampling: SamplingParams, uniforms: torch.Tensor) -> tuple:
+    def _capture(
+        self,
+        key: tuple,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        kv_len: int,
+        attention,
+        sampling: SamplingParams,
+        uniforms: torch.Tensor,
+    ) -> tuple:
         """Capture decode + sampling for one (batch bucket, key bucket, sampling) on static buffers."""
         static_in = (tokens.clone(), positions.clone(), uniforms.to(self.device, torch.float64).clone())
         cos, sin = self._rope
 
         def step() -> tuple:
-            logits = decode_step(self.weights, self.cache.keys, self.cache.values, static_in[0], static_in[1],
-                                 kv_len, cos, sin, attention)
+            logits = decode_step(
+                self.weights,
+                self.cache.keys,
+                self.cache.values,
+                static_in[0],
+                static_in[1],
+                kv_len,
+                cos,
+                sin,
+                attention,
+            )
             picked = sample_from_logits(logits, self.arch.vocab_size, sampling, static_in[2])
             return picked.token_ids, picked.sampler_logprobs, picked.logprobs
 
@@ -347,8 +439,14 @@ class FastRolloutEngine(RolloutEngine):
 class _Run:
     """One `generate` call's schedule: admission, prefill, decode steps and slot bookkeeping."""
 
-    def __init__(self, engine: FastRolloutEngine, samples: list[_Sample], sampling: SamplingParams,
-                 streams: Optional[UniformStreams], attention: Callable) -> None:
+    def __init__(
+        self,
+        engine: FastRolloutEngine,
+        samples: list[_Sample],
+        sampling: SamplingParams,
+        streams: Optional[UniformStreams],
+        attention: Callable,
+    ) -> None:
         self.engine, self.sampling, self.streams, self.attention = engine, sampling, streams, attention
         self.cache = engine.cache
         self.stats = engine.last_stats
@@ -376,8 +474,9 @@ class _Run:
         self.allocator.check()
         if self.allocator.num_live:
             raise RuntimeError(f"{self.allocator.num_live} KV slots still held after generate")
-        self.stats.occupancy_while_queued = (sum(self.occupancy_queued) / len(self.occupancy_queued)
-                                             if self.occupancy_queued else 1.0)
+        self.stats.occupancy_while_queued = (
+            sum(self.occupancy_queued) / len(self.occupancy_queued) if self.occupancy_queued else 1.0
+        )
         self.stats.occupancy = sum(self.occupancy_all) / len(self.occupancy_all) if self.occupancy_all else 1.0
 
     # Admission -------------------------------------------------------------------------------
@@ -393,8 +492,9 @@ class _Run:
         prefill_tokens = 0
         while self.queue and self.allocator.num_free:
             sample = self.queue[0]
-            needs_prefill = (sample.prompt_index not in self.prompt_logits
-                             or self._donor(sample.prompt_index) is None) and sample.prompt_index not in to_prefill
+            needs_prefill = (
+                sample.prompt_index not in self.prompt_logits or self._donor(sample.prompt_index) is None
+            ) and sample.prompt_index not in to_prefill
             if needs_prefill and to_prefill and prefill_tokens + len(sample.prompt) > self.engine.prefill_token_budget:
                 break  # the rest waits for the next round; decoding goes on meanwhile
             self.queue.popleft()
@@ -430,8 +530,9 @@ class _Run:
         tokens = torch.tensor([t for s in firsts for t in s.prompt], dtype=torch.long, device=engine.device)  # [T]
         positions = torch.cat([torch.arange(len(s.prompt), device=engine.device) for s in firsts])  # [T]
         cos, sin = engine._rope
-        logits = prefill(engine.weights, self.cache, tokens, positions, cu_seqlens, [s.slot for s in firsts],
-                         cos, sin)  # [P, V_padded]
+        logits = prefill(
+            engine.weights, self.cache, tokens, positions, cu_seqlens, [s.slot for s in firsts], cos, sin
+        )  # [P, V_padded]
         for row, sample in enumerate(firsts):
             self.prompt_logits[sample.prompt_index] = logits[row]
         self.stats.prompt_prefills += len(firsts)
@@ -463,20 +564,23 @@ class _Run:
             uniforms = torch.zeros(batch, dtype=torch.float64)
             if self.streams is not None:
                 uniforms[slots] = self.streams.draw([s.sample_id for s in samples], [len(s.token_ids) for s in samples])
-            token_ids, sampler_lp, lp = engine.decode_and_sample(tokens, positions, kv_len, self.attention,
-                                                                 self.sampling, uniforms)
+            token_ids, sampler_lp, lp = engine.decode_and_sample(
+                tokens, positions, kv_len, self.attention, self.sampling, uniforms
+            )
             rows = torch.tensor(slots, device=engine.device)
             self.pending.append((samples, sampler_lp[rows], None if lp is None else lp[rows]))
             self.stats.decode_host_seconds += time.perf_counter() - started
             sampled = token_ids[rows].tolist()  # waits for the device
         else:
             cos, sin = engine._rope
-            logits = decode_step(engine.weights, self.cache.keys, self.cache.values, tokens, positions, kv_len,
-                                 cos, sin, self.attention)  # [B, V_padded]
+            logits = decode_step(
+                engine.weights, self.cache.keys, self.cache.values, tokens, positions, kv_len, cos, sin, self.attention
+            )  # [B, V_padded]
             if len(slots) < batch:
                 logits = logits[torch.tensor(slots, device=engine.device)]
-            sampled = engine.sample(logits if engine.is_sampler else None, samples, self.sampling, self.streams,
-                                    self.pending)
+            sampled = engine.sample(
+                logits if engine.is_sampler else None, samples, self.sampling, self.streams, self.pending
+            )
         self.stats.decode_steps += 1
         self._record_and_free(samples, sampled)
 

@@ -82,7 +82,7 @@ class DecoderWeights:
 
     @property
     def softmax_scale(self) -> float:
-        return self.head_dim ** -0.5
+        return self.head_dim**-0.5
 
 
 def _norm_eps(module) -> float:
@@ -107,26 +107,41 @@ def decoder_weights(model) -> DecoderWeights:
     for layer in gpt.decoder.layers:
         attention = layer.self_attention
         qk_norm = config.qk_layernorm  # without it Megatron puts identity modules (or None) there
-        layers.append(LayerWeights(
-            input_norm=layer.input_layernorm.weight, qkv=attention.linear_qkv.weight,
-            q_norm=attention.q_layernorm.weight if qk_norm else None,
-            k_norm=attention.k_layernorm.weight if qk_norm else None,
-            proj=attention.linear_proj.weight, pre_mlp_norm=layer.pre_mlp_layernorm.weight,
-            fc1=layer.mlp.linear_fc1.weight, fc2=layer.mlp.linear_fc2.weight,
-            norm_eps=_norm_eps(layer.input_layernorm),
-            qk_norm_eps=_norm_eps(attention.q_layernorm) if qk_norm else 0.0))
+        layers.append(
+            LayerWeights(
+                input_norm=layer.input_layernorm.weight,
+                qkv=attention.linear_qkv.weight,
+                q_norm=attention.q_layernorm.weight if qk_norm else None,
+                k_norm=attention.k_layernorm.weight if qk_norm else None,
+                proj=attention.linear_proj.weight,
+                pre_mlp_norm=layer.pre_mlp_layernorm.weight,
+                fc1=layer.mlp.linear_fc1.weight,
+                fc2=layer.mlp.linear_fc2.weight,
+                norm_eps=_norm_eps(layer.input_layernorm),
+                qk_norm_eps=_norm_eps(attention.q_layernorm) if qk_norm else 0.0,
+            )
+        )
     embedding = gpt.embedding.word_embeddings
     return DecoderWeights(
-        embedding=embedding.weight, layers=layers, final_norm=gpt.decoder.final_layernorm.weight,
-        final_norm_eps=_norm_eps(gpt.decoder.final_layernorm), output=gpt.shared_embedding_or_output_weight()
-        if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight,
-        inv_freq=gpt.rotary_pos_emb.inv_freq, heads=config.num_attention_heads // tp,
-        groups=config.num_query_groups // tp, head_dim=config.kv_channels,
-        tp_group=tp_group if tp > 1 else None, vocab_start=embedding.vocab_start_index)
+        embedding=embedding.weight,
+        layers=layers,
+        final_norm=gpt.decoder.final_layernorm.weight,
+        final_norm_eps=_norm_eps(gpt.decoder.final_layernorm),
+        output=gpt.shared_embedding_or_output_weight()
+        if gpt.share_embeddings_and_output_weights
+        else gpt.output_layer.weight,
+        inv_freq=gpt.rotary_pos_emb.inv_freq,
+        heads=config.num_attention_heads // tp,
+        groups=config.num_query_groups // tp,
+        head_dim=config.kv_channels,
+        tp_group=tp_group if tp > 1 else None,
+        vocab_start=embedding.vocab_start_index,
+    )
 
 
-def rope_tables(weights: DecoderWeights, positions: int, device: torch.device, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    weights: DecoderWeights, positions: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin [positions, d]`` as Megatron computes them (fp32 angles, then cast to `dtype`)."""
     inv_freq = weights.inv_freq.to(device=device, dtype=torch.float32)
     angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), inv_freq)  # [P, d/2]
@@ -157,8 +172,9 @@ def _embed(weights: DecoderWeights, tokens: torch.Tensor) -> torch.Tensor:
     return _all_reduce(hidden, weights)
 
 
-def _qkv(weights: DecoderWeights, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv(
+    weights: DecoderWeights, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x [T, H]`` -> rotated ``q [T, Hq, d]``, rotated ``k [T, G, d]``, ``v [T, G, d]``."""
     tokens, groups, dim = x.shape[0], weights.groups, weights.head_dim
     rep = weights.heads // groups
@@ -189,9 +205,17 @@ def logits_of(weights: DecoderWeights, hidden: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def prefill(weights: DecoderWeights, cache: KVSlots, tokens: torch.Tensor, positions: torch.Tensor,
-            cu_seqlens: list[int], slots: list[int], cos: torch.Tensor, sin: torch.Tensor,
-            logit_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+def prefill(
+    weights: DecoderWeights,
+    cache: KVSlots,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: list[int],
+    slots: list[int],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    logit_rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Run packed whole prompts; write their rotated keys and values into `slots`; return logits.
 
     Args:
@@ -209,7 +233,8 @@ def prefill(weights: DecoderWeights, cache: KVSlots, tokens: torch.Tensor, posit
     # Token t of the packed input lands at (its prompt's slot, its position).
     slot_of_token = torch.repeat_interleave(
         torch.tensor(slots, device=tokens.device),
-        torch.tensor([b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])], device=tokens.device))  # [T]
+        torch.tensor([b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])], device=tokens.device),
+    )  # [T]
     for index, layer in enumerate(weights.layers):
         x = F.rms_norm(hidden, (hidden.shape[-1],), layer.input_norm, layer.norm_eps)
         q, k, v = _qkv(weights, layer, x, cos, sin)
@@ -223,9 +248,17 @@ def prefill(weights: DecoderWeights, cache: KVSlots, tokens: torch.Tensor, posit
     return logits_of(weights, hidden[logit_rows])
 
 
-def decode_step(weights: DecoderWeights, keys: list[torch.Tensor], values: list[torch.Tensor],
-                tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, cos: torch.Tensor,
-                sin: torch.Tensor, attention: DecodeAttention) -> torch.Tensor:
+def decode_step(
+    weights: DecoderWeights,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    kv_len: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention: DecodeAttention,
+) -> torch.Tensor:
     """One token for each of the first B slots: ``tokens / positions [B] -> logits [B, V_padded]``.
 
     `keys` / `values` are the per-layer slot buffers ``[slots, G, slot_tokens, d]``; row b of the
@@ -243,8 +276,9 @@ def decode_step(weights: DecoderWeights, keys: list[torch.Tensor], values: list[
         layer_keys, layer_values = keys[index], values[index]
         layer_keys[rows, :, positions] = k  # in place, at (slot b, position of b)
         layer_values[rows, :, positions] = v
-        attended = attention(q, layer_keys[:batch, :, :kv_len], layer_values[:batch, :, :kv_len], lengths,
-                             weights.softmax_scale)  # [B, Hq, d]
+        attended = attention(
+            q, layer_keys[:batch, :, :kv_len], layer_values[:batch, :, :kv_len], lengths, weights.softmax_scale
+        )  # [B, Hq, d]
         hidden = hidden + _all_reduce(F.linear(attended.flatten(1), layer.proj), weights)
         hidden = hidden + _mlp(weights, layer, hidden)
     return logits_of(weights, hidden)

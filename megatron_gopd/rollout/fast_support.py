@@ -7,8 +7,9 @@ from typing import Optional
 from megatron_gopd.models import ModelArchitecture, ParallelLayout
 
 
-def fast_engine_unsupported_reason(model=None, arch: Optional[ModelArchitecture] = None,
-                                   layout: Optional[ParallelLayout] = None) -> Optional[str]:
+def fast_engine_unsupported_reason(
+    model=None, arch: Optional[ModelArchitecture] = None, layout: Optional[ParallelLayout] = None
+) -> Optional[str]:
     """Why the fast engine cannot run this student, or None when it can.
 
     Any of the three may be given: `arch` and `layout` answer before a model is built (a trainer
@@ -19,15 +20,19 @@ def fast_engine_unsupported_reason(model=None, arch: Optional[ModelArchitecture]
     """
     if arch is not None:
         if arch.is_moe:
-            return f"the student is a mixture-of-experts model ({arch.hf_architecture}); only dense models are supported"
+            return (
+                f"the student is a mixture-of-experts model ({arch.hf_architecture}); only dense models are supported"
+            )
     if layout is not None:
         if layout.pp > 1:
             return f"pipeline parallelism (PP={layout.pp}) is not supported"
         if layout.sequence_parallel and layout.tp > 1:
             return "sequence parallelism is not supported"
         if arch is not None and arch.num_query_groups % layout.tp:
-            return (f"TP={layout.tp} does not divide the {arch.num_query_groups} key/value heads (Megatron would "
-                    "split a KV head over ranks)")
+            return (
+                f"TP={layout.tp} does not divide the {arch.num_query_groups} key/value heads (Megatron would "
+                "split a KV head over ranks)"
+            )
     if model is not None:
         return _model_reason(model)
     return None
@@ -55,15 +60,20 @@ def _model_reason(model) -> Optional[str]:
     tp = gpt.pg_collection.tp.size()
     if config.num_query_groups % tp:
         return f"TP={tp} does not divide the {config.num_query_groups} key/value heads"
-    numerics = {"normalization": (config.normalization, "RMSNorm"), "gated_linear_unit": (config.gated_linear_unit, True),
-                "add_bias_linear": (config.add_bias_linear, False), "add_qkv_bias": (config.add_qkv_bias, False),
-                "rotary_interleaved": (config.rotary_interleaved, False),
-                "position_embedding_type": (gpt.position_embedding_type, "rope")}
+    numerics = {
+        "normalization": (config.normalization, "RMSNorm"),
+        "gated_linear_unit": (config.gated_linear_unit, True),
+        "add_bias_linear": (config.add_bias_linear, False),
+        "add_qkv_bias": (config.add_qkv_bias, False),
+        "rotary_interleaved": (config.rotary_interleaved, False),
+        "position_embedding_type": (gpt.position_embedding_type, "rope"),
+    }
     for name, (value, wanted) in numerics.items():
         if value != wanted:
             return f"{name}={value!r} is not supported (the fast forward implements {wanted!r})"
     if getattr(config.activation_func, "__name__", "") != "silu":
-        return f"activation {getattr(config.activation_func, '__name__', config.activation_func)} is not supported (silu only)"
+        activation = getattr(config.activation_func, "__name__", config.activation_func)
+        return f"activation {activation} is not supported (silu only)"
     if getattr(gpt.rotary_pos_emb, "seq_len_interpolation_factor", None) is not None:
         return "RoPE sequence-length interpolation is not supported"
     return _layer_spec_reason(gpt)
@@ -86,8 +96,10 @@ def _layer_spec_reason(gpt) -> Optional[str]:
         }
         for name, (module, kind) in parts.items():
             if type(module) is not kind:
-                return (f"layer {index} {name} is {type(module).__name__}, not Megatron's local {kind.__name__} "
-                        "(Transformer Engine layer spec?); only the local spec is supported")
+                return (
+                    f"layer {index} {name} is {type(module).__name__}, not Megatron's local {kind.__name__} "
+                    "(Transformer Engine layer spec?); only the local spec is supported"
+                )
         for name in ("input_layernorm", "pre_mlp_layernorm"):
             if getattr(getattr(layer, name, None), "eps", None) is None:
                 return f"layer {index} {name} is not an RMSNorm module of the local spec"

@@ -41,8 +41,7 @@ class KVSlotShape:
         return self.bytes_per_token() * slot_tokens
 
 
-def slots_for_budget(shape: KVSlotShape, slot_tokens: int, budget_bytes: float, *,
-                     what: str = "kv_cache_gb") -> int:
+def slots_for_budget(shape: KVSlotShape, slot_tokens: int, budget_bytes: float, *, what: str = "kv_cache_gb") -> int:
     """How many slots of `slot_tokens` positions fit in `budget_bytes`; ValueError when not one does.
 
     `what` names the setting the budget came from, for the error message.
@@ -57,7 +56,8 @@ def slots_for_budget(shape: KVSlotShape, slot_tokens: int, budget_bytes: float, 
             f"{what}: a KV budget of {budget_bytes / GB:.4g} GB holds no sample of {slot_tokens} tokens "
             f"(one needs {per_slot / GB:.4g} GB: {shape.num_layers} layers x 2 x {shape.kv_heads} KV heads x "
             f"{shape.head_dim} x {slot_tokens} tokens x {element} bytes); raise the budget or shorten "
-            "max_sequence_length")
+            "max_sequence_length"
+        )
     return slots
 
 
@@ -126,8 +126,7 @@ class SlotAllocator:
     def compaction_moves(self) -> list[tuple[int, int]]:
         """``(sample_id, free slot)`` pairs that pack the live samples into ``[0, num_live)``."""
         free_low = [s for s in range(self.num_live) if self.owner[s] is None]
-        high = [self.owner[s] for s in range(self.num_slots - 1, self.num_live - 1, -1)
-                if self.owner[s] is not None]
+        high = [self.owner[s] for s in range(self.num_slots - 1, self.num_live - 1, -1) if self.owner[s] is not None]
         return list(zip(high, free_low))
 
     def check(self) -> None:

@@ -59,14 +59,31 @@ import torch.distributed as dist
 
 from megatron_gopd import platform
 from megatron_gopd.models import ModelArchitecture
-from megatron_gopd.rollout.base import (RolloutBatch, RolloutEngine, RolloutSample, SamplingParams,
-                                        check_engine_limits, validate_request)
+from megatron_gopd.rollout.base import (
+    RolloutBatch,
+    RolloutEngine,
+    RolloutSample,
+    SamplingParams,
+    check_engine_limits,
+    validate_request,
+)
 from megatron_gopd.rollout.replica import check_same_request
-from megatron_gopd.rollout.sample_rows import (SampleRow, append_pending_logprobs, pack_logprobs, record_token,
-                                               unpack_logprobs)
+from megatron_gopd.rollout.sample_rows import (
+    SampleRow,
+    append_pending_logprobs,
+    pack_logprobs,
+    record_token,
+    unpack_logprobs,
+)
+
 # The sampling functions moved to their own module (shared with the fast engine); importable from here too.
-from megatron_gopd.rollout.sampling import (SampledTokens, UniformStreams, sample_from_logits, sample_seed,
-                                            truncation_mask)
+from megatron_gopd.rollout.sampling import (
+    SampledTokens,
+    UniformStreams,
+    sample_from_logits,
+    sample_seed,
+    truncation_mask,
+)
 
 _UniformStreams = UniformStreams
 
@@ -75,8 +92,14 @@ logger = logging.getLogger(__name__)
 _SAMPLING_ROWS = 128
 """Rows sampled at once on the sampling rank (bounds the [rows, vocab] temporaries)."""
 
-__all__ = ["GenerationStats", "MegatronRolloutEngine", "SampledTokens", "sample_from_logits",
-           "sample_seed", "truncation_mask"]
+__all__ = [
+    "GenerationStats",
+    "MegatronRolloutEngine",
+    "SampledTokens",
+    "sample_from_logits",
+    "sample_seed",
+    "truncation_mask",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,22 +173,34 @@ class MegatronRolloutEngine(RolloutEngine):
             stages (megatron-core's ``inference_batch_times_seqlen_threshold``); None: never.
     """
 
-    def __init__(self, model, arch: ModelArchitecture, *, eos_token_ids: Sequence[int] = (),
-                 max_sequence_length: Optional[int] = None, max_batch_size: Optional[int] = None,
-                 pipeline_microbatch_tokens: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        model,
+        arch: ModelArchitecture,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        max_sequence_length: Optional[int] = None,
+        max_batch_size: Optional[int] = None,
+        pipeline_microbatch_tokens: Optional[int] = None,
+    ) -> None:
         from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
         if isinstance(model, (list, tuple)):
-            raise TypeError("pass this rank's single model chunk; virtual pipeline stages (a list of "
-                            "chunks) are not supported by megatron-core's inference path")
+            raise TypeError(
+                "pass this rank's single model chunk; virtual pipeline stages (a list of "
+                "chunks) are not supported by megatron-core's inference path"
+            )
         self.model = model
         self.arch = arch
         self.config = get_model_config(model)
         if self.config.sequence_parallel:
-            raise ValueError("the model uses sequence parallelism, which megatron-core's static "
-                             "KV-cache inference does not support; build the rollout model without it")
+            raise ValueError(
+                "the model uses sequence parallelism, which megatron-core's static "
+                "KV-cache inference does not support; build the rollout model without it"
+            )
         self.eos_token_ids, self.max_sequence_length = check_engine_limits(
-            arch.vocab_size, arch.max_position_embeddings, eos_token_ids, max_sequence_length, max_batch_size)
+            arch.vocab_size, arch.max_position_embeddings, eos_token_ids, max_sequence_length, max_batch_size
+        )
         self.max_batch_size = max_batch_size
         self.pipeline_microbatch_tokens = pipeline_microbatch_tokens
 
@@ -195,18 +230,28 @@ class MegatronRolloutEngine(RolloutEngine):
         generation for bad input, and RuntimeError when the ranks of the replica were given
         different requests.
         """
-        validate_request(prompt_token_ids, sampling, max_sequence_length=self.max_sequence_length,
-                         vocab_size=self.arch.vocab_size, eos_token_ids=self.eos_token_ids)
+        validate_request(
+            prompt_token_ids,
+            sampling,
+            max_sequence_length=self.max_sequence_length,
+            vocab_size=self.arch.vocab_size,
+            eos_token_ids=self.eos_token_ids,
+        )
         self.last_stats = GenerationStats()
         if len(prompt_token_ids) == 0:
             return RolloutBatch(samples=[])
         prompts = [[int(t) for t in prompt] for prompt in prompt_token_ids]  # plain ints (NumPy ids too)
         self._check_same_request(prompts, sampling)
         rows = [
-            _Row(sample_id=prompt_index * sampling.n + sample_index, prompt_index=prompt_index,
-                 sample_index=sample_index, prompt=prompt,
-                 budget=min(sampling.max_new_tokens, self.max_sequence_length - len(prompt)))
-            for prompt_index, prompt in enumerate(prompts) for sample_index in range(sampling.n)
+            _Row(
+                sample_id=prompt_index * sampling.n + sample_index,
+                prompt_index=prompt_index,
+                sample_index=sample_index,
+                prompt=prompt,
+                budget=min(sampling.max_new_tokens, self.max_sequence_length - len(prompt)),
+            )
+            for prompt_index, prompt in enumerate(prompts)
+            for sample_index in range(sampling.n)
         ]
         streams = None
         if self.is_sampler and not sampling.greedy:
@@ -223,18 +268,33 @@ class MegatronRolloutEngine(RolloutEngine):
             get_attr_wrapped_model(self.model, "set_input_tensor")(None)  # drop the last activation
             self.model.train(was_training)
 
-        batch = RolloutBatch(samples=[
-            RolloutSample(prompt_index=r.prompt_index, sample_index=r.sample_index, token_ids=r.token_ids,
-                          sampler_logprobs=r.sampler_logprobs,
-                          logprobs=r.logprobs if sampling.return_logprobs else None,
-                          finish_reason=r.finish_reason)
-            for r in rows])
+        batch = RolloutBatch(
+            samples=[
+                RolloutSample(
+                    prompt_index=r.prompt_index,
+                    sample_index=r.sample_index,
+                    token_ids=r.token_ids,
+                    sampler_logprobs=r.sampler_logprobs,
+                    logprobs=r.logprobs if sampling.return_logprobs else None,
+                    finish_reason=r.finish_reason,
+                )
+                for r in rows
+            ]
+        )
         stats = self.last_stats
         stats.samples, stats.generated_tokens = len(rows), batch.num_tokens
-        logger.info("generated %d samples, %d tokens in %.2f s (%.0f tokens/s; prefill %.2f s, %d decode "
-                    "steps, %d prompt-tail-only); truncated %.1f%%", stats.samples, stats.generated_tokens,
-                    stats.seconds, stats.tokens_per_second, stats.prefill_seconds, stats.decode_steps,
-                    stats.prompt_tail_steps, 100 * batch.truncation_rate)
+        logger.info(
+            "generated %d samples, %d tokens in %.2f s (%.0f tokens/s; prefill %.2f s, %d decode "
+            "steps, %d prompt-tail-only); truncated %.1f%%",
+            stats.samples,
+            stats.generated_tokens,
+            stats.seconds,
+            stats.tokens_per_second,
+            stats.prefill_seconds,
+            stats.decode_steps,
+            stats.prompt_tail_steps,
+            100 * batch.truncation_rate,
+        )
         return batch
 
     # ------------------------------------------------------------------------------------------
@@ -245,10 +305,9 @@ class MegatronRolloutEngine(RolloutEngine):
         if self.max_batch_size is None or len(rows) <= self.max_batch_size:
             return [rows]
         by_length = sorted(rows, key=lambda r: len(r.prompt))  # stable: a prompt's samples stay adjacent
-        return [by_length[i:i + self.max_batch_size] for i in range(0, len(by_length), self.max_batch_size)]
+        return [by_length[i : i + self.max_batch_size] for i in range(0, len(by_length), self.max_batch_size)]
 
-    def _generate_chunk(self, rows: list[_Row], sampling: SamplingParams,
-                        streams: Optional[_UniformStreams]) -> None:
+    def _generate_chunk(self, rows: list[_Row], sampling: SamplingParams, streams: Optional[_UniformStreams]) -> None:
         """Generate every sample of `rows` to completion, filling them in place."""
         started = time.perf_counter()
         wrapper, logits, prefill_len = self._prefill(rows)
@@ -271,10 +330,8 @@ class MegatronRolloutEngine(RolloutEngine):
         ``prefill_len``.
         """
         from megatron.core.inference.contexts import StaticInferenceContext
-        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import \
-            GPTInferenceWrapper
-        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import \
-            InferenceWrapperConfig
+        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 
         distinct: dict[int, int] = {}  # prompt index -> row of the prefill batch
         for row in rows:
@@ -287,15 +344,21 @@ class MegatronRolloutEngine(RolloutEngine):
         wrapper = GPTInferenceWrapper(
             self.model,
             InferenceWrapperConfig(
-                hidden_size=self.config.hidden_size, params_dtype=self.config.params_dtype,
+                hidden_size=self.config.hidden_size,
+                params_dtype=self.config.params_dtype,
                 inference_batch_times_seqlen_threshold=self.pipeline_microbatch_tokens or -1,
-                padded_vocab_size=self.padded_vocab_size, inference_max_requests=len(distinct_prompts),
-                inference_max_seq_length=slots),
-            inference_context=context, pg_collection=self.pg_collection)
+                padded_vocab_size=self.padded_vocab_size,
+                inference_max_requests=len(distinct_prompts),
+                inference_max_seq_length=slots,
+            ),
+            inference_context=context,
+            pg_collection=self.pg_collection,
+        )
         wrapper.prep_model_for_inference()  # eval mode, fresh context
 
-        prefill_tokens = torch.tensor([p[:prefill_len] for p in distinct_prompts], dtype=torch.long,
-                                      device=self.device)  # [U, prefill_len]
+        prefill_tokens = torch.tensor(
+            [p[:prefill_len] for p in distinct_prompts], dtype=torch.long, device=self.device
+        )  # [U, prefill_len]
         logits = self._forward(wrapper, prefill_tokens, start=0)  # [U, V_padded] (last stage only)
         if len(distinct_prompts) != len(rows):
             prompt_rows = torch.tensor([distinct[r.prompt_index] for r in rows], dtype=torch.long)
@@ -305,8 +368,15 @@ class MegatronRolloutEngine(RolloutEngine):
         context.enable_decode_mode()
         return wrapper, logits, prefill_len
 
-    def _decode(self, rows: list[_Row], wrapper, logits: Optional[torch.Tensor], slot: int,
-                sampling: SamplingParams, streams: Optional[_UniformStreams]) -> None:
+    def _decode(
+        self,
+        rows: list[_Row],
+        wrapper,
+        logits: Optional[torch.Tensor],
+        slot: int,
+        sampling: SamplingParams,
+        streams: Optional[_UniformStreams],
+    ) -> None:
         """Decide the token at `slot` for every live row, one KV-cached step at a time, until all end.
 
         A row still inside its prompt takes its own next prompt token; the others sample. Finished
@@ -345,15 +415,22 @@ class MegatronRolloutEngine(RolloutEngine):
         positions = torch.arange(start, start + length, device=tokens.device).expand(batch, -1)  # [b, s]
         # The attention mask is None: every sample's positions 0..start+s-1 hold real tokens, so
         # the causal mask (prefill) or no mask (one new token) is exact.
-        logits = wrapper.run_one_forward_step({"tokens": tokens, "position_ids": positions,
-                                               "attention_mask": None})  # [b, 1, V_padded]
+        logits = wrapper.run_one_forward_step(
+            {"tokens": tokens, "position_ids": positions, "attention_mask": None}
+        )  # [b, 1, V_padded]
         return None if logits is None else logits[:, -1, :]
 
     # ------------------------------------------------------------------------------------------
     # Sampling and communication
 
-    def _sample(self, logits: Optional[torch.Tensor], live: list[_Row], generating: list[int],
-                sampling: SamplingParams, streams: Optional[_UniformStreams]) -> list[int]:
+    def _sample(
+        self,
+        logits: Optional[torch.Tensor],
+        live: list[_Row],
+        generating: list[int],
+        sampling: SamplingParams,
+        streams: Optional[_UniformStreams],
+    ) -> list[int]:
         """Sample the next token of the live rows `generating` on the sampling rank.
 
         `logits` are the live batch's ``[b_live, V_padded]`` (on the last stage); `generating`
@@ -370,16 +447,23 @@ class MegatronRolloutEngine(RolloutEngine):
                 uniforms = streams.draw([r.sample_id for r in rows], [len(r.token_ids) for r in rows])
             # Row chunks bound the fp32 / fp64 [rows, V] temporaries (a 150k vocabulary at 1024 rows
             # would need several GB at once).
-            parts = [sample_from_logits(logits[i:i + _SAMPLING_ROWS], self.arch.vocab_size, sampling,
-                                        uniforms[i:i + _SAMPLING_ROWS])
-                     for i in range(0, len(rows), _SAMPLING_ROWS)]
+            parts = [
+                sample_from_logits(
+                    logits[i : i + _SAMPLING_ROWS], self.arch.vocab_size, sampling, uniforms[i : i + _SAMPLING_ROWS]
+                )
+                for i in range(0, len(rows), _SAMPLING_ROWS)
+            ]
             token_ids = torch.cat([p.token_ids for p in parts]).to(self.device)  # [g]
             # Log-probs stay on the sampling rank's device until the batch is done: reading them
             # back every step would add two host synchronisations per token (one broadcast and one
             # copy per batch instead).
-            self._pending_logprobs.append((
-                rows, torch.cat([p.sampler_logprobs for p in parts]),
-                torch.cat([p.logprobs for p in parts]) if sampling.return_logprobs else None))
+            self._pending_logprobs.append(
+                (
+                    rows,
+                    torch.cat([p.sampler_logprobs for p in parts]),
+                    torch.cat([p.logprobs for p in parts]) if sampling.return_logprobs else None,
+                )
+            )
         token_ids = self._broadcast_from_sampler(token_ids, (len(rows),), torch.long)
         return token_ids.tolist()
 
@@ -392,8 +476,9 @@ class MegatronRolloutEngine(RolloutEngine):
         """Append a sampled token and decide whether the sample has finished."""
         record_token(row, token, self.eos_token_ids, sampling)
 
-    def _broadcast_from_sampler(self, tensor: Optional[torch.Tensor], shape: tuple[int, ...],
-                                dtype: torch.dtype) -> torch.Tensor:
+    def _broadcast_from_sampler(
+        self, tensor: Optional[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         """Send the sampling rank's `tensor` to every rank of the replica (TP, then down PP)."""
         if not self.is_sampler:
             tensor = torch.empty(shape, dtype=dtype, device=self.device)

@@ -64,8 +64,9 @@ def pack_logprobs(rows: Sequence[SampleRow], with_logprobs: bool, device: torch.
     """``[columns, tokens]`` fp32: every row's sampler log-probs (then log-probs), for one broadcast."""
     flat = [r.sampler_logprobs for r in rows] + ([r.logprobs for r in rows] if with_logprobs else [])
     total = sum(len(r.token_ids) for r in rows)
-    return torch.tensor([lp for lps in flat for lp in lps], dtype=torch.float32,
-                        device=device).view(1 + with_logprobs, total)
+    return torch.tensor([lp for lps in flat for lp in lps], dtype=torch.float32, device=device).view(
+        1 + with_logprobs, total
+    )
 
 
 def unpack_logprobs(rows: Sequence[SampleRow], packed: torch.Tensor) -> None:
@@ -73,7 +74,7 @@ def unpack_logprobs(rows: Sequence[SampleRow], packed: torch.Tensor) -> None:
     values, offset = packed.tolist(), 0
     for row in rows:
         length = len(row.token_ids)
-        row.sampler_logprobs = values[0][offset:offset + length]
+        row.sampler_logprobs = values[0][offset : offset + length]
         if len(values) == 2:
-            row.logprobs = values[1][offset:offset + length]
+            row.logprobs = values[1][offset : offset + length]
         offset += length

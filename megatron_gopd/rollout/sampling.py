@@ -17,7 +17,6 @@ from megatron_gopd.rollout.base import SamplingParams
 __all__ = ["SampledTokens", "UniformStreams", "sample_from_logits", "sample_seed", "truncation_mask"]
 
 
-
 def truncation_mask(scaled_logits: torch.Tensor, top_k: int, top_p: float) -> Optional[torch.Tensor]:
     """Which tokens top-k then top-p keep; None when neither truncates.
 
@@ -62,8 +61,9 @@ class SampledTokens:
     """``[b]`` fp32 temperature-1 log-probs over the real vocabulary, if asked for."""
 
 
-def sample_from_logits(logits: torch.Tensor, vocab_size: int, sampling: SamplingParams,
-                       uniforms: torch.Tensor) -> SampledTokens:
+def sample_from_logits(
+    logits: torch.Tensor, vocab_size: int, sampling: SamplingParams, uniforms: torch.Tensor
+) -> SampledTokens:
     """Sample one token per row by inverting the CDF at the given uniforms.
 
     Args:
@@ -88,16 +88,19 @@ def sample_from_logits(logits: torch.Tensor, vocab_size: int, sampling: Sampling
         allowed = truncation_mask(scaled, sampling.top_k, sampling.top_p)  # [b, V] or None
         if allowed is not None:
             scaled = scaled.masked_fill(~allowed, -float("inf"))
-        sampler_log_dist = (scaled.log_softmax(dim=-1)
-                            if allowed is not None or sampling.temperature != 1.0 or logprobs_t1 is None
-                            else logprobs_t1)  # [b, V]
+        sampler_log_dist = (
+            scaled.log_softmax(dim=-1)
+            if allowed is not None or sampling.temperature != 1.0 or logprobs_t1 is None
+            else logprobs_t1
+        )  # [b, V]
         # float64 CDF: a 150k-entry fp32 cumsum would lose the tail's resolution.
         cdf = sampler_log_dist.exp().double().cumsum(dim=-1)  # [b, V]
         total = cdf[:, -1:]  # [b, 1]
         # Keep the target strictly below the total, so the search lands on a token whose CDF step
         # is positive, i.e. one with non-zero probability (tokens outside top-k / top-p have none).
-        target = torch.minimum(uniforms.to(cdf.device, torch.float64)[:, None] * total,
-                               torch.nextafter(total, torch.zeros_like(total)))  # [b, 1]
+        target = torch.minimum(
+            uniforms.to(cdf.device, torch.float64)[:, None] * total, torch.nextafter(total, torch.zeros_like(total))
+        )  # [b, 1]
         token_ids = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [b]
         sampler_logprobs = sampler_log_dist.gather(1, token_ids[:, None]).squeeze(1)
     logprobs = None if logprobs_t1 is None else logprobs_t1.gather(1, token_ids[:, None]).squeeze(1)
@@ -138,8 +141,9 @@ class UniformStreams:
             if block_id != self.block_ids[sample]:
                 if block_id != self.block_ids[sample] + 1:
                     raise RuntimeError(f"random stream {sample} read out of order at step {step}")
-                self.tables[sample] = torch.rand(self.block, generator=self.generators[sample],
-                                                 dtype=torch.float64).numpy()
+                self.tables[sample] = torch.rand(
+                    self.block, generator=self.generators[sample], dtype=torch.float64
+                ).numpy()
                 self.block_ids[sample] = block_id
             values[k] = self.tables[sample][step % self.block]
         return torch.from_numpy(values)

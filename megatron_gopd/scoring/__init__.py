@@ -31,13 +31,29 @@ Imports: `megatron_gopd.models`, `bridge`, `logprobs`, `parallel`, `collectives`
 build on this package).
 """
 
-from megatron_gopd.scoring.config import (STUDENT_INIT, PoolModelConfig, ScoringConfig, ScoringConfigError,
-                                          TeacherConfig, UnroutedDomainError)
+from megatron_gopd.scoring.config import (
+    STUDENT_INIT,
+    PoolModelConfig,
+    ScoringConfig,
+    ScoringConfigError,
+    TeacherConfig,
+    UnroutedDomainError,
+)
 from megatron_gopd.scoring.plan import ModelPlan, ScoringPlan, validate_scoring_config
 from megatron_gopd.scoring.pool import ModelStats, SampleScores, ScoreRequest, ScoringPool
 
 __all__ = [
-    "STUDENT_INIT", "ModelPlan", "ModelStats", "PoolModelConfig", "SampleScores", "ScoreRequest", "ScoringConfig",
-    "ScoringConfigError", "ScoringPlan", "ScoringPool", "TeacherConfig", "UnroutedDomainError",
+    "STUDENT_INIT",
+    "ModelPlan",
+    "ModelStats",
+    "PoolModelConfig",
+    "SampleScores",
+    "ScoreRequest",
+    "ScoringConfig",
+    "ScoringConfigError",
+    "ScoringPlan",
+    "ScoringPool",
+    "TeacherConfig",
+    "UnroutedDomainError",
     "validate_scoring_config",
 ]

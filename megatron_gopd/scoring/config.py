@@ -13,7 +13,12 @@ from typing import Any, Optional, Sequence
 from megatron_gopd.models import ModelConfig
 
 __all__ = [
-    "STUDENT_INIT", "PoolModelConfig", "ScoringConfig", "ScoringConfigError", "TeacherConfig", "UnroutedDomainError",
+    "STUDENT_INIT",
+    "PoolModelConfig",
+    "ScoringConfig",
+    "ScoringConfigError",
+    "TeacherConfig",
+    "UnroutedDomainError",
     "format_problems",
 ]
 
@@ -72,9 +77,11 @@ def _teacher_value_problems(teacher: TeacherConfig) -> list[str]:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
         return [f"lam must be a finite number > 0, got {lam!r}"]
     if teacher.reference is None and lam != 1.0:
-        return [f"reference: null is allowed only with lam == 1 (plain OPD, where the reference "
-                f"drops out); lam={lam} needs a reference: {STUDENT_INIT!r} or a key of "
-                "scoring.references"]
+        return [
+            f"reference: null is allowed only with lam == 1 (plain OPD, where the reference "
+            f"drops out); lam={lam} needs a reference: {STUDENT_INIT!r} or a key of "
+            "scoring.references"
+        ]
     return []
 
 
@@ -97,10 +104,10 @@ class ScoringConfig:
 
     def __post_init__(self) -> None:
         # A generic YAML loader or a caller may hand nested configs over as plain dicts.
-        self.teachers = {name: TeacherConfig(**t) if isinstance(t, dict) else t
-                         for name, t in self.teachers.items()}
-        self.references = {name: PoolModelConfig(**r) if isinstance(r, dict) else r
-                           for name, r in self.references.items()}
+        self.teachers = {name: TeacherConfig(**t) if isinstance(t, dict) else t for name, t in self.teachers.items()}
+        self.references = {
+            name: PoolModelConfig(**r) if isinstance(r, dict) else r for name, r in self.references.items()
+        }
         problems = self.value_problems()
         if problems:
             raise ScoringConfigError(format_problems("scoring config", problems))
@@ -112,8 +119,10 @@ class ScoringConfig:
             problems.append(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
         for kind, names in (("teachers", self.teachers), ("references", self.references)):
             if STUDENT_INIT in names:
-                problems.append(f"{kind} may not be named {STUDENT_INIT!r}: the name is reserved for the "
-                                "student's initial checkpoint")
+                problems.append(
+                    f"{kind} may not be named {STUDENT_INIT!r}: the name is reserved for the "
+                    "student's initial checkpoint"
+                )
         for name in sorted(set(self.teachers) & set(self.references)):
             problems.append(f"{name!r} names both a teacher and a reference; give them distinct names")
         owner: dict[str, str] = {}
@@ -123,14 +132,18 @@ class ScoringConfig:
                 problems.append(f"teacher {name!r} has no domains: list the prompt domains it scores")
             for domain in teacher.domains:
                 if domain in owner:
-                    problems.append(f"domain {domain!r} is claimed by teachers {owner[domain]!r} and "
-                                    f"{name!r}; route each domain to one teacher")
+                    problems.append(
+                        f"domain {domain!r} is claimed by teachers {owner[domain]!r} and "
+                        f"{name!r}; route each domain to one teacher"
+                    )
                 owner.setdefault(domain, name)
             ref = teacher.reference
             if ref is not None and ref != STUDENT_INIT and ref not in self.references:
                 known = sorted({STUDENT_INIT, *self.references})
-                problems.append(f"teacher {name!r}: reference {ref!r} is not defined; known: {known} "
-                                "(add it under scoring.references)")
+                problems.append(
+                    f"teacher {name!r}: reference {ref!r} is not defined; known: {known} "
+                    "(add it under scoring.references)"
+                )
         return problems
 
     def routing(self) -> dict[str, str]:

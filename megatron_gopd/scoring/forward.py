@@ -32,8 +32,15 @@ from megatron_gopd.logprobs.shared import chunk_positions
 from megatron_gopd.models.output_head import OutputHead
 from megatron_gopd.scoring.plan import ModelPlan
 
-__all__ = ["ForwardBatch", "ScoredSequence", "collate_forward", "decode_sequences", "encode_sequences",
-           "load_pool_model", "run_forward"]
+__all__ = [
+    "ForwardBatch",
+    "ScoredSequence",
+    "collate_forward",
+    "decode_sequences",
+    "encode_sequences",
+    "load_pool_model",
+    "run_forward",
+]
 
 
 @dataclass
@@ -72,16 +79,16 @@ def decode_sequences(flat: torch.Tensor) -> list[ScoredSequence]:
     if not values.numel():
         return []
     count = int(values[0])
-    header = values[1:1 + 3 * count].view(count, 3).tolist()
+    header = values[1 : 1 + 3 * count].view(count, 3).tolist()
     pos = 1 + 3 * count
     sequences = []
     for length, prompt_len, k in header:
-        tokens = values[pos:pos + length].tolist()
+        tokens = values[pos : pos + length].tolist()
         pos += length
         extra = None
         if k:
             response_len = length - prompt_len
-            extra = values[pos:pos + response_len * k].view(response_len, k).clone()
+            extra = values[pos : pos + response_len * k].view(response_len, k).clone()
             pos += response_len * k
         sequences.append(ScoredSequence(tokens, prompt_len, extra))
     return sequences
@@ -104,8 +111,9 @@ class ForwardBatch:
     dummy: bool = False
 
 
-def collate_forward(sequences: Sequence[ScoredSequence], indices: list[int], multiple: int,
-                    dummy: bool = False) -> ForwardBatch:
+def collate_forward(
+    sequences: Sequence[ScoredSequence], indices: list[int], multiple: int, dummy: bool = False
+) -> ForwardBatch:
     """Rows `indices` of `sequences` as one right-padded micro-batch (length a multiple of `multiple`)."""
     device = platform.device()
     tokens, targets, positions = pad_token_rows([sequences[i].tokens for i in indices], multiple=multiple)
@@ -116,9 +124,14 @@ def collate_forward(sequences: Sequence[ScoredSequence], indices: list[int], mul
         for row, index in enumerate(indices):
             seq = sequences[index]
             start = seq.prompt_len - 1  # position t predicts token t + 1
-            targets[row, start:start + seq.response_len, 1:] = seq.extra_targets
-    return ForwardBatch(tokens.to(device), positions.to(device), targets.transpose(0, 1).contiguous().to(device),
-                        [] if dummy else list(indices), dummy)
+            targets[row, start : start + seq.response_len, 1:] = seq.extra_targets
+    return ForwardBatch(
+        tokens.to(device),
+        positions.to(device),
+        targets.transpose(0, 1).contiguous().to(device),
+        [] if dummy else list(indices),
+        dummy,
+    )
 
 
 def load_pool_model(plan: ModelPlan, pg_collection: Any):
@@ -130,8 +143,9 @@ def load_pool_model(plan: ModelPlan, pg_collection: Any):
     """
     from megatron_gopd.models import build_gpt_model
 
-    model = build_gpt_model(plan.arch, plan.layout, dtype=plan.dtype, pg_collection=pg_collection,
-                            perform_initialization=False)
+    model = build_gpt_model(
+        plan.arch, plan.layout, dtype=plan.dtype, pg_collection=pg_collection, perform_initialization=False
+    )
     load_model_checkpoint(model, plan.checkpoint)
     model.eval()
     model.requires_grad_(False)
@@ -140,8 +154,15 @@ def load_pool_model(plan: ModelPlan, pg_collection: Any):
     return model
 
 
-def run_forward(model: Any, plan: ModelPlan, pg_collection: Any, sequences: Sequence[ScoredSequence],
-                batches: list[ForwardBatch], topk: int, is_last_stage: bool) -> list[torch.Tensor]:
+def run_forward(
+    model: Any,
+    plan: ModelPlan,
+    pg_collection: Any,
+    sequences: Sequence[ScoredSequence],
+    batches: list[ForwardBatch],
+    topk: int,
+    is_last_stage: bool,
+) -> list[torch.Tensor]:
     """Run this replica's `batches` forward-only; the sequences' response log-probs on the last stage.
 
     Returns ``[response_len, w]`` fp32 tensors, one per sequence, on the last pipeline stage (every
@@ -188,7 +209,7 @@ def run_forward(model: Any, plan: ModelPlan, pg_collection: Any, sequences: Sequ
             seq = sequences[index]
             # Position t predicts token t + 1: the response starts at the model's prompt length.
             start = seq.prompt_len - 1
-            results[index] = logprobs[start:start + seq.response_len, row].clone()
+            results[index] = logprobs[start : start + seq.response_len, row].clone()
         return output.new_zeros(()), {}
 
     def forward_step(data_iterator, model):
@@ -202,9 +223,16 @@ def run_forward(model: Any, plan: ModelPlan, pg_collection: Any, sequences: Sequ
         kwargs["p2p_communicator"] = P2PCommunicator(pp_group=pg_collection.pp, config=model.config)
     schedule = get_forward_backward_func(pp_size=plan.layout.pp, vp_size=None)
     with torch.no_grad():
-        schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
-                 num_microbatches=len(batches), seq_length=max(b.tokens.shape[1] for b in batches),
-                 micro_batch_size=max(b.tokens.shape[0] for b in batches), forward_only=True, **kwargs)
+        schedule(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=max(b.tokens.shape[1] for b in batches),
+            micro_batch_size=max(b.tokens.shape[0] for b in batches),
+            forward_only=True,
+            **kwargs,
+        )
     if not is_last_stage:
         return []
     assert all(r is not None for r in results), "a sequence was packed into no micro-batch"

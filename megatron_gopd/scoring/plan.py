@@ -27,8 +27,13 @@ from megatron_gopd.checkpointing import HF_SUBDIR, read_checkpoint_meta
 from megatron_gopd.config import from_dict, to_dict
 from megatron_gopd.data import check_template_kwargs
 from megatron_gopd.models import ModelArchitecture, ParallelLayout
-from megatron_gopd.scoring.config import (STUDENT_INIT, PoolModelConfig, ScoringConfig, ScoringConfigError,
-                                          format_problems)
+from megatron_gopd.scoring.config import (
+    STUDENT_INIT,
+    PoolModelConfig,
+    ScoringConfig,
+    ScoringConfigError,
+    format_problems,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,39 +87,50 @@ class ScoringPlan:
         """The plan `to_dict` wrote (raises `megatron_gopd.config.ConfigError` on a malformed one)."""
         return from_dict(cls, data, source="scoring plan")
 
-    def check_matches(self, cfg: ScoringConfig, *, student_checkpoint: str, student_layout: ParallelLayout,
-                      world_size: int) -> None:
+    def check_matches(
+        self, cfg: ScoringConfig, *, student_checkpoint: str, student_layout: ParallelLayout, world_size: int
+    ) -> None:
         """Refuse (ValueError) a plan made for another job: other student, world size or models."""
         made_for = (self.student_checkpoint, self.student_layout, self.world_size)
         if made_for != (student_checkpoint, student_layout, world_size):
-            raise ValueError(f"the scoring plan was made for student {made_for[0]} at {made_for[1]} on "
-                             f"{made_for[2]} ranks, not for {student_checkpoint} at {student_layout} on "
-                             f"{world_size} ranks: validate the scoring config for this job")
+            raise ValueError(
+                f"the scoring plan was made for student {made_for[0]} at {made_for[1]} on "
+                f"{made_for[2]} ranks, not for {student_checkpoint} at {student_layout} on "
+                f"{world_size} ranks: validate the scoring config for this job"
+            )
         wanted = planned_models(cfg, student_checkpoint, student_layout)
         same_models = len(wanted) == len(self.models) and all(
             (m.name, m.role, m.checkpoint, m.layout, m.template_kwargs)
             == (name, role, model_cfg.checkpoint, layout, model_cfg.chat_template_kwargs)
             and model_cfg.dtype in (None, m.dtype)
-            for m, (name, role, model_cfg, layout) in zip(self.models, wanted))
+            for m, (name, role, model_cfg, layout) in zip(self.models, wanted)
+        )
         if not same_models:
-            raise ValueError(f"the scoring plan ({[m.label for m in self.models]}) does not describe this "
-                             "scoring config: validate the config again")
+            raise ValueError(
+                f"the scoring plan ({[m.label for m in self.models]}) does not describe this "
+                "scoring config: validate the config again"
+            )
 
 
-def planned_models(cfg: ScoringConfig, student_checkpoint: str,
-                   student_layout: ParallelLayout) -> list[tuple[str, str, PoolModelConfig, ParallelLayout]]:
+def planned_models(
+    cfg: ScoringConfig, student_checkpoint: str, student_layout: ParallelLayout
+) -> list[tuple[str, str, PoolModelConfig, ParallelLayout]]:
     """(name, role, config, layout) of every model a pool for `cfg` builds, in the plan's order.
 
     Teachers, then the references some teacher with ``lam != 1`` uses (``student_init``, at the
     student's layout, last).
     """
     used = _used_references(cfg)
-    return [model for model in _configured_models(cfg, student_checkpoint, student_layout)
-            if model[1] == "teacher" or model[0] in used]
+    return [
+        model
+        for model in _configured_models(cfg, student_checkpoint, student_layout)
+        if model[1] == "teacher" or model[0] in used
+    ]
 
 
-def _configured_models(cfg: ScoringConfig, student_checkpoint: str,
-                       student_layout: ParallelLayout) -> list[tuple[str, str, PoolModelConfig, ParallelLayout]]:
+def _configured_models(
+    cfg: ScoringConfig, student_checkpoint: str, student_layout: ParallelLayout
+) -> list[tuple[str, str, PoolModelConfig, ParallelLayout]]:
     """Every configured model, used or not, plus ``student_init`` when a teacher uses it."""
     models = [(name, "teacher", t.model, t.model.layout) for name, t in cfg.teachers.items()]
     models += [(name, "reference", r, r.layout) for name, r in cfg.references.items()]
@@ -173,12 +189,15 @@ class _CheckedCheckpoint:
         """Record why `layout` cannot hold this model on `world_size` ranks, if it cannot."""
         tp, pp = layout.tp, layout.pp
         if world_size % (tp * pp):
-            self.problems.append(f"{self.label}: tp x pp = {tp} x {pp} = {tp * pp} does not divide the "
-                                 f"world size {world_size}")
+            self.problems.append(
+                f"{self.label}: tp x pp = {tp} x {pp} = {tp * pp} does not divide the world size {world_size}"
+            )
             return
         if (world_size // pp) % (layout.ep * layout.expert_tp):
-            self.problems.append(f"{self.label}: ep x expert tp = {layout.ep} x {layout.expert_tp} does "
-                                 f"not divide world / pp = {world_size // pp}")
+            self.problems.append(
+                f"{self.label}: ep x expert tp = {layout.ep} x {layout.expert_tp} does "
+                f"not divide world / pp = {world_size // pp}"
+            )
         if self.arch is not None:
             try:
                 self.arch.validate_parallel(tp, pp, layout.ep, layout.etp)
@@ -197,12 +216,15 @@ def _vocabulary_problem(model: _CheckedCheckpoint, student: _CheckedCheckpoint) 
     if model.arch.vocab_size != student.arch.vocab_size:
         # Even with one tokenizer: a teacher's softmax over extra rows is another distribution, and
         # its top-k ids could index past the student's output layer.
-        return (f"{model.label} has vocab_size {model.arch.vocab_size} in {HF_SUBDIR}/config.json but the "
-                f"student ({student.label}) has {student.arch.vocab_size}: teacher, reference and student "
-                "must have the same vocabulary size (same tokenizer, same embedding rows)")
+        return (
+            f"{model.label} has vocab_size {model.arch.vocab_size} in {HF_SUBDIR}/config.json but the "
+            f"student ({student.label}) has {student.arch.vocab_size}: teacher, reference and student "
+            "must have the same vocabulary size (same tokenizer, same embedding rows)"
+        )
     if model.tokenizer is None or student.tokenizer is None:
-        logger.warning("%s or the student has no tokenizer files in %s/: comparing vocab_size only",
-                       model.label, HF_SUBDIR)
+        logger.warning(
+            "%s or the student has no tokenizer files in %s/: comparing vocab_size only", model.label, HF_SUBDIR
+        )
         return None
     model_vocab, student_vocab = model.tokenizer.get_vocab(), student.tokenizer.get_vocab()
     if model_vocab == student_vocab:
@@ -210,15 +232,19 @@ def _vocabulary_problem(model: _CheckedCheckpoint, student: _CheckedCheckpoint) 
     differing = sorted(set(model_vocab.items()) ^ set(student_vocab.items()), key=lambda kv: (kv[1], kv[0]))
     examples = []
     for token, _ in differing[:3]:
-        examples.append(f"{token!r} is id {student_vocab.get(token)} in the student, "
-                        f"{model_vocab.get(token)} in the {model.role}")
-    return (f"{model.label} and the student ({student.label}) have different tokenizers "
-            f"({len(model_vocab)} vs {len(student_vocab)} tokens; e.g. {'; '.join(examples)}): "
-            "teacher, reference and student must share the vocabulary")
+        examples.append(
+            f"{token!r} is id {student_vocab.get(token)} in the student, {model_vocab.get(token)} in the {model.role}"
+        )
+    return (
+        f"{model.label} and the student ({student.label}) have different tokenizers "
+        f"({len(model_vocab)} vs {len(student_vocab)} tokens; e.g. {'; '.join(examples)}): "
+        "teacher, reference and student must share the vocabulary"
+    )
 
 
-def validate_scoring_config(cfg: ScoringConfig, *, student_checkpoint: str, student_layout: ParallelLayout,
-                            world_size: int) -> ScoringPlan:
+def validate_scoring_config(
+    cfg: ScoringConfig, *, student_checkpoint: str, student_layout: ParallelLayout, world_size: int
+) -> ScoringPlan:
     """Check everything a `ScoringPool` needs, without building anything; return what it will build.
 
     Checks: the config's values (`ScoringConfig.value_problems`); at least one teacher; every
@@ -245,8 +271,11 @@ def validate_scoring_config(cfg: ScoringConfig, *, student_checkpoint: str, stud
 
     for name, teacher in cfg.teachers.items():
         if teacher.lam == 1.0 and teacher.reference is not None:
-            logger.info("teacher %r has lam == 1: its reference %r drops out of the advantage and is "
-                        "not run", name, teacher.reference)
+            logger.info(
+                "teacher %r has lam == 1: its reference %r drops out of the advantage and is not run",
+                name,
+                teacher.reference,
+            )
     used = _used_references(cfg)
     models = []
     for name, role, model_cfg, layout in _configured_models(cfg, student_checkpoint, student_layout):
@@ -261,12 +290,17 @@ def validate_scoring_config(cfg: ScoringConfig, *, student_checkpoint: str, stud
     return ScoringPlan(student_checkpoint, student_layout, world_size, models)
 
 
-def _check_model(name: str, role: str, model_cfg: PoolModelConfig, layout: ParallelLayout,
-                 student: _CheckedCheckpoint, world_size: int,
-                 tokenizers: dict[str, Any]) -> tuple[Optional[ModelPlan], list[str]]:
+def _check_model(
+    name: str,
+    role: str,
+    model_cfg: PoolModelConfig,
+    layout: ParallelLayout,
+    student: _CheckedCheckpoint,
+    world_size: int,
+    tokenizers: dict[str, Any],
+) -> tuple[Optional[ModelPlan], list[str]]:
     """One model's plan (None if unusable) and its problems: files, layout, vocabulary, template."""
-    checked = _CheckedCheckpoint(role, f"{role} {name!r} ({model_cfg.checkpoint})", model_cfg.checkpoint,
-                                 tokenizers)
+    checked = _CheckedCheckpoint(role, f"{role} {name!r} ({model_cfg.checkpoint})", model_cfg.checkpoint, tokenizers)
     checked.check_layout(layout, world_size)
     vocab_problem = _vocabulary_problem(checked, student)
     if vocab_problem:
@@ -279,19 +313,28 @@ def _check_model(name: str, role: str, model_cfg: PoolModelConfig, layout: Paral
     if checked.problems:
         return None, checked.problems
     assert checked.arch is not None
-    plan = ModelPlan(name=name, role=role, checkpoint=model_cfg.checkpoint, layout=layout,
-                     dtype=model_cfg.dtype or checked.meta.get("dtype", "float32"), arch=checked.arch,
-                     tokenizer_dir=checked.tokenizer_dir, template_kwargs=dict(model_cfg.chat_template_kwargs),
-                     rerender=rerender)
+    plan = ModelPlan(
+        name=name,
+        role=role,
+        checkpoint=model_cfg.checkpoint,
+        layout=layout,
+        dtype=model_cfg.dtype or checked.meta.get("dtype", "float32"),
+        arch=checked.arch,
+        tokenizer_dir=checked.tokenizer_dir,
+        template_kwargs=dict(model_cfg.chat_template_kwargs),
+        rerender=rerender,
+    )
     return plan, []
 
 
 def _template_problems(model: _CheckedCheckpoint, template_kwargs: dict[str, Any]) -> list[str]:
     """Problems rendering prompts with `model`'s own chat template (it differs from the student's)."""
     if model.tokenizer is None:
-        return [f"{model.label} has no tokenizer files but must render prompts itself (its chat template "
-                "differs from the student's, or it sets chat_template_kwargs): copy the tokenizer into "
-                f"its {HF_SUBDIR}/ directory"]
+        return [
+            f"{model.label} has no tokenizer files but must render prompts itself (its chat template "
+            "differs from the student's, or it sets chat_template_kwargs): copy the tokenizer into "
+            f"its {HF_SUBDIR}/ directory"
+        ]
     try:
         check_template_kwargs(model.tokenizer, template_kwargs)
     except ValueError as err:

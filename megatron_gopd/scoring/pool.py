@@ -51,11 +51,23 @@ from megatron_gopd.batching import balance_by_tokens, pack_by_tokens
 from megatron_gopd.collectives import agree, all_gather_varlen, check_same_within_groups, fingerprint
 from megatron_gopd.data import render_prompt_ids
 from megatron_gopd.models import ParallelLayout
-from megatron_gopd.parallel import (GroupFactory, ModelGrid, build_grid, check_megatron_layout, replica_partition,
-                                    same_partition)
+from megatron_gopd.parallel import (
+    GroupFactory,
+    ModelGrid,
+    build_grid,
+    check_megatron_layout,
+    replica_partition,
+    same_partition,
+)
 from megatron_gopd.scoring.config import ScoringConfig, UnroutedDomainError
-from megatron_gopd.scoring.forward import (ScoredSequence, collate_forward, decode_sequences, encode_sequences,
-                                           load_pool_model, run_forward)
+from megatron_gopd.scoring.forward import (
+    ScoredSequence,
+    collate_forward,
+    decode_sequences,
+    encode_sequences,
+    load_pool_model,
+    run_forward,
+)
 from megatron_gopd.scoring.plan import ModelPlan, ScoringPlan, load_tokenizer, validate_scoring_config
 
 logger = logging.getLogger(__name__)
@@ -160,8 +172,14 @@ class ScoringPool:
     the pool's models use their own process groups and do not touch it.
     """
 
-    def __init__(self, cfg: ScoringConfig, *, student_checkpoint: str, student_layout: ParallelLayout,
-                 plan: Optional[ScoringPlan] = None) -> None:
+    def __init__(
+        self,
+        cfg: ScoringConfig,
+        *,
+        student_checkpoint: str,
+        student_layout: ParallelLayout,
+        plan: Optional[ScoringPlan] = None,
+    ) -> None:
         """Validate (or take `plan`), then build the models; nothing is built if anything is wrong.
 
         Args:
@@ -185,11 +203,13 @@ class ScoringPool:
         error: Optional[BaseException] = None
         try:
             if plan is None:
-                plan = validate_scoring_config(cfg, student_checkpoint=student_checkpoint,
-                                               student_layout=student_layout, world_size=world)
+                plan = validate_scoring_config(
+                    cfg, student_checkpoint=student_checkpoint, student_layout=student_layout, world_size=world
+                )
             else:
-                plan.check_matches(cfg, student_checkpoint=student_checkpoint, student_layout=student_layout,
-                                   world_size=world)
+                plan.check_matches(
+                    cfg, student_checkpoint=student_checkpoint, student_layout=student_layout, world_size=world
+                )
             self._student_dp_of_rank = replica_partition(student_layout, world)
             check_megatron_layout(student_layout, self._student_dp_of_rank[dist.get_rank()])
             for model_plan in plan.models:  # only those that render prompts need their tokenizer
@@ -227,8 +247,9 @@ class ScoringPool:
             self.close()
             raise
 
-    def _load(self, plan: ModelPlan, grid: ModelGrid, weights: dict[tuple[str, ParallelLayout, str], Any],
-              tokenizer: Any) -> _PoolModel:
+    def _load(
+        self, plan: ModelPlan, grid: ModelGrid, weights: dict[tuple[str, ParallelLayout, str], Any], tokenizer: Any
+    ) -> _PoolModel:
         start = time.perf_counter()
         key = (str(Path(plan.checkpoint).resolve()), plan.layout, plan.dtype)
         if key not in weights:
@@ -237,12 +258,19 @@ class ScoringPool:
                 model.to("cpu")
             weights[key] = model
         shortcut = same_partition(grid.dp_of_rank, self._student_dp_of_rank)
-        logger.info("scoring pool: loaded %s at tp=%d pp=%d ep=%d (%d replica(s)%s) in %.1fs", plan.label,
-                    plan.layout.tp, plan.layout.pp, plan.layout.ep, grid.dp_size,
-                    ", student's layout: no redistribution" if shortcut else "",
-                    time.perf_counter() - start)
-        return _PoolModel(plan, weights[key], grid, shortcut, ModelStats(grid.dp_rank, grid.dp_size, not shortcut),
-                          tokenizer)
+        logger.info(
+            "scoring pool: loaded %s at tp=%d pp=%d ep=%d (%d replica(s)%s) in %.1fs",
+            plan.label,
+            plan.layout.tp,
+            plan.layout.pp,
+            plan.layout.ep,
+            grid.dp_size,
+            ", student's layout: no redistribution" if shortcut else "",
+            time.perf_counter() - start,
+        )
+        return _PoolModel(
+            plan, weights[key], grid, shortcut, ModelStats(grid.dp_rank, grid.dp_size, not shortcut), tokenizer
+        )
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -272,7 +300,8 @@ class ScoringPool:
         except KeyError:
             raise UnroutedDomainError(
                 f"no teacher scores domain {domain!r}; routed domains: {sorted(self._routing)} (add it "
-                "to scoring.teachers.<name>.domains, or set the prompts' domain)") from None
+                "to scoring.teachers.<name>.domains, or set the prompts' domain)"
+            ) from None
 
     def score(self, requests: list[ScoreRequest], topk: int = 0) -> list[SampleScores]:
         """Teacher (and reference) log-probs of every request's response tokens (collective).
@@ -305,9 +334,14 @@ class ScoringPool:
         except Exception as err:  # noqa: BLE001 - every rank must learn of it, or the others would hang
             error = err
         signatures = agree(error, "preparing scoring requests", _request_signature(requests))
-        check_same_within_groups(signatures, self._student_leaders, lambda rank, leader: (
-            f"rank {rank} passed other requests than rank {leader} of the same student model-parallel group: "
-            "ranks holding one data-parallel shard must pass identical request lists to ScoringPool.score"))
+        check_same_within_groups(
+            signatures,
+            self._student_leaders,
+            lambda rank, leader: (
+                f"rank {rank} passed other requests than rank {leader} of the same student model-parallel group: "
+                "ranks holding one data-parallel shard must pass identical request lists to ScoringPool.score"
+            ),
+        )
 
         # Per request, [response_len, width] from its teacher and from its reference: column 0 the
         # sampled tokens' log-probs; with topk the teacher adds k top-k log-probs and k ids (as fp32,
@@ -320,11 +354,15 @@ class ScoringPool:
             indexed = inputs.get(name, [])
             if topk and not is_teacher:
                 for index, seq in indexed:
-                    seq.extra_targets = teacher_out[index][:, 1 + topk:].long().cpu()
+                    seq.extra_targets = teacher_out[index][:, 1 + topk :].long().cpu()
             start = time.perf_counter()
             with self._on_device(handle):
-                values = self._score_model(handle, [seq for _, seq in indexed], topk if is_teacher else 0,
-                                           width=1 + (2 * topk if is_teacher else topk))
+                values = self._score_model(
+                    handle,
+                    [seq for _, seq in indexed],
+                    topk if is_teacher else 0,
+                    width=1 + (2 * topk if is_teacher else topk),
+                )
             handle.stats.seconds += time.perf_counter() - start
             target = teacher_out if is_teacher else ref_out
             for (index, _), value in zip(indexed, values):
@@ -334,12 +372,17 @@ class ScoringPool:
             cfg = self.cfg.teachers[teacher]
             t_out = teacher_out[index]
             r_out = ref_out[index] if cfg.scored_reference else None
-            results.append(SampleScores(
-                teacher=teacher, lam=cfg.lam, teacher_logprobs=t_out[:, 0].contiguous(),
-                ref_logprobs=None if r_out is None else r_out[:, 0].contiguous(),
-                teacher_topk_ids=t_out[:, 1 + topk:].long() if topk else None,
-                teacher_topk_logprobs=t_out[:, 1:1 + topk].contiguous() if topk else None,
-                ref_topk_logprobs=r_out[:, 1:].contiguous() if topk and r_out is not None else None))
+            results.append(
+                SampleScores(
+                    teacher=teacher,
+                    lam=cfg.lam,
+                    teacher_logprobs=t_out[:, 0].contiguous(),
+                    ref_logprobs=None if r_out is None else r_out[:, 0].contiguous(),
+                    teacher_topk_ids=t_out[:, 1 + topk :].long() if topk else None,
+                    teacher_topk_logprobs=t_out[:, 1 : 1 + topk].contiguous() if topk else None,
+                    ref_topk_logprobs=r_out[:, 1:].contiguous() if topk and r_out is not None else None,
+                )
+            )
         return results
 
     def close(self) -> None:
@@ -363,8 +406,9 @@ class ScoringPool:
         if self._closed:
             raise RuntimeError("this ScoringPool is closed")
 
-    def _model_inputs(self, requests: list[ScoreRequest],
-                      teachers: list[str]) -> dict[str, list[tuple[int, ScoredSequence]]]:
+    def _model_inputs(
+        self, requests: list[ScoreRequest], teachers: list[str]
+    ) -> dict[str, list[tuple[int, ScoredSequence]]]:
         """Per model: (request index, its input sequence) for the requests it must score."""
         inputs: dict[str, list[tuple[int, ScoredSequence]]] = {name: [] for name in self._models}
         rendered: dict[tuple, list[int]] = {}  # (tokenizer, template kwargs, request) -> prompt ids
@@ -378,20 +422,25 @@ class ScoringPool:
                 tokens = list(prompt) + list(request.response_ids)
                 if min(tokens) < 0 or max(tokens) >= plan.arch.vocab_size:
                     bad = next(t for t in tokens if not 0 <= t < plan.arch.vocab_size)
-                    raise ValueError(f"request {index}: token id {bad} is outside the vocabulary of "
-                                     f"{plan.label} (vocab_size {plan.arch.vocab_size})")
+                    raise ValueError(
+                        f"request {index}: token id {bad} is outside the vocabulary of "
+                        f"{plan.label} (vocab_size {plan.arch.vocab_size})"
+                    )
                 inputs[name].append((index, ScoredSequence(tokens, len(prompt))))
         return inputs
 
-    def _prompt_ids(self, handle: _PoolModel, request: ScoreRequest, index: int,
-                    rendered: dict[tuple, list[int]]) -> list[int]:
+    def _prompt_ids(
+        self, handle: _PoolModel, request: ScoreRequest, index: int, rendered: dict[tuple, list[int]]
+    ) -> list[int]:
         """The prompt in the model's own chat template when it differs from the student's."""
         plan = handle.plan
         if not plan.rerender:
             return request.prompt_ids
         if request.messages is None:
-            raise ValueError(f"request {index} has no messages, but {plan.label} renders prompts with its "
-                             "own chat template: pass ScoreRequest.messages (PromptRecord.messages)")
+            raise ValueError(
+                f"request {index} has no messages, but {plan.label} renders prompts with its "
+                "own chat template: pass ScoreRequest.messages (PromptRecord.messages)"
+            )
         # Models with the same tokenizer and template variables render a prompt the same way.
         key = (plan.tokenizer_dir, tuple(sorted(plan.template_kwargs.items())), index)
         if key not in rendered:
@@ -411,8 +460,9 @@ class ScoringPool:
             handle.model.to("cpu")
             torch.cuda.empty_cache()
 
-    def _score_model(self, handle: _PoolModel, sequences: list[ScoredSequence], topk: int,
-                     width: int) -> list[torch.Tensor]:
+    def _score_model(
+        self, handle: _PoolModel, sequences: list[ScoredSequence], topk: int, width: int
+    ) -> list[torch.Tensor]:
         """``[response_len, width]`` of each of this rank's sequences under one model (collective):
         the sampled tokens' log-probs, then those of any extra targets, then `topk` top-k log-probs
         and ids (see `forward.run_forward`)."""
@@ -420,12 +470,14 @@ class ScoringPool:
             return self._score_in_place(handle, sequences, topk, width)
         return self._score_redistributed(handle, sequences, topk, width)
 
-    def _score_in_place(self, handle: _PoolModel, sequences: list[ScoredSequence], topk: int,
-                        width: int) -> list[torch.Tensor]:
+    def _score_in_place(
+        self, handle: _PoolModel, sequences: list[ScoredSequence], topk: int, width: int
+    ) -> list[torch.Tensor]:
         """Shortcut: this rank's replica is its student model-parallel group; it scores its shard."""
         grid, device = handle.grid, platform.device()
-        micro_batches = pack_by_tokens([len(s.tokens) for s in sequences], self.cfg.micro_batch_tokens,
-                                       handle.plan.layout.tp)
+        micro_batches = pack_by_tokens(
+            [len(s.tokens) for s in sequences], self.cfg.micro_batch_tokens, handle.plan.layout.tp
+        )
         # Replicas of one expert-parallel group must run as many forwards as each other (their MoE
         # all-to-alls pair up), and a model with no work anywhere is skipped by every rank.
         counts = torch.tensor([len(sequences), len(micro_batches)], dtype=torch.int64, device=device)
@@ -437,13 +489,17 @@ class ScoringPool:
             return logprobs
         # The last stage holds the results; its pipeline peers receive them.
         lengths = [s.response_len for s in sequences]
-        flat = (torch.cat(logprobs) if grid.is_last_stage and logprobs
-                else torch.empty((sum(lengths), width), dtype=torch.float32, device=device))
+        flat = (
+            torch.cat(logprobs)
+            if grid.is_last_stage and logprobs
+            else torch.empty((sum(lengths), width), dtype=torch.float32, device=device)
+        )
         dist.broadcast(flat, src=grid.last_stage_in_my_pp_group, group=grid.pg_collection.pp)
         return list(flat.split(lengths))
 
-    def _score_redistributed(self, handle: _PoolModel, sequences: list[ScoredSequence], topk: int,
-                             width: int) -> list[torch.Tensor]:
+    def _score_redistributed(
+        self, handle: _PoolModel, sequences: list[ScoredSequence], topk: int, width: int
+    ) -> list[torch.Tensor]:
         """General path: all-gather the batch, score each replica's share, all-gather the results."""
         grid, device, rank = handle.grid, platform.device(), dist.get_rank()
         # 1. One rank per student shard contributes its sequences; every rank learns the whole batch.
@@ -458,12 +514,16 @@ class ScoringPool:
         budget, multiple = self.cfg.micro_batch_tokens, handle.plan.layout.tp
         packed = [pack_by_tokens([lengths[i] for i in share], budget, multiple) for share in assignment]
         my_share = assignment[grid.dp_rank]
-        logprobs = self._forward(handle, [batch[i][2] for i in my_share], packed[grid.dp_rank],
-                                 max(len(p) for p in packed), topk)
+        logprobs = self._forward(
+            handle, [batch[i][2] for i in my_share], packed[grid.dp_rank], max(len(p) for p in packed), topk
+        )
         # 3. Each replica's writer contributes its results; every rank keeps its own shard's.
         is_writer = rank == grid.writer_of_replica[grid.dp_rank]
-        flat = (torch.cat(logprobs).view(-1) if is_writer and logprobs
-                else torch.empty(0, dtype=torch.float32, device=device))
+        flat = (
+            torch.cat(logprobs).view(-1)
+            if is_writer and logprobs
+            else torch.empty(0, dtype=torch.float32, device=device)
+        )
         gathered = all_gather_varlen(flat)
         by_source: dict[tuple[int, int], torch.Tensor] = {}
         for replica, share in enumerate(assignment):
@@ -473,8 +533,14 @@ class ScoringPool:
                 by_source[batch[i][:2]] = values
         return [by_source[(self._student_leader, i)] for i in range(len(sequences))]
 
-    def _forward(self, handle: _PoolModel, sequences: list[ScoredSequence], micro_batches: list[list[int]],
-                 min_micro_batches: int, topk: int = 0) -> list[torch.Tensor]:
+    def _forward(
+        self,
+        handle: _PoolModel,
+        sequences: list[ScoredSequence],
+        micro_batches: list[list[int]],
+        min_micro_batches: int,
+        topk: int = 0,
+    ) -> list[torch.Tensor]:
         """Run this replica's sequences forward-only (`forward.run_forward`) and count the work.
 
         `min_micro_batches` pads the schedule with one-token dummy micro-batches (expert-parallel
@@ -484,10 +550,13 @@ class ScoringPool:
         multiple = handle.plan.layout.tp
         batches = [collate_forward(sequences, indices, multiple) for indices in micro_batches]
         if handle.plan.layout.ep > 1:
-            batches += [collate_forward([ScoredSequence([0], 1)], [0], multiple, dummy=True)
-                        for _ in range(min_micro_batches - len(batches))]
-        results = run_forward(handle.model, handle.plan, handle.grid.pg_collection, sequences, batches, topk,
-                              handle.grid.is_last_stage)
+            batches += [
+                collate_forward([ScoredSequence([0], 1)], [0], multiple, dummy=True)
+                for _ in range(min_micro_batches - len(batches))
+            ]
+        results = run_forward(
+            handle.model, handle.plan, handle.grid.pg_collection, sequences, batches, topk, handle.grid.is_last_stage
+        )
         real = [b for b in batches if not b.dummy]
         stats = handle.stats
         stats.sequences += len(sequences)

@@ -34,9 +34,18 @@ def tiny_qwen3_config(**overrides):
     """
     from transformers import Qwen3Config
 
-    fields = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                  tie_word_embeddings=False, rope_theta=10000.0)
+    fields = dict(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
     fields.update(overrides)
     return Qwen3Config(**fields)
 
@@ -53,8 +62,12 @@ def _write_prompts(data_dir: Path, seed: int = 0, count: int = 64) -> None:
     with open(data_dir / "code.jsonl", "w") as f:
         for _ in range(count):
             n = rng.randint(1, 9)
-            f.write(json.dumps({"prompt": f"print {n} squared", "domain": "code",
-                                "tests": [{"input": "", "output": str(n * n)}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": f"print {n} squared", "domain": "code", "tests": [{"input": "", "output": str(n * n)}]}
+                )
+                + "\n"
+            )
 
 
 def build_tiny_assets(out_dir: str | Path = DEFAULT_DIR, seed: int = 0) -> Path:

@@ -34,9 +34,7 @@ logger = logging.getLogger(__name__)
 _MATH_SYMBOLS = "×÷−±≤≥≠≈√π∞°²³½·→∈∑∫αβθλμσ…"
 
 # Every base character, in id order: printable ASCII (space .. '~'), newline, tab, math symbols.
-_BASE_CHARS: tuple[str, ...] = (
-    tuple(chr(code) for code in range(0x20, 0x7F)) + ("\n", "\t") + tuple(_MATH_SYMBOLS)
-)
+_BASE_CHARS: tuple[str, ...] = tuple(chr(code) for code in range(0x20, 0x7F)) + ("\n", "\t") + tuple(_MATH_SYMBOLS)
 
 UNK_TOKEN = "<|unk|>"
 PAD_TOKEN = "<|endoftext|>"
@@ -96,9 +94,7 @@ def _build_backend() -> Tokenizer:
     # spaces and newlines are ordinary tokens and decoding is an exact concatenation (Fuse).
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN, fuse_unk=False))
     backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(
-        [AddedToken(tok, special=True, normalized=False) for tok in _SPECIAL_TOKENS]
-    )
+    backend.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in _SPECIAL_TOKENS])
     backend.add_tokens([AddedToken(tok, special=False, normalized=False) for tok in _THINK_TOKENS])
     return backend
 

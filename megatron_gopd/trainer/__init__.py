@@ -14,10 +14,30 @@ The package may import everything below it (rollout, scoring, loss, logprobs, ba
 models, bridge, checkpointing, platform); nothing below imports it, only `megatron_gopd.cli`.
 """
 
-from megatron_gopd.trainer.config import (LossConfig, OptimConfig, OutcomeRewardConfig, RolloutConfig, StudentConfig,
-                                          TrainConfig, TrainPlan, check_train_config, data_domains)
+from megatron_gopd.trainer.config import (
+    LossConfig,
+    OptimConfig,
+    OutcomeRewardConfig,
+    RolloutConfig,
+    StudentConfig,
+    TrainConfig,
+    TrainPlan,
+    check_train_config,
+    data_domains,
+)
 from megatron_gopd.trainer.loop import Trainer
 from megatron_gopd.trainer.objective import TrainObjective
 
-__all__ = ["LossConfig", "OptimConfig", "OutcomeRewardConfig", "RolloutConfig", "StudentConfig", "TrainConfig", "TrainPlan",
-           "TrainObjective", "Trainer", "check_train_config", "data_domains"]
+__all__ = [
+    "LossConfig",
+    "OptimConfig",
+    "OutcomeRewardConfig",
+    "RolloutConfig",
+    "StudentConfig",
+    "TrainConfig",
+    "TrainPlan",
+    "TrainObjective",
+    "Trainer",
+    "check_train_config",
+    "data_domains",
+]

@@ -41,8 +41,18 @@ class TrainCheckpointer:
         keep: how many of the newest checkpoints to keep.
     """
 
-    def __init__(self, checkpoint_dir: Path, *, model, optimizer, scheduler, sampler, student_checkpoint: str,
-                 meta: dict[str, Any], keep: int) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        *,
+        model,
+        optimizer,
+        scheduler,
+        sampler,
+        student_checkpoint: str,
+        meta: dict[str, Any],
+        keep: int,
+    ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.model = model
         self.optimizer = optimizer
@@ -57,7 +67,8 @@ class TrainCheckpointer:
         # dp_reshardable: every rank writes its own optimizer shard, no gathers; a resume may change
         # the data-parallel size but not TP/PP (the model part of the checkpoint reshards freely).
         optimizer_sd = self.optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+        )
         return {"model": model_sd, "optimizer": optimizer_sd}
 
     def save(self, step: int) -> Path:
@@ -66,8 +77,12 @@ class TrainCheckpointer:
         if target.exists():
             return target
         rng_states = all_gather_object({"torch": torch.get_rng_state(), "python": random.getstate()})
-        trainer_state = {"step": step, "scheduler": self.scheduler.state_dict(),
-                         "data": self.sampler.state_dict(), "adam_step": self._adam_step()}
+        trainer_state = {
+            "step": step,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.sampler.state_dict(),
+            "adam_step": self._adam_step(),
+        }
 
         def write_training_state(tmp: Path) -> None:
             (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
@@ -75,8 +90,13 @@ class TrainCheckpointer:
 
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         out = save_model_checkpoint(
-            self.model.module, target, hf_source_dir=Path(self.student_checkpoint) / HF_SUBDIR,
-            meta={**self.meta, "trained_steps": step}, sharded_state_dict=self._sharded_state_dict(), write_extra=write_training_state)
+            self.model.module,
+            target,
+            hf_source_dir=Path(self.student_checkpoint) / HF_SUBDIR,
+            meta={**self.meta, "trained_steps": step},
+            sharded_state_dict=self._sharded_state_dict(),
+            write_extra=write_training_state,
+        )
         logger.info("saved checkpoint %s", out)
         if rank() == 0:
             self.prune()
@@ -95,8 +115,9 @@ class TrainCheckpointer:
                     shutil.rmtree(leftover, ignore_errors=True)
                     removed.append(leftover)
         if removed:
-            logger.info("removed %d leftover(s) of interrupted saves: %s", len(removed),
-                        ", ".join(p.name for p in removed))
+            logger.info(
+                "removed %d leftover(s) of interrupted saves: %s", len(removed), ", ".join(p.name for p in removed)
+            )
         return removed
 
     def prune(self) -> None:
@@ -109,8 +130,11 @@ class TrainCheckpointer:
         """The newest complete checkpoint (temporary directories of interrupted saves are ignored)."""
         if not self.checkpoint_dir.is_dir():
             return None
-        complete = sorted(p for p in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*")
-                          if p.is_dir() and (p / TRAINER_STATE_FILE).is_file())
+        complete = sorted(
+            p
+            for p in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*")
+            if p.is_dir() and (p / TRAINER_STATE_FILE).is_file()
+        )
         return complete[-1] if complete else None
 
     def resume(self) -> int:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from megatron_gopd.checkpointing import HF_SUBDIR, read_checkpoint_meta
+from megatron_gopd.config import from_dict, to_dict
 from megatron_gopd.data import DataConfig
 from megatron_gopd.models import ModelArchitecture, ModelConfig, ParallelLayout
-from megatron_gopd.config import from_dict, to_dict
 from megatron_gopd.scoring import ScoringConfig, ScoringPlan
 
 SFT_RESPONSE_FIELD = "response"
@@ -131,8 +131,9 @@ class OptimConfig:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"optim.{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 (lr={self.lr}, "
-                             f"min_lr={self.min_lr})")
+            raise ValueError(
+                f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 (lr={self.lr}, min_lr={self.min_lr})"
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
@@ -182,8 +183,9 @@ class TrainConfig:
         if self.steps < 1 or self.prompts_per_step < 1 or self.micro_batch_tokens < 2:
             raise ValueError("steps, prompts_per_step must be >= 1 and micro_batch_tokens >= 2")
         if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1 (the newest checkpoint is always kept), got "
-                             f"{self.keep_checkpoints}")
+            raise ValueError(
+                f"keep_checkpoints must be >= 1 (the newest checkpoint is always kept), got {self.keep_checkpoints}"
+            )
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0: only at the end), got {self.save_every}")
         if self.loss.tis_cap is not None and not self.loss.tis_cap > 0:
@@ -191,28 +193,41 @@ class TrainConfig:
         if self.loss.kind == "topk" and self.loss.topk < 1:
             raise ValueError(f"loss.topk must be >= 1, got {self.loss.topk}")
         if self.loss.kind == "topk" and (self.mode == "sft" or self.reward.only):
-            raise ValueError("loss.kind=topk distils the teachers' distributions: it needs mode=gopd "
-                             "with teachers (not mode=sft or reward.only=true)")
+            raise ValueError(
+                "loss.kind=topk distils the teachers' distributions: it needs mode=gopd "
+                "with teachers (not mode=sft or reward.only=true)"
+            )
         r = self.rollout
         if r.kv_cache_gb is not None and not r.kv_cache_gb > 0:
             raise ValueError(f"rollout.kv_cache_gb must be > 0 or null, got {r.kv_cache_gb}")
         if not 0 < r.kv_cache_fraction <= 1:
             raise ValueError(f"rollout.kv_cache_fraction must be in (0, 1], got {r.kv_cache_fraction}")
         if not 0 < r.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got "
-                             f"{r.vllm_gpu_memory_utilization}")
-        biased = [f"{name}={value}" for name, value, neutral in (("temperature", r.temperature, 1.0),
-                  ("top_p", r.top_p, 1.0), ("top_k", r.top_k, 0)) if value != neutral]
+            raise ValueError(
+                f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got {r.vllm_gpu_memory_utilization}"
+            )
+        biased = [
+            f"{name}={value}"
+            for name, value, neutral in (
+                ("temperature", r.temperature, 1.0),
+                ("top_p", r.top_p, 1.0),
+                ("top_k", r.top_k, 0),
+            )
+            if value != neutral
+        ]
         if self.mode == "gopd" and biased and not r.allow_biased_sampling:
             raise ValueError(
                 f"rollout {', '.join(biased)}: training rollouts must be drawn from the student's own "
                 "distribution (temperature 1, top_p 1, top_k 0), which the G-OPD loss assumes; "
                 "truncation and temperature bias its gradient (importance weights are capped and cannot "
                 "recover tokens that are never sampled). Set rollout.allow_biased_sampling=true to "
-                "train this way anyway")
+                "train this way anyway"
+            )
         if self.mode == "gopd" and not self.reward.only and not self.scoring.teachers:
-            raise ValueError("no teachers configured (scoring.teachers); set reward.only=true to "
-                             "train on a verifier reward alone, or mode=sft for the SFT baseline")
+            raise ValueError(
+                "no teachers configured (scoring.teachers); set reward.only=true to "
+                "train on a verifier reward alone, or mode=sft for the SFT baseline"
+            )
 
     @property
     def needs_teachers(self) -> bool:
@@ -244,14 +259,23 @@ class TrainPlan:
 
     def check_matches(self, cfg: "TrainConfig", world_size: int) -> None:
         """Refuse (ValueError) a plan made for another job."""
-        if (self.world_size, self.student_checkpoint, self.layout) != (world_size, cfg.student.checkpoint,
-                                                                       cfg.student.layout):
-            raise ValueError(f"the train plan was made for {self.student_checkpoint} at {self.layout} on "
-                             f"{self.world_size} ranks, not for this job ({cfg.student.checkpoint} at "
-                             f"{cfg.student.layout} on {world_size} ranks)")
+        if (self.world_size, self.student_checkpoint, self.layout) != (
+            world_size,
+            cfg.student.checkpoint,
+            cfg.student.layout,
+        ):
+            raise ValueError(
+                f"the train plan was made for {self.student_checkpoint} at {self.layout} on "
+                f"{self.world_size} ranks, not for this job ({cfg.student.checkpoint} at "
+                f"{cfg.student.layout} on {world_size} ranks)"
+            )
         if self.scoring is not None:
-            self.scoring.check_matches(cfg.scoring, student_checkpoint=cfg.student.checkpoint,
-                                       student_layout=cfg.student.layout, world_size=world_size)
+            self.scoring.check_matches(
+                cfg.scoring,
+                student_checkpoint=cfg.student.checkpoint,
+                student_layout=cfg.student.layout,
+                world_size=world_size,
+            )
 
 
 def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
@@ -274,24 +298,27 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
 
         check_vllm_support(arch, tp=layout.tp, pp=layout.pp, where="rollout.engine=vllm")
     if world_size % (layout.tp * layout.pp):
-        raise ValueError(f"student tp x pp = {layout.tp * layout.pp} does not divide the world size "
-                         f"{world_size}")
+        raise ValueError(f"student tp x pp = {layout.tp * layout.pp} does not divide the world size {world_size}")
     dp_size = world_size // (layout.tp * layout.pp)
     if cfg.prompts_per_step % dp_size:
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the student's "
-                         f"data-parallel size {dp_size}")
+        raise ValueError(
+            f"prompts_per_step={cfg.prompts_per_step} is not divisible by the student's data-parallel size {dp_size}"
+        )
     prompt_length_limit(cfg, arch)  # raises when prompt + response cannot fit the context
     cfg.data.validate()
     if cfg.mode == "sft":
         _check_sft_responses(cfg.data)
     scoring = None
     if cfg.needs_teachers:
-        scoring = validate_scoring_config(cfg.scoring, student_checkpoint=cfg.student.checkpoint,
-                                          student_layout=layout, world_size=world_size)
+        scoring = validate_scoring_config(
+            cfg.scoring, student_checkpoint=cfg.student.checkpoint, student_layout=layout, world_size=world_size
+        )
         missing = sorted(data_domains(cfg.data) - set(cfg.scoring.routing()))
         if missing:
-            raise ValueError(f"prompt domain(s) {missing} have no teacher; the teachers cover "
-                             f"{sorted(cfg.scoring.routing())} (set scoring.teachers.<name>.domains)")
+            raise ValueError(
+                f"prompt domain(s) {missing} have no teacher; the teachers cover "
+                f"{sorted(cfg.scoring.routing())} (set scoring.teachers.<name>.domains)"
+            )
     uses_reward = cfg.mode == "gopd" and (cfg.reward.only or cfg.reward.weight != 0.0)
     if uses_reward and "code" in data_domains(cfg.data):
         from megatron_gopd.verifiers import SandboxUnavailableError, check_sandbox
@@ -301,8 +328,9 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
         except SandboxUnavailableError as err:
             raise ValueError(f"the prompts include code and the job uses a verifier reward: {err}") from err
     _check_memory_on_this_gpu(cfg, world_size)
-    return TrainPlan(world_size=world_size, student_checkpoint=cfg.student.checkpoint, arch=arch, layout=layout,
-                     scoring=scoring)
+    return TrainPlan(
+        world_size=world_size, student_checkpoint=cfg.student.checkpoint, arch=arch, layout=layout, scoring=scoring
+    )
 
 
 def _check_memory_on_this_gpu(cfg: TrainConfig, world_size: int) -> None:
@@ -318,8 +346,12 @@ def _check_memory_on_this_gpu(cfg: TrainConfig, world_size: int) -> None:
     device_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
     plan = plan_train_memory(cfg, world_size, device_gb)
     if not plan.fits:
-        raise ValueError("the job does not fit this machine's GPUs (see `gopd-train --plan`):\n" + plan.table()
-                         + "\n" + "\n".join(plan.advice()))
+        raise ValueError(
+            "the job does not fit this machine's GPUs (see `gopd-train --plan`):\n"
+            + plan.table()
+            + "\n"
+            + "\n".join(plan.advice())
+        )
 
 
 def prompt_length_limit(cfg: TrainConfig, arch: ModelArchitecture) -> int:
@@ -328,12 +360,16 @@ def prompt_length_limit(cfg: TrainConfig, arch: ModelArchitecture) -> int:
     counted, like any prompt over the limit). ValueError when the two settings overflow the context."""
     context, new_tokens = arch.max_position_embeddings, cfg.rollout.max_new_tokens if cfg.mode == "gopd" else 0
     if new_tokens >= context:
-        raise ValueError(f"rollout.max_new_tokens={new_tokens} leaves no room for a prompt in the student's "
-                         f"context of {context} tokens (max_position_embeddings)")
+        raise ValueError(
+            f"rollout.max_new_tokens={new_tokens} leaves no room for a prompt in the student's "
+            f"context of {context} tokens (max_position_embeddings)"
+        )
     limit = cfg.data.max_prompt_length
     if limit is not None and limit + new_tokens > context:
-        raise ValueError(f"data.max_prompt_length={limit} + rollout.max_new_tokens={new_tokens} exceeds the "
-                         f"student's context of {context} tokens (max_position_embeddings); lower one of them")
+        raise ValueError(
+            f"data.max_prompt_length={limit} + rollout.max_new_tokens={new_tokens} exceeds the "
+            f"student's context of {context} tokens (max_position_embeddings); lower one of them"
+        )
     return limit if limit is not None else context - new_tokens
 
 
@@ -358,10 +394,13 @@ def _check_sft_responses(data: DataConfig) -> None:
     from megatron_gopd.data import load_records
 
     for source in data.sources:
-        if not source.excluded and SFT_RESPONSE_FIELD not in load_records(source.path, source.split,
-                                                                         data.cache_dir).column_names:
-            raise ValueError(f"mode=sft trains on teacher responses, but {source.path} has no "
-                             f"{SFT_RESPONSE_FIELD!r} field")
+        if (
+            not source.excluded
+            and SFT_RESPONSE_FIELD not in load_records(source.path, source.split, data.cache_dir).column_names
+        ):
+            raise ValueError(
+                f"mode=sft trains on teacher responses, but {source.path} has no {SFT_RESPONSE_FIELD!r} field"
+            )
 
 
 def data_domains(data: DataConfig) -> set[str]:

@@ -41,10 +41,20 @@ from megatron_gopd.process import STOP_SIGNALS, protect_checkpoint_writer
 from megatron_gopd.rollout import RolloutBatch, RolloutEngine, SamplingParams, VLLMRolloutEngine, build_rollout_engine
 from megatron_gopd.scoring import ScoreRequest, ScoringPool
 from megatron_gopd.trainer.checkpoint import TrainCheckpointer
-from megatron_gopd.trainer.config import (SFT_RESPONSE_FIELD, TrainConfig, TrainPlan, check_train_config,
-                                          prompt_length_limit)
-from megatron_gopd.trainer.metrics import (MetricSums, MetricsWriter, first_with_prefix, progress_bar,
-                                           reduce_step_metrics)
+from megatron_gopd.trainer.config import (
+    SFT_RESPONSE_FIELD,
+    TrainConfig,
+    TrainPlan,
+    check_train_config,
+    prompt_length_limit,
+)
+from megatron_gopd.trainer.metrics import (
+    MetricSums,
+    MetricsWriter,
+    first_with_prefix,
+    progress_bar,
+    reduce_step_metrics,
+)
 from megatron_gopd.trainer.objective import TrainObjective
 from megatron_gopd.trainer.rewards import group_normalised_advantages, verifier_rewards
 
@@ -85,16 +95,33 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(Path(cfg.student.checkpoint) / HF_SUBDIR)
         data = dataclasses.replace(cfg.data, max_prompt_length=prompt_length_limit(cfg, self.arch))
         self.sampler = build_prompt_sampler(data, self.tokenizer)
-        self.pool = ScoringPool(cfg.scoring, student_checkpoint=cfg.student.checkpoint, student_layout=self.layout,
-                                plan=self.plan.scoring) if cfg.needs_teachers else None
+        self.pool = (
+            ScoringPool(
+                cfg.scoring,
+                student_checkpoint=cfg.student.checkpoint,
+                student_layout=self.layout,
+                plan=self.plan.scoring,
+            )
+            if cfg.needs_teachers
+            else None
+        )
         self._build_student()
         self.engine = self._build_engine() if cfg.mode == "gopd" else None
         student_meta = read_checkpoint_meta(cfg.student.checkpoint)
         self.checkpointer = TrainCheckpointer(
-            self.checkpoint_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            sampler=self.sampler, student_checkpoint=cfg.student.checkpoint, keep=cfg.keep_checkpoints,
-            meta={**student_meta, "dtype": cfg.student.dtype, "saved_layout": {
-                "tp": self.layout.tp, "pp": self.layout.pp, "ep": self.layout.ep}})
+            self.checkpoint_dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            sampler=self.sampler,
+            student_checkpoint=cfg.student.checkpoint,
+            keep=cfg.keep_checkpoints,
+            meta={
+                **student_meta,
+                "dtype": cfg.student.dtype,
+                "saved_layout": {"tp": self.layout.tp, "pp": self.layout.pp, "ep": self.layout.ep},
+            },
+        )
         if dist.get_rank() == 0:
             self.checkpointer.remove_interrupted_saves(self.output_dir)
         dist.barrier()
@@ -109,47 +136,89 @@ class Trainer:
         r, prompt = self.cfg.rollout, self.cfg.data.max_prompt_length
         if r.engine == "vllm":
             return VLLMRolloutEngine(
-                self.model.module, self.arch, Path(self.cfg.student.checkpoint) / HF_SUBDIR,
-                eos_token_ids=_eos_ids(self.tokenizer), max_batch_size=r.max_batch_size,
-                kv_cache_gb=r.kv_cache_gb, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-                enforce_eager=r.vllm_enforce_eager, sleep_between_steps=r.vllm_sleep_between_steps,
-                seed=self.cfg.seed)
+                self.model.module,
+                self.arch,
+                Path(self.cfg.student.checkpoint) / HF_SUBDIR,
+                eos_token_ids=_eos_ids(self.tokenizer),
+                max_batch_size=r.max_batch_size,
+                kv_cache_gb=r.kv_cache_gb,
+                gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                enforce_eager=r.vllm_enforce_eager,
+                sleep_between_steps=r.vllm_sleep_between_steps,
+                seed=self.cfg.seed,
+            )
         longest = min(prompt + r.max_new_tokens, self.arch.max_position_embeddings) if prompt else None
         return build_rollout_engine(
-            r.engine, self.model.module, self.arch, eos_token_ids=_eos_ids(self.tokenizer), layout=self.layout,
-            max_sequence_length=longest, kv_cache_gb=r.kv_cache_gb, kv_cache_memory_fraction=r.kv_cache_fraction,
-            max_batch_size=r.max_batch_size)
+            r.engine,
+            self.model.module,
+            self.arch,
+            eos_token_ids=_eos_ids(self.tokenizer),
+            layout=self.layout,
+            max_sequence_length=longest,
+            kv_cache_gb=r.kv_cache_gb,
+            kv_cache_memory_fraction=r.kv_cache_fraction,
+            max_batch_size=r.max_batch_size,
+        )
 
     def _build_student(self) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.cfg
-        module, _ = load_model(cfg.student.checkpoint, self.layout, dtype=cfg.student.dtype,
-                               recompute=cfg.student.recompute, calculate_per_token_loss=True)
+        module, _ = load_model(
+            cfg.student.checkpoint,
+            self.layout,
+            dtype=cfg.student.dtype,
+            recompute=cfg.student.recompute,
+            calculate_per_token_loss=True,
+        )
         # Micro-batches are packed by token count, so their shapes differ: pipeline stages must
         # exchange shapes before activations.
         module.config.variable_seq_lengths = self.layout.pp > 1
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+        )
         self.model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
         module.config.finalize_model_grads_func = finalize_model_grads
         o = cfg.optim
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                            clip_grad=o.clip_grad, bf16=cfg.student.dtype == "bfloat16",
-                            fp16=cfg.student.dtype == "float16", params_dtype=module.config.params_dtype,
-                            use_distributed_optimizer=o.use_distributed_optimizer),
-            [self.model], use_gloo_process_groups=not platform.cpu_mode())
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=cfg.student.dtype == "bfloat16",
+                fp16=cfg.student.dtype == "float16",
+                params_dtype=module.config.params_dtype,
+                use_distributed_optimizer=o.use_distributed_optimizer,
+            ),
+            [self.model],
+            use_gloo_process_groups=not platform.cpu_mode(),
+        )
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.steps, o.warmup_steps + 1),
-            lr_decay_style=o.decay, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=cfg.steps, wd_incr_style="constant")
+            self.optimizer,
+            init_lr=0.0 if o.warmup_steps else o.lr,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=max(cfg.steps, o.warmup_steps + 1),
+            lr_decay_style=o.decay,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=cfg.steps,
+            wd_incr_style="constant",
+        )
 
     def _static_memory_gb(self) -> float:
         """The most any rank holds in parameters, gradient buffers, optimizer states and pool models
@@ -158,8 +227,12 @@ class Trainer:
         tensors += [getattr(p, "main_grad", None) for p in self.model.module.parameters()]
         for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             tensors += [p for group in optimizer.optimizer.param_groups for p in group["params"]]
-            tensors += [v for state in optimizer.optimizer.state.values() for v in state.values()
-                        if torch.is_tensor(v) and v.dim() > 0]
+            tensors += [
+                v
+                for state in optimizer.optimizer.state.values()
+                for v in state.values()
+                if torch.is_tensor(v) and v.dim() > 0
+            ]
         if self.pool is not None:
             tensors += self.pool.parameter_tensors()
         largest = torch.tensor([unique_storage_bytes(tensors) / GB], dtype=torch.float64)
@@ -187,10 +260,10 @@ class Trainer:
         timings["time/rollout_s"] = time.perf_counter() - start - timings.get("time/weight_sync_s", 0.0)
 
         start = time.perf_counter()
-        rewards = (verifier_rewards(records, rollouts, self.tokenizer) if self._uses_reward
-                   else [None] * len(rollouts))
-        outcome = group_normalised_advantages([r.prompt_index for r in rollouts], rewards,
-                                              1.0 if self.cfg.reward.only else self.cfg.reward.weight)
+        rewards = verifier_rewards(records, rollouts, self.tokenizer) if self._uses_reward else [None] * len(rollouts)
+        outcome = group_normalised_advantages(
+            [r.prompt_index for r in rollouts], rewards, 1.0 if self.cfg.reward.only else self.cfg.reward.weight
+        )
         samples = self._score(records, rollouts, outcome)
         timings["time/scoring_s"] = time.perf_counter() - start
 
@@ -204,21 +277,27 @@ class Trainer:
         metrics.update(timings)
         return metrics
 
-    def _rollout_metrics(self, rollouts: RolloutBatch, rewards: list[Optional[float]]
-                         ) -> tuple[dict[str, float], float]:
+    def _rollout_metrics(
+        self, rollouts: RolloutBatch, rewards: list[Optional[float]]
+    ) -> tuple[dict[str, float], float]:
         """(response lengths, truncation and verifier reward; total response tokens), over the
         data-parallel group."""
         lengths = [len(s) for s in rollouts]
         scored = [r for r in rewards if r is not None]
         # [tokens, responses, truncated, verifier reward sum, verified responses] over the DP group
-        totals = torch.tensor([sum(lengths), len(lengths), sum(s.finish_reason == "length" for s in rollouts),
-                               sum(scored), len(scored)], dtype=torch.float64)
+        totals = torch.tensor(
+            [sum(lengths), len(lengths), sum(s.finish_reason == "length" for s in rollouts), sum(scored), len(scored)],
+            dtype=torch.float64,
+        )
         longest = torch.tensor([max(lengths, default=0)], dtype=torch.float64)
         all_reduce_dp(totals, self.dp_group)
         all_reduce_dp(longest, self.dp_group, op=dist.ReduceOp.MAX)
         count = max(totals[1].item(), 1)
-        out = {"response_length/mean": totals[0].item() / count, "response_length/max": longest.item(),
-               "response/truncated_frac": totals[2].item() / count}
+        out = {
+            "response_length/mean": totals[0].item() / count,
+            "response_length/max": longest.item(),
+            "response/truncated_frac": totals[2].item() / count,
+        }
         if self._uses_reward:
             out["reward/mean"] = totals[3].item() / max(totals[4].item(), 1)
         return out, totals[0].item()
@@ -231,9 +310,16 @@ class Trainer:
             response = self.tokenizer(str(record.extra[SFT_RESPONSE_FIELD]), add_special_tokens=False).input_ids
             response = response + [self.tokenizer.eos_token_id]
             zeros = [0.0] * len(response)
-            samples.append(TrainSample(prompt_ids=list(record.input_ids), response_ids=response,
-                                       sampler_logprobs=zeros, teacher_logprobs=zeros, ref_logprobs=None,
-                                       teacher=None))
+            samples.append(
+                TrainSample(
+                    prompt_ids=list(record.input_ids),
+                    response_ids=response,
+                    sampler_logprobs=zeros,
+                    teacher_logprobs=zeros,
+                    ref_logprobs=None,
+                    teacher=None,
+                )
+            )
         self.model.train()
         metrics = self._optimize(samples)
         metrics["time/train_s"] = time.perf_counter() - start
@@ -246,30 +332,53 @@ class Trainer:
         r = self.cfg.rollout
         # A different stream per step and data-parallel replica; reproducible across restarts.
         seed = (self.cfg.seed * 1_000_003 + step * 1009 + self.dp_rank) % (2**31 - 1)
-        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_new_tokens=r.max_new_tokens, n=r.n, seed=seed)
+        return SamplingParams(
+            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens, n=r.n, seed=seed
+        )
 
     def _score(self, records: list[PromptRecord], rollouts: RolloutBatch, outcome: list[float]) -> list[TrainSample]:
         """Teacher / reference log-probs for every rollout of this rank, with its `outcome` advantage."""
-        requests = [ScoreRequest(domain=records[s.prompt_index].domain,
-                                 prompt_ids=list(records[s.prompt_index].input_ids),
-                                 response_ids=list(s.token_ids), messages=records[s.prompt_index].messages)
-                    for s in rollouts]
+        requests = [
+            ScoreRequest(
+                domain=records[s.prompt_index].domain,
+                prompt_ids=list(records[s.prompt_index].input_ids),
+                response_ids=list(s.token_ids),
+                messages=records[s.prompt_index].messages,
+            )
+            for s in rollouts
+        ]
         scores = self.pool.score(requests, topk=self._topk) if self.pool is not None else [None] * len(requests)
         samples = []
         for request, rollout, score, adv in zip(requests, rollouts, scores, outcome):
             sampler_logp = rollout.logprobs if rollout.logprobs is not None else rollout.sampler_logprobs
             if score is None:  # outcome reward alone: no teacher, no dense reward
-                samples.append(TrainSample(prompt_ids=request.prompt_ids, response_ids=request.response_ids,
-                                           sampler_logprobs=rollout.sampler_logprobs, teacher_logprobs=sampler_logp,
-                                           ref_logprobs=None, teacher=None, outcome_advantage=adv))
+                samples.append(
+                    TrainSample(
+                        prompt_ids=request.prompt_ids,
+                        response_ids=request.response_ids,
+                        sampler_logprobs=rollout.sampler_logprobs,
+                        teacher_logprobs=sampler_logp,
+                        ref_logprobs=None,
+                        teacher=None,
+                        outcome_advantage=adv,
+                    )
+                )
                 continue
-            samples.append(TrainSample(
-                prompt_ids=request.prompt_ids, response_ids=request.response_ids,
-                sampler_logprobs=rollout.sampler_logprobs, teacher_logprobs=score.teacher_logprobs,
-                ref_logprobs=score.ref_logprobs, teacher=score.teacher, lam=score.lam, outcome_advantage=adv,
-                teacher_topk_ids=score.teacher_topk_ids, teacher_topk_logprobs=score.teacher_topk_logprobs,
-                ref_topk_logprobs=score.ref_topk_logprobs))
+            samples.append(
+                TrainSample(
+                    prompt_ids=request.prompt_ids,
+                    response_ids=request.response_ids,
+                    sampler_logprobs=rollout.sampler_logprobs,
+                    teacher_logprobs=score.teacher_logprobs,
+                    ref_logprobs=score.ref_logprobs,
+                    teacher=score.teacher,
+                    lam=score.lam,
+                    outcome_advantage=adv,
+                    teacher_topk_ids=score.teacher_topk_ids,
+                    teacher_topk_logprobs=score.teacher_topk_logprobs,
+                    ref_topk_logprobs=score.ref_topk_logprobs,
+                )
+            )
         return samples
 
     @property
@@ -314,36 +423,56 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
-            num_microbatches=len(micro_batches), seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
-            micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches), forward_only=False)
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[self.model],
+            num_microbatches=len(micro_batches),
+            seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
+            forward_only=False,
+        )
         update_ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         if self.static_gb is None:
             self.static_gb = self._static_memory_gb()
-        contributes = (parallel_state.is_pipeline_last_stage()
-                       and parallel_state.get_tensor_model_parallel_rank() == 0)
+        contributes = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
         metrics = reduce_step_metrics(collected, contributes)
-        metrics.update({"grad_norm": float(grad_norm or 0.0), "lr": self.optimizer.param_groups[0]["lr"],
-                        "update_skipped": float(not update_ok), "memory/static_gb": self.static_gb})
+        metrics.update(
+            {
+                "grad_norm": float(grad_norm or 0.0),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "update_skipped": float(not update_ok),
+                "memory/static_gb": self.static_gb,
+            }
+        )
         if torch.cuda.is_available() and not platform.cpu_mode():
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / GB
         return metrics
 
-    def _student_logprobs(self, mb: MicroBatch, output: torch.Tensor, head: Optional[OutputHead]
-                          ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def _student_logprobs(
+        self, mb: MicroBatch, output: torch.Tensor, head: Optional[OutputHead]
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The student's log-probs of the targets ``[b, s]``, entropy ``[b, s]`` and (top-k loss)
         log-probs of the teacher's top-k ids ``[b, s, k]``, from the last stage's output."""
         # The sampled token, then (top-k loss) the teacher's top-k ids: [b, s] or [b, s, 1 + k].
         targets = mb.targets if mb.topk_ids is None else torch.cat([mb.targets[..., None], mb.topk_ids], -1)
         if head is not None:  # output: the final hidden states [b, s, h]
             logp, entropy = token_logprobs_from_hidden(
-                output.transpose(0, 1), head.weight, targets.transpose(0, 1), tp_group=self.tp_group,
-                vocab_size=self.arch.vocab_size, with_entropy=True)
+                output.transpose(0, 1),
+                head.weight,
+                targets.transpose(0, 1),
+                tp_group=self.tp_group,
+                vocab_size=self.arch.vocab_size,
+                with_entropy=True,
+            )
         else:  # output: vocab-parallel logits [b, s, v/tp]
             logp, entropy = token_logprobs_from_logits(
-                output.transpose(0, 1), targets.transpose(0, 1), tp_group=self.tp_group,
-                vocab_size=self.arch.vocab_size, with_entropy=True)
+                output.transpose(0, 1),
+                targets.transpose(0, 1),
+                tp_group=self.tp_group,
+                vocab_size=self.arch.vocab_size,
+                with_entropy=True,
+            )
         logp, entropy = logp.transpose(0, 1), entropy.t()  # [b, s(, 1 + k)], [b, s]
         if mb.topk_ids is None:
             return logp, entropy, None
@@ -375,8 +504,10 @@ class Trainer:
                 if done or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                     self.save_checkpoint(step + 1)
                 if stop and not done:
-                    logger.warning("stop signal received: checkpointed step %d and stopping; run the same "
-                                   "command again to resume", step + 1)
+                    logger.warning(
+                        "stop signal received: checkpointed step %d and stopping; run the same command again to resume",
+                        step + 1,
+                    )
                     return
         finally:
             progress.close()
@@ -417,8 +548,9 @@ class Trainer:
         from megatron_gopd.bridge.convert import write_hf_directory
 
         out = self.output_dir / "hf"
-        write_hf_directory(self.model.module, self.arch, out, Path(self.cfg.student.checkpoint) / HF_SUBDIR,
-                           replace=True)
+        write_hf_directory(
+            self.model.module, self.arch, out, Path(self.cfg.student.checkpoint) / HF_SUBDIR, replace=True
+        )
         logger.info("exported the student to %s", out)
 
     def close(self) -> None:
@@ -432,4 +564,3 @@ class Trainer:
 def _eos_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     return sorted(i for i in ids if i is not None)
-

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_gopd import platform
 from megatron_gopd.planner import GB, MemoryPlan, PlannedModel, dense_dtype, load_architecture, plan_memory
 from megatron_gopd.scoring.plan import planned_models
 from megatron_gopd.trainer.config import TrainConfig
@@ -14,12 +13,18 @@ ASSUMED_PROMPT_TOKENS = 1024
 
 
 def attention_kind() -> str:
-    """How the layer spec this machine builds computes attention (see `planner.AttentionKind`)."""
-    return "sdpa" if platform.have_transformer_engine() else "local"
+    """How the layer spec computes attention (see `planner.AttentionKind`): fused kernels everywhere
+    (Transformer Engine's where it imports, torch's scaled_dot_product_attention otherwise)."""
+    return "sdpa"
 
 
-def plan_train_memory(cfg: TrainConfig, world_size: int, device_gb: float, shapes_dir: Optional[str] = None,
-                      attention: Optional[str] = None) -> MemoryPlan:
+def plan_train_memory(
+    cfg: TrainConfig,
+    world_size: int,
+    device_gb: float,
+    shapes_dir: Optional[str] = None,
+    attention: Optional[str] = None,
+) -> MemoryPlan:
     """The per-rank memory plan of `cfg` on `world_size` GPUs of `device_gb` GB each.
 
     Architectures come from the checkpoints' ``hf/config.json`` or, for a job planned away from its
@@ -31,20 +36,30 @@ def plan_train_memory(cfg: TrainConfig, world_size: int, device_gb: float, shape
     if cfg.needs_teachers:
         for name, role, model_cfg, layout in planned_models(cfg.scoring, cfg.student.checkpoint, cfg.student.layout):
             arch = load_architecture(model_cfg.checkpoint, shapes_dir)
-            dtype = cfg.student.dtype if model_cfg.checkpoint == cfg.student.checkpoint and model_cfg.dtype is None \
+            dtype = (
+                cfg.student.dtype
+                if model_cfg.checkpoint == cfg.student.checkpoint and model_cfg.dtype is None
                 else dense_dtype(model_cfg.dtype, arch)
+            )
             pool.append(PlannedModel(f"{role} {name}", arch, layout, dtype))
     prompt = cfg.data.max_prompt_length
     plan = plan_memory(
-        student=student, pool=pool, world_size=world_size, device_bytes=device_gb * GB,
+        student=student,
+        pool=pool,
+        world_size=world_size,
+        device_bytes=device_gb * GB,
         sample_tokens=(prompt or ASSUMED_PROMPT_TOKENS) + cfg.rollout.max_new_tokens,
-        micro_batch_tokens=cfg.micro_batch_tokens, scoring_micro_batch_tokens=cfg.scoring.micro_batch_tokens,
-        recompute=cfg.student.recompute, distributed_optimizer=cfg.optim.use_distributed_optimizer,
+        micro_batch_tokens=cfg.micro_batch_tokens,
+        scoring_micro_batch_tokens=cfg.scoring.micro_batch_tokens,
+        recompute=cfg.student.recompute,
+        distributed_optimizer=cfg.optim.use_distributed_optimizer,
         offload_pool=cfg.scoring.offload_to_cpu,
         kv_cache_bytes=None if cfg.rollout.kv_cache_gb is None else cfg.rollout.kv_cache_gb * GB,
-        kv_cache_fraction=cfg.rollout.kv_cache_fraction, attention=attention or attention_kind(),
+        kv_cache_fraction=cfg.rollout.kv_cache_fraction,
+        attention=attention or attention_kind(),
         logprobs_from_hidden=cfg.loss.logprobs_from_hidden,
-        topk=min(cfg.loss.topk, s_arch.vocab_size) if cfg.loss.kind == "topk" else 0)
+        topk=min(cfg.loss.topk, s_arch.vocab_size) if cfg.loss.kind == "topk" else 0,
+    )
     if prompt is None:
         plan.notes.append(f"data.max_prompt_length is not set: prompts assumed <= {ASSUMED_PROMPT_TOKENS} tokens")
     return plan

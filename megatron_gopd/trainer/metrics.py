@@ -56,8 +56,9 @@ class MetricSums:
             self.add_sum(name, value)
 
 
-def reduce_step_metrics(collected: Iterable[MetricSums], contributes: bool,
-                        group: Optional[dist.ProcessGroup] = None) -> dict[str, float]:
+def reduce_step_metrics(
+    collected: Iterable[MetricSums], contributes: bool, group: Optional[dist.ProcessGroup] = None
+) -> dict[str, float]:
     """The step's metrics, identical on every rank of `group` (collective; default: the world).
 
     Only ranks with `contributes` add their `collected` sums (one rank per model replica: the last
@@ -129,8 +130,9 @@ class MetricsWriter:
                 if number == len(lines):
                     logger.warning("%s: dropping its torn last line (written when the run was killed)", self.path)
                     break
-                raise ValueError(f"{self.path}, line {number}: not a metrics record ({err}); fix or remove the "
-                                 "line to resume") from err
+                raise ValueError(
+                    f"{self.path}, line {number}: not a metrics record ({err}); fix or remove the line to resume"
+                ) from err
         return out
 
     def write(self, metrics: dict[str, Any]) -> None:
@@ -156,8 +158,7 @@ def progress_bar(total: int, initial: int, enabled: bool):
     """A tqdm bar over the run's steps (disabled on every rank but the one that logs)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="gopd-train", unit="step",
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="gopd-train", unit="step", dynamic_ncols=True)
 
 
 def first_with_prefix(metrics: Mapping[str, float], prefix: str) -> str:

@@ -16,8 +16,14 @@ from typing import Optional
 import torch
 
 from megatron_gopd.batching import MicroBatch
-from megatron_gopd.loss import (aggregate_loss, gopd_advantages_detailed, loss_normaliser, masked_mean, policy_loss,
-                                topk_reverse_kl)
+from megatron_gopd.loss import (
+    aggregate_loss,
+    gopd_advantages_detailed,
+    loss_normaliser,
+    masked_mean,
+    policy_loss,
+    topk_reverse_kl,
+)
 from megatron_gopd.trainer.config import LossConfig
 from megatron_gopd.trainer.metrics import MetricSums
 
@@ -69,8 +75,9 @@ class TrainObjective:
         self.mode = mode
         self.uses_reward = uses_reward
 
-    def __call__(self, mb: MicroBatch, logp: torch.Tensor, entropy: torch.Tensor,
-                 student_topk: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, MetricSums]:
+    def __call__(
+        self, mb: MicroBatch, logp: torch.Tensor, entropy: torch.Tensor, student_topk: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, MetricSums]:
         """(loss, normaliser, metrics) of one micro-batch.
 
         Args:
@@ -104,21 +111,27 @@ class TrainObjective:
         for group in teacher_row_groups(mb):
             rows = group.rows
             mask = mb.loss_mask[rows]
-            detail = gopd_advantages_detailed(student_logp[rows], mb.teacher_logprobs[rows],
-                                              mb.ref_logprobs[rows] if group.has_reference else None, group.lam)
+            detail = gopd_advantages_detailed(
+                student_logp[rows],
+                mb.teacher_logprobs[rows],
+                mb.ref_logprobs[rows] if group.has_reference else None,
+                group.lam,
+            )
             advantages[rows] = detail.advantages
             tokens = mask.sum()
             metrics.add_mean(f"reverse_kl/{group.teacher}", masked_mean(detail.reverse_kl, mask) * tokens, tokens)
             if detail.implicit_reward is not None:
-                metrics.add_mean(f"implicit_reward/{group.teacher}",
-                                 masked_mean(detail.implicit_reward, mask) * tokens, tokens)
+                metrics.add_mean(
+                    f"implicit_reward/{group.teacher}", masked_mean(detail.implicit_reward, mask) * tokens, tokens
+                )
             clamped = clamped + (detail.teacher_clamped & mask.bool()).sum()
         metrics.add_sum("teacher_clamped", clamped)
         advantages = advantages + mb.outcome_advantage
         return advantages * mb.loss_mask
 
-    def _topk_loss(self, mb: MicroBatch, logp: torch.Tensor, student_topk: torch.Tensor,
-                   metrics: MetricSums) -> torch.Tensor:
+    def _topk_loss(
+        self, mb: MicroBatch, logp: torch.Tensor, student_topk: torch.Tensor, metrics: MetricSums
+    ) -> torch.Tensor:
         """Top-k reverse KL to each row's G-OPD target, plus the policy-gradient outcome term.
 
         The sampled-token advantages are still computed for their metrics (reverse KL to the
@@ -128,26 +141,36 @@ class TrainObjective:
         target_kl = torch.zeros_like(logp)  # [b, s]
         for group in teacher_row_groups(mb):
             rows = group.rows
-            target_kl[rows] = topk_reverse_kl(student_topk[rows], mb.teacher_topk_logprobs[rows],
-                                              mb.ref_topk_logprobs[rows] if group.has_reference else None, group.lam)
+            target_kl[rows] = topk_reverse_kl(
+                student_topk[rows],
+                mb.teacher_topk_logprobs[rows],
+                mb.ref_topk_logprobs[rows] if group.has_reference else None,
+                group.lam,
+            )
             mask = mb.loss_mask[rows]
             tokens = mask.sum()
-            metrics.add_mean(f"target_kl/{group.teacher}", masked_mean(target_kl[rows].detach(), mask) * tokens,
-                             tokens)
+            metrics.add_mean(f"target_kl/{group.teacher}", masked_mean(target_kl[rows].detach(), mask) * tokens, tokens)
         loss = aggregate_loss(target_kl, mb.loss_mask, self.loss.agg, num_tokens=1)
         if self.uses_reward:  # the verifier's group-normalised reward, by policy gradient
             loss = loss + self._policy_gradient(mb, logp, mb.outcome_advantage * mb.loss_mask, metrics)
         return loss
 
-    def _policy_gradient(self, mb: MicroBatch, logp: torch.Tensor, advantages: torch.Tensor,
-                         metrics: MetricSums) -> torch.Tensor:
+    def _policy_gradient(
+        self, mb: MicroBatch, logp: torch.Tensor, advantages: torch.Tensor, metrics: MetricSums
+    ) -> torch.Tensor:
         """`policy_loss` on `advantages` ``[b, s]``, importance-weighted against the sampler's
         log-probs unless ``loss.tis_cap`` is None (no correction: every weight is 1)."""
         correct = self.loss.tis_cap is not None
-        loss, loss_metrics = policy_loss(logp, advantages, mb.loss_mask,
-                                         sampler_logp=mb.sampler_logprobs if correct else None,
-                                         tis_cap=self.loss.tis_cap, clip_eps=self.loss.clip_eps,
-                                         agg=self.loss.agg, num_tokens=1)
+        loss, loss_metrics = policy_loss(
+            logp,
+            advantages,
+            mb.loss_mask,
+            sampler_logp=mb.sampler_logprobs if correct else None,
+            tis_cap=self.loss.tis_cap,
+            clip_eps=self.loss.clip_eps,
+            agg=self.loss.agg,
+            num_tokens=1,
+        )
         if not correct:  # the engine-vs-trainer gap is worth watching even when not corrected for
             gap = (logp.detach().float() - mb.sampler_logprobs).abs()
             loss_metrics["sampler_logp_abs_diff"] = masked_mean(gap, mb.loss_mask)

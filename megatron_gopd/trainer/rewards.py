@@ -9,8 +9,9 @@ from megatron_gopd.data import PromptRecord
 from megatron_gopd.rollout import RolloutBatch
 
 
-def verifier_rewards(records: Sequence[PromptRecord], rollouts: RolloutBatch, tokenizer,
-                     max_workers: int = 2) -> list[Optional[float]]:
+def verifier_rewards(
+    records: Sequence[PromptRecord], rollouts: RolloutBatch, tokenizer, max_workers: int = 2
+) -> list[Optional[float]]:
     """Each rollout's verifier reward (scored in parallel); None for truncated responses, whose
     answer is incomplete."""
     from megatron_gopd.verifiers import score_batch
@@ -24,8 +25,9 @@ def verifier_rewards(records: Sequence[PromptRecord], rollouts: RolloutBatch, to
     return rewards
 
 
-def group_normalised_advantages(prompt_indices: Sequence[int], rewards: Sequence[Optional[float]],
-                                weight: float) -> list[float]:
+def group_normalised_advantages(
+    prompt_indices: Sequence[int], rewards: Sequence[Optional[float]], weight: float
+) -> list[float]:
     """``weight * (reward - group mean) / (group std + 1e-6)`` over each prompt's group of responses.
 
     Responses without a reward (truncated) are left out of the group statistics and get 0, as does

@@ -57,9 +57,7 @@ def compare(pred: str, gold: str, op_timeout_s: int) -> dict[str, str]:
         if not pred_parsed:
             return {"status": _NO_ANSWER, "detail": "extracted answer could not be parsed"}
         # verify() is not symmetric: the gold answer goes first.
-        same = verify(
-            gold_parsed, pred_parsed, timeout_seconds=op_timeout_s, raise_on_error=True
-        )
+        same = verify(gold_parsed, pred_parsed, timeout_seconds=op_timeout_s, raise_on_error=True)
     except TimeoutException:  # a BaseException subclass in math-verify
         return {"status": _TIMEOUT, "detail": "math-verify timed out"}
     except MemoryError:

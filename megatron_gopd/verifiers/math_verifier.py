@@ -217,9 +217,7 @@ class _MathWorker:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": "C.UTF-8",
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (package_root, os.environ.get("PYTHONPATH")) if p
-            ),
+            "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
         }
         self.proc = subprocess.Popen(
             [
@@ -240,8 +238,7 @@ class _MathWorker:
         except WorkerTimeout:
             self.kill()
             raise RuntimeError(
-                f"math worker did not start within {config.startup_timeout_s}s "
-                "(is math-verify installed?)"
+                f"math worker did not start within {config.startup_timeout_s}s (is math-verify installed?)"
             ) from None
         except BaseException:
             self.kill()
@@ -330,7 +327,9 @@ class MathVerifier:
             return VerifierResult.make(NO_ANSWER, self.name, detail="no final answer found")
         if len(found.text) > self.config.max_answer_chars:
             return VerifierResult.make(
-                NO_ANSWER, self.name, found.text[:100],
+                NO_ANSWER,
+                self.name,
+                found.text[:100],
                 f"answer longer than {self.config.max_answer_chars} characters",
             )
         reply = self._compare(found.text, reference)

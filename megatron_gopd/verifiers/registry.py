@@ -86,9 +86,7 @@ class VerifierRegistry:
                 )
             name = self._domains[domain]
         if name not in self._verifiers:
-            raise UnknownVerifierError(
-                f"unknown verifier {name!r}; known verifiers: {', '.join(self.names())}"
-            )
+            raise UnknownVerifierError(f"unknown verifier {name!r}; known verifiers: {', '.join(self.names())}")
         return self._verifiers[name]
 
     def score(self, sample: Mapping[str, Any], response: str) -> VerifierResult:

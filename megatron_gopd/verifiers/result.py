@@ -46,9 +46,7 @@ class VerifierResult:
         return self.status == CORRECT
 
     @classmethod
-    def make(
-        cls, status: str, verifier: str, extracted: Optional[str] = None, detail: str = ""
-    ) -> "VerifierResult":
+    def make(cls, status: str, verifier: str, extracted: Optional[str] = None, detail: str = "") -> "VerifierResult":
         """Build a result whose reward follows from its status (1.0 iff correct)."""
         return cls(
             reward=1.0 if status == CORRECT else 0.0,
