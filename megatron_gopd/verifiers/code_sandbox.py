@@ -57,17 +57,14 @@ and kernel bugs (there is no seccomp filter). For hostile code at scale use a VM
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import logging
 import os
-import pwd
 import secrets
 import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -75,7 +72,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Optional
+
+from megatron_gopd.verifiers.sandbox_cleanup import _remove_tree
+from megatron_gopd.verifiers.sandbox_identity import _kill_user_processes, _run_identity, _user_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -521,99 +521,6 @@ def _kill_process_group(pgid: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Removing what a run left (any depth, any permissions, never following links)
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete ``path`` and everything below it; logs instead of raising."""
-    try:
-        _remove_tree_iteratively(str(path))
-    except OSError as exc:
-        logger.warning("could not remove sandbox directory %s: %s", path, exc)
-
-
-def _remove_tree_iteratively(top: str) -> None:
-    """Depth-first removal with an explicit stack and one directory open at a time.
-
-    Recursion (``shutil.rmtree`` in Python 3.11) fails on a program's 3,000-level tree, and an fd
-    per level would run out of descriptors. Going back up through ``..`` is checked against the
-    device and inode recorded on the way down, so a directory moved away meanwhile (by a program
-    still running in "rlimits" mode) stops the removal instead of steering it outside ``top``.
-    """
-    parent_fd = os.open(os.path.dirname(top), _DIR_FLAGS)
-    try:
-        try:
-            current = _open_dir(os.path.basename(top), parent_fd)
-        except FileNotFoundError:
-            return
-        # One entry per level: (device and inode of the directory, subdirectories left, its name).
-        levels = [(_identity(current), _remove_files(current), os.path.basename(top))]
-        try:
-            while levels:
-                _, subdirs, name = levels[-1]
-                if subdirs:
-                    child_name = subdirs.pop()
-                    try:
-                        child = _open_dir(child_name, current)
-                    except FileNotFoundError:
-                        continue
-                    os.close(current)
-                    current = child
-                    levels.append((_identity(current), _remove_files(current), child_name))
-                    continue
-                levels.pop()
-                if not levels:
-                    break
-                up = os.open("..", _DIR_FLAGS, dir_fd=current)
-                os.close(current)
-                current = up
-                if _identity(current) != levels[-1][0]:
-                    raise OSError(f"a directory under {top} was moved while it was being removed")
-                os.rmdir(name, dir_fd=current)
-        finally:
-            os.close(current)
-        os.rmdir(os.path.basename(top), dir_fd=parent_fd)
-    finally:
-        os.close(parent_fd)
-
-
-def _identity(fd: int) -> tuple[int, int]:
-    info = os.fstat(fd)
-    return info.st_dev, info.st_ino
-
-
-def _open_dir(name: str, dir_fd: int) -> int:
-    """Open directory ``name`` in ``dir_fd`` without following links, making it readable if needed."""
-    try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except PermissionError:  # a program running as our uid chmod-ed it 000
-        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            if stat.S_ISDIR(os.fstat(handle).st_mode):
-                os.chmod(f"/proc/self/fd/{handle}", stat.S_IRWXU)
-        finally:
-            os.close(handle)
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-
-
-def _remove_files(dir_fd: int) -> list[str]:
-    """Unlink everything but subdirectories in ``dir_fd``; return the subdirectories' names."""
-    with contextlib.suppress(OSError):
-        os.fchmod(dir_fd, stat.S_IRWXU)  # a read-only directory keeps its entries
-    subdirs = []
-    with os.scandir(dir_fd) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                subdirs.append(entry.name)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.name, dir_fd=dir_fd)
-    return subdirs
-
-
-# ----------------------------------------------------------------------------------------------
 # The interpreter, checked once per process
 
 
@@ -657,125 +564,6 @@ def _probe_interpreter(config: SandboxConfig) -> str:
         f"code sandbox unavailable: no interpreter works in it ({reasons}); "
         "set SandboxConfig.python_executable to one outside private directories"
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Who runs the candidate
-
-
-@contextlib.contextmanager
-def _run_identity(config: SandboxConfig) -> Iterator[Optional[int]]:
-    """Yield the uid to run as: a leased unprivileged uid when root, else None (keep ours)."""
-    if os.geteuid() != 0:
-        yield None
-        return
-    if not config.drop_privileges:
-        _warn_once("sandboxed code runs as root: RLIMIT_NPROC is ignored, limits can be raised")
-        yield None
-        return
-    with _lease_uid(config) as uid:
-        yield uid
-
-
-@contextlib.contextmanager
-def _lease_uid(config: SandboxConfig) -> Iterator[int]:
-    """Lease a free uid from the pool, exclusive across threads and processes (flock)."""
-    lock_dir = _lock_dir()
-    offset = (os.getpid() * 7 + threading.get_ident()) % config.sandbox_uid_count
-    for k in range(config.sandbox_uid_count):
-        uid = config.sandbox_uid_base + (offset + k) % config.sandbox_uid_count
-        if _uid_has_account(uid):
-            continue
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(lock_dir / f"{uid}.lock", flags, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            _kill_user_processes(uid)  # leftovers of a run whose parent crashed
-            if _user_processes(uid):  # unreaped zombies still count against RLIMIT_NPROC
-                continue
-            yield uid
-            return
-        finally:
-            os.close(fd)  # releases the lock
-    raise RuntimeError(
-        f"no free sandbox uid in {config.sandbox_uid_base}..+{config.sandbox_uid_count} "
-        "(too many concurrent runs, or leftover processes); raise SandboxConfig.sandbox_uid_count"
-    )
-
-
-def _lock_dir() -> Path:
-    """A root-only directory for the uid lock files; refuses one a sandboxed user could control."""
-    path = Path(tempfile.gettempdir()) / "gopd-sandbox-uids"
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
-        raise RuntimeError(f"{path} must be a directory owned by uid {os.geteuid()} with mode 0700")
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def _uid_has_account(uid: int) -> bool:
-    # Never borrow a real account's uid: we kill every process of the uid we use.
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes of a uid (from /proc)
-
-
-def _user_processes(uid: int) -> list[tuple[int, str, int]]:
-    """(pid, state letter, thread count) of every process whose real uid is ``uid``."""
-    found = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/status", encoding="utf-8") as f:
-                    fields = dict(line.split(":", 1) for line in f if ":" in line)
-            except OSError:  # exited while we looked
-                continue
-            if int(fields.get("Uid", "-1 0").split()[0]) == uid:
-                state = fields.get("State", "?").strip()[:1]
-                found.append((int(entry.name), state, int(fields.get("Threads", "1").strip())))
-    return found
-
-
-def _user_tasks(uid: int) -> int:
-    """Tasks (threads) of ``uid``: what RLIMIT_NPROC compares against."""
-    return sum(threads for _, state, threads in _user_processes(uid) if state != "Z")
-
-
-def _kill_user_processes(uid: int, rounds: int = 200) -> None:
-    """SIGKILL every live process of ``uid`` (never ours: the uid comes from the sandbox pool)."""
-    assert uid not in (0, os.getuid(), os.geteuid()), "refusing to kill our own uid's processes"
-    for _ in range(rounds):
-        live = [pid for pid, state, _ in _user_processes(uid) if state not in ("Z", "X")]
-        if not live:
-            return
-        for pid in live:  # rescanning catches children forked while we killed
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.005)
-    logger.warning("processes of sandbox uid %d survived %d kill rounds", uid, rounds)
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
 
 
 __all__ = [
