@@ -34,7 +34,8 @@ from tests.test_rollout import (
     SAMPLED,
     _batch_dict,
     _expect_value_error,
-    hf_model,  # noqa: F401 - fixtures
+    hf_model,  # noqa: F401 - fixture
+    prompts,  # noqa: F401 - fixture
 )
 
 TINY_LLAMA = dict(

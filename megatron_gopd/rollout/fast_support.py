@@ -84,20 +84,28 @@ def _layer_spec_reason(gpt) -> Optional[str]:
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    from megatron_gopd.models.attention import SDPAttention
+
     for index, layer in enumerate(gpt.decoder.layers):
         attention = getattr(layer, "self_attention", None)
         mlp = getattr(layer, "mlp", None)
         parts = {
             "self_attention.linear_qkv": (getattr(attention, "linear_qkv", None), ColumnParallelLinear),
             "self_attention.linear_proj": (getattr(attention, "linear_proj", None), RowParallelLinear),
-            "self_attention.core_attention": (getattr(attention, "core_attention", None), DotProductAttention),
+            # the fast forward computes attention itself: either of the local spec's core modules
+            "self_attention.core_attention": (
+                getattr(attention, "core_attention", None),
+                (DotProductAttention, SDPAttention),
+            ),
             "mlp.linear_fc1": (getattr(mlp, "linear_fc1", None), ColumnParallelLinear),
             "mlp.linear_fc2": (getattr(mlp, "linear_fc2", None), RowParallelLinear),
         }
-        for name, (module, kind) in parts.items():
-            if type(module) is not kind:
+        for name, (module, kinds) in parts.items():
+            kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+            if type(module) not in kinds:
+                expected = " or ".join(k.__name__ for k in kinds)
                 return (
-                    f"layer {index} {name} is {type(module).__name__}, not Megatron's local {kind.__name__} "
+                    f"layer {index} {name} is {type(module).__name__}, not the local spec's {expected} "
                     "(Transformer Engine layer spec?); only the local spec is supported"
                 )
         for name in ("input_layernorm", "pre_mlp_layernorm"):
