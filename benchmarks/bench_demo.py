@@ -32,7 +32,7 @@ def launch_baseline(out: Path, nproc: int, repeats: int = 3) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "megatron_gopd.cli", "gopd-eval", "--model", str(out / "init" / "hf"),
-                        "--data", str(out / "data" / "eval.jsonl"), "--k", "1", "--max-prompts", "2",
+                        "--data", str(out / "data" / "val.jsonl"), "--k", "1", "--max-prompts", "2",
                         "--max-new-tokens", "1", "--nproc", str(nproc), "--log-level", "WARNING"],
                        cwd=REPO, check=True, capture_output=True)
         times.append(time.perf_counter() - start)

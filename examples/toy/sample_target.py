@@ -8,8 +8,9 @@ students do not get to q) from a task problem (q is no better than the teacher):
     python examples/toy/sample_target.py --out outputs/demo --lams 1 1.25 1.5 2
 
 Uses the demo's HF exports (``<out>/base/hf``, ``<out>/teacher/hf``) with `transformers` and a KV
-cache per model, the held-out prompts ``<out>/data/eval.jsonl`` rendered as training rendered them
-(no thinking block), temperature 1, and the verifier `gopd-eval` uses (each record's fields
+cache per model, the prompts of ``<out>/data/<split>.jsonl`` (``--split``; default the validation
+split: this is a diagnostic for choosing a recipe, so it stays off the test split) rendered as
+training rendered them (no thinking block), temperature 1, and the verifier `gopd-eval` uses (each record's fields
 through `megatron_gopd.verifiers`). Prints avg@k per lam.
 """
 
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=8, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=["val", "test"], default="val",
+                        help="prompts to sample (default val: recipe choices are made there)")
     args = parser.parse_args(argv)
     for name in ("base", "teacher"):
         if not (args.out / name / "hf" / "config.json").is_file():
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
 
     registry = default_registry()
     tokenizer, models = load(args.out)
-    rows = [json.loads(line) for line in (args.out / "data" / "eval.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (args.out / "data" / f"{args.split}.jsonl").read_text().splitlines()]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
                                              add_generation_prompt=True, enable_thinking=False) for r in rows]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
         return 2
     prompt_ids = torch.tensor(encoded).repeat_interleave(args.k, dim=0)
     fields = [r for r in rows for _ in range(args.k)]
-    print(f"{len(rows)} prompts x {args.k} samples, temperature 1", flush=True)
+    print(f"{len(rows)} {args.split} prompts x {args.k} samples, temperature 1", flush=True)
     for lam in args.lams:
         generator = torch.Generator().manual_seed(args.seed)
         tokens = sample_target(models, prompt_ids, lam, args.max_new_tokens, tokenizer.eos_token_id, generator)
