@@ -1,7 +1,7 @@
 """The demo's results: the tables (printed, ``results.md``, ``results.json``) and the plots.
 
 Accuracy is avg@k at temperature 1 on the test split (reported only) and on the validation split
-(where every recipe choice is made). A model trained once per student seed has one value per seed.
+(where every recipe choice is made). A student has one value per training seed.
 
 Comparisons ("ExOPD - teacher", "ExOPD - OPD", ...) are differences in avg@k points, paired by
 seed (the teacher, base and ExPO are trained once, so each student seed is paired with them; an
