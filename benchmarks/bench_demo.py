@@ -40,7 +40,7 @@ def launch_baseline(out: Path, nproc: int, repeats: int = 3) -> float:
                 "--model",
                 str(out / "init" / "hf"),
                 "--data",
-                str(out / "data" / "eval.jsonl"),
+                str(out / "data" / "val.jsonl"),
                 "--k",
                 "1",
                 "--max-prompts",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the tiny models, converted checkpoints and prompts used by examples/configs/*tiny*.yaml.
 
-    python examples/toy/make_tiny_assets.py [--out outputs/tiny_assets]
+python examples/toy/make_tiny_assets.py [--out outputs/tiny_assets]
 """
 
 import argparse

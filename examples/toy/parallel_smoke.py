@@ -23,9 +23,19 @@ from megatron_gopd.models import ModelArchitecture, ParallelLayout, build_gpt_mo
 logger = logging.getLogger("megatron_gopd.demo")
 
 TINY_QWEN3 = dict(
-    architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=128, intermediate_size=256,
-    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1000,
-    max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
+    architectures=["Qwen3ForCausalLM"],
+    model_type="qwen3",
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=1000,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    tie_word_embeddings=True,
 )
 
 
@@ -46,8 +56,13 @@ def logits_of(model, tokens: torch.Tensor, vocab_size: int):
 
     get_forward_backward_func()(
         forward_step_func=lambda _it, m: (m(tokens, positions, None), loss_func),
-        data_iterator=iter([None]), model=[model], num_microbatches=1,
-        seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=False)
+        data_iterator=iter([None]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=False,
+    )
     return out.get("logits") if parallel_state.is_pipeline_last_stage() else None
 
 
@@ -83,8 +98,13 @@ def main() -> None:
             diff[0] = (logits - reference_logits).abs().max().nan_to_num(nan=float("inf"))
         torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
         worst = max(worst, diff.item())
-        logger.info("TP=%d PP=%d: forward+backward in %.2fs, max |logit - reference| = %.2e",
-                    tp, pp, time.perf_counter() - start, diff.item())
+        logger.info(
+            "TP=%d PP=%d: forward+backward in %.2fs, max |logit - reference| = %.2e",
+            tp,
+            pp,
+            time.perf_counter() - start,
+            diff.item(),
+        )
     if env.rank == 0:
         verdict = "OK" if worst < 1e-5 else "MISMATCH"
         print(f"\nparallel smoke test: {verdict} (max logit difference {worst:.2e} over TP and PP layouts)")

@@ -8,8 +8,9 @@ students do not get to q) from a task problem (q is no better than the teacher):
     python examples/toy/sample_target.py --out outputs/demo --lams 1 1.25 1.5 2
 
 Uses the demo's HF exports (``<out>/base/hf``, ``<out>/teacher/hf``) with `transformers` and a KV
-cache per model, the held-out prompts ``<out>/data/eval.jsonl`` rendered as training rendered them
-(no thinking block), temperature 1, and the verifier `gopd-eval` uses (each record's fields
+cache per model, the prompts of ``<out>/data/<split>.jsonl`` (``--split``; default the validation
+split: this is a diagnostic for choosing a recipe, so it stays off the test split) rendered as
+training rendered them (no thinking block), temperature 1, and the verifier `gopd-eval` uses (each record's fields
 through `megatron_gopd.verifiers`). Prints avg@k per lam.
 """
 
@@ -27,14 +28,17 @@ def load(out: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out / "base" / "hf")
-    models = [AutoModelForCausalLM.from_pretrained(out / name / "hf", dtype=torch.float32).eval()
-              for name in ("base", "teacher")]
+    models = [
+        AutoModelForCausalLM.from_pretrained(out / name / "hf", dtype=torch.float32).eval()
+        for name in ("base", "teacher")
+    ]
     return tokenizer, models
 
 
 @torch.no_grad()
-def sample_target(models, prompt_ids: torch.Tensor, lam: float, max_new_tokens: int, eos_id: int,
-                  generator: torch.Generator) -> torch.Tensor:
+def sample_target(
+    models, prompt_ids: torch.Tensor, lam: float, max_new_tokens: int, eos_id: int, generator: torch.Generator
+) -> torch.Tensor:
     """[n, <= max_new_tokens] tokens sampled from q ∝ base^(1-lam) teacher^lam (eos-padded)."""
     caches = [None, None]
     step_input = prompt_ids
@@ -59,14 +63,22 @@ def sample_target(models, prompt_ids: torch.Tensor, lam: float, max_new_tokens: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="the demo's output directory")
     parser.add_argument("--lams", type=float, nargs="+", default=[1.0, 1.25, 1.5])
     parser.add_argument("--k", type=int, default=8, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--split",
+        choices=["val", "test"],
+        default="val",
+        help="prompts to sample (default val: recipe choices are made there)",
+    )
     args = parser.parse_args(argv)
     for name in ("base", "teacher"):
         if not (args.out / name / "hf" / "config.json").is_file():
@@ -76,16 +88,23 @@ def main(argv=None) -> int:
 
     registry = default_registry()
     tokenizer, models = load(args.out)
-    rows = [json.loads(line) for line in (args.out / "data" / "eval.jsonl").read_text().splitlines()]
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=False) for r in rows]
+    rows = [json.loads(line) for line in (args.out / "data" / f"{args.split}.jsonl").read_text().splitlines()]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["prompt"]}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
+        )
+        for r in rows
+    ]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if len({len(e) for e in encoded}) != 1:
         print("prompts render to different lengths; this script batches without padding", file=sys.stderr)
         return 2
     prompt_ids = torch.tensor(encoded).repeat_interleave(args.k, dim=0)
     fields = [r for r in rows for _ in range(args.k)]
-    print(f"{len(rows)} prompts x {args.k} samples, temperature 1", flush=True)
+    print(f"{len(rows)} {args.split} prompts x {args.k} samples, temperature 1", flush=True)
     for lam in args.lams:
         generator = torch.Generator().manual_seed(args.seed)
         tokens = sample_target(models, prompt_ids, lam, args.max_new_tokens, tokenizer.eos_token_id, generator)
