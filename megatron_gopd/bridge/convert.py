@@ -41,10 +41,20 @@ class ConversionReport:
     seconds: float
     bytes: int
     """Weight bytes read (hf-to-mcore, this rank) or written (mcore-to-hf, rank 0)."""
+    read_seconds: float = 0.0
+    """hf-to-mcore: reading this rank's slices of the HF files into the model."""
+    write_seconds: float = 0.0
+    """hf-to-mcore: writing the distributed checkpoint (megatron-core's writer, fsync'ed)."""
 
     @property
     def gb_per_s(self) -> float:
+        """Bytes over the whole conversion's wall time."""
         return self.bytes / 1e9 / max(self.seconds, 1e-9)
+
+    @property
+    def read_gb_per_s(self) -> float:
+        """Bytes over the reading phase alone (what a plain read of the same files compares with)."""
+        return self.bytes / 1e9 / max(self.read_seconds, 1e-9)
 
 
 def _world() -> int:
@@ -101,7 +111,9 @@ def hf_to_mcore(
         layout.ep,
         dtype,
     )
+    read_start = time.perf_counter()
     bytes_read = load_hf_weights(model, arch, hf_dir)
+    read_seconds = time.perf_counter() - read_start
     meta = {
         "family": arch.family,
         "hf_architecture": arch.hf_architecture,
@@ -109,9 +121,17 @@ def hf_to_mcore(
         "saved_layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep},
     }
     logger.info("writing distributed checkpoint to %s", out_dir)
+    write_start = time.perf_counter()
     save_model_checkpoint(model, out_dir, hf_source_dir=hf_dir, meta=meta)
-    report = ConversionReport(time.perf_counter() - start, bytes_read)
-    logger.info("hf-to-mcore done in %.1fs (%.3f GB/s read on rank 0)", report.seconds, report.gb_per_s)
+    report = ConversionReport(time.perf_counter() - start, bytes_read, read_seconds, time.perf_counter() - write_start)
+    logger.info(
+        "hf-to-mcore done in %.1fs: read %.2f GB in %.1fs (%.3f GB/s on rank 0), wrote the checkpoint in %.1fs",
+        report.seconds,
+        bytes_read / 1e9,
+        report.read_seconds,
+        report.read_gb_per_s,
+        report.write_seconds,
+    )
     return report
 
 
