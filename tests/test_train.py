@@ -44,10 +44,11 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def gopd_train(
+def train_command(
     assets: Path, output_dir: Path, *overrides: str, nproc: int = 4, config: Path = TINY_CONFIG
-) -> subprocess.CompletedProcess:
-    cmd = [
+) -> list[str]:
+    """The `gopd-train` command line of a tiny-config run on this session's assets."""
+    return [
         sys.executable,
         "-m",
         "megatron_gopd.cli",
@@ -60,9 +61,20 @@ def gopd_train(
         *_asset_overrides(assets),
         *overrides,
     ]
+
+
+def gopd_train(
+    assets: Path, output_dir: Path, *overrides: str, nproc: int = 4, config: Path = TINY_CONFIG
+) -> subprocess.CompletedProcess:
+    cmd = train_command(assets, output_dir, *overrides, nproc=nproc, config=config)
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
+
+
+def comparable(metrics: list[dict]) -> list[dict]:
+    """Metrics without the timing fields (which differ between equal runs)."""
+    return [{k: v for k, v in m.items() if not k.startswith(NONDETERMINISTIC)} for m in metrics]
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
@@ -147,9 +159,6 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_assets, tmp_path):
     assert "resumed from" in result.stderr and "step_000002" in result.stderr
     assert not junk.exists() and "torn last line" in result.stderr
 
-    def comparable(metrics):
-        return [{k: v for k, v in m.items() if not k.startswith(NONDETERMINISTIC)} for m in metrics]
-
     assert comparable(read_metrics(resumed)) == comparable(read_metrics(straight))
 
 
@@ -205,19 +214,7 @@ def test_stop_signal_checkpoints_and_the_same_command_resumes(tiny_assets, tmp_p
 
     out = tmp_path / "signalled"
     args = ("steps=30", "save_every=0", "export_hf=false", *TWO_RANKS)
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatron_gopd.cli",
-        "gopd-train",
-        "--config",
-        str(TINY_CONFIG),
-        "--nproc",
-        "2",
-        f"output_dir={out}",
-        *_asset_overrides(tiny_assets),
-        *args,
-    ]
+    cmd = train_command(tiny_assets, out, *args, nproc=2)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -285,9 +282,6 @@ def test_two_node_loopback_run_equals_a_single_node_run(tiny_assets, tmp_path):
     for node in nodes:
         output, _ = node.communicate(timeout=600)
         assert node.returncode == 0, output[-3000:]
-
-    def comparable(metrics):
-        return [{k: v for k, v in m.items() if not k.startswith(NONDETERMINISTIC)} for m in metrics]
 
     assert comparable(read_metrics(multi)) == comparable(read_metrics(single))
 
@@ -472,19 +466,7 @@ def test_biased_rollouts_train_when_explicitly_allowed(tiny_assets, tmp_path):
 
 
 def _start_in_own_session(tiny_assets, out, *args):
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatron_gopd.cli",
-        "gopd-train",
-        "--config",
-        str(TINY_CONFIG),
-        "--nproc",
-        "2",
-        f"output_dir={out}",
-        *_asset_overrides(tiny_assets),
-        *args,
-    ]
+    cmd = train_command(tiny_assets, out, *args, nproc=2)
     return subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -516,7 +498,8 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_cleanly(tiny_a
     import psutil
 
     out = tmp_path / "preempted"
-    args = ("steps=40", "save_every=2", "keep_checkpoints=5", "export_hf=false", *TWO_RANKS)
+    # far more steps than can run before the signal, however fast the machine
+    args = ("steps=1000", "save_every=2", "keep_checkpoints=5", "export_hf=false", *TWO_RANKS)
     proc = _start_in_own_session(tiny_assets, out, *args)
     _wait_for_lines(proc, out / "metrics.jsonl", 3)  # step 2's checkpoint exists: its writer helper runs
     second = gopd_train(tiny_assets, out, *args, nproc=2)
@@ -526,7 +509,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_cleanly(tiny_a
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-4000:]
     stopped_at = len(read_metrics(out))
-    assert 3 <= stopped_at < 40 and "stop signal received" in output
+    assert 3 <= stopped_at < 1000 and "stop signal received" in output
     assert (out / "checkpoints" / f"step_{stopped_at:06d}" / "trainer_state.json").is_file()
     _, alive = psutil.wait_procs(job, timeout=15)  # helpers notice their rank is gone within a second
     assert not alive, [p.cmdline() for p in alive]
@@ -543,7 +526,7 @@ def test_ranks_do_not_outlive_a_killed_launcher(tiny_assets, tmp_path):
     import psutil
 
     out = tmp_path / "orphans"
-    proc = _start_in_own_session(tiny_assets, out, "steps=40", "save_every=0", "export_hf=false", *TWO_RANKS)
+    proc = _start_in_own_session(tiny_assets, out, "steps=1000", "save_every=0", "export_hf=false", *TWO_RANKS)
     _wait_for_lines(proc, out / "metrics.jsonl", 1)
     ranks = psutil.Process(proc.pid).children()
     assert len(ranks) == 2
