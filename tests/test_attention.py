@@ -467,6 +467,7 @@ def dist_results(tmp_path_factory) -> list[dict]:
 # Multi-process checks
 
 
+@pytest.mark.slow
 def test_core_module_matches_local_dot_product_attention(dist_results):
     for result in dist_results:
         core = result["core"]
@@ -477,6 +478,7 @@ def test_core_module_matches_local_dot_product_attention(dist_results):
         assert core["chunk_vs_causal_tail"] < 1e-6, core
 
 
+@pytest.mark.slow
 def test_core_module_refuses_what_it_cannot_run(dist_results):
     errors = dist_results[0]["core"]["errors"]
     assert "attention_dropout=0.1 (needs 0)" in errors["dropout"]
@@ -485,6 +487,7 @@ def test_core_module_refuses_what_it_cannot_run(dist_results):
     assert "qkv_format 'thd', got 'sbhd'" in errors["format"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sdpa_model_matches_local_model(dist_results, layout):
     last_stages = 0
@@ -499,6 +502,7 @@ def test_sdpa_model_matches_local_model(dist_results, layout):
     assert last_stages >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_packed_micro_batch_equals_each_sequence_alone(dist_results, layout):
     for rank, result in enumerate(dist_results):
@@ -508,17 +512,20 @@ def test_packed_micro_batch_equals_each_sequence_alone(dist_results, layout):
         assert packing["grad_diff"] < TOLERANCE, (layout, rank, packing)
 
 
+@pytest.mark.slow
 def test_kv_cached_decoding_with_sdpa_equals_full_forward(dist_results):
     for rank, result in enumerate(dist_results):
         assert result["tp2"]["kv_cache_decode"] < TOLERANCE, rank
 
 
+@pytest.mark.slow
 def test_packing_with_local_attention_is_refused(dist_results):
     message = dist_results[0]["packing_refused"]
     assert "local DotProductAttention (attention='local')" in message
     assert "cannot take packed sequences" in message and "attention='sdpa'" in message
 
 
+@pytest.mark.slow
 def test_long_packed_micro_batch_trains_within_memory_bound(dist_results):
     long = dist_results[0]["long_packed"]
     assert long["tokens"] == 8192 and long["grads_finite"] and math.isfinite(long["loss"])

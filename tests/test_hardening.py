@@ -101,6 +101,7 @@ def test_zero_sized_model_fields_are_errors_not_crashes():
         ModelArchitecture.from_hf_config({**config, "num_hidden_layers": -2})
 
 
+@pytest.mark.slow
 def test_one_job_per_output_dir_and_stale_locks_recover(tmp_path):
     first = OutputDirLock(tmp_path).acquire()
     with pytest.raises(OutputDirLockedError, match=f"pid {os.getpid()}"):

@@ -152,6 +152,7 @@ def test_leftovers_in_tmp_and_shm_do_not_persist():
     assert [place for place in places if os.path.exists(f"{place}/{name}")] == []
 
 
+@pytest.mark.slow
 def test_namespaces_unavailable_is_a_clear_error_unless_rlimits_is_chosen():
     unshare = shutil.which("unshare")
     if unshare is None:

@@ -238,6 +238,7 @@ def _rank_main(config: str, out_dir: str, tp: int, steps: int) -> None:
 # Tests
 
 
+@pytest.mark.slow
 @needs_vllm
 @pytest.mark.parametrize("tp", [1, 2])
 def test_vllm_engine_inside_the_trainer(assets, tmp_path, tp):
@@ -318,6 +319,7 @@ def _read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+@pytest.mark.slow
 @needs_vllm
 def test_gopd_train_with_vllm_learns_and_resumes_after_a_kill(assets, tmp_path):
     import psutil
@@ -392,6 +394,7 @@ def _gopd_eval(assets: Path, out: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @needs_vllm
 def test_gopd_eval_engines_agree(assets, tmp_path):
     native = _gopd_eval(assets, tmp_path / "native.json")
@@ -404,6 +407,7 @@ def test_gopd_eval_engines_agree(assets, tmp_path):
     assert abs(a - b) <= 0.15 * max(a, b), (a, b)
 
 
+@pytest.mark.slow
 @needs_vllm
 def test_unservable_models_fail_the_config_check(assets):
     """gopd-train runs this check before it starts any rank (see test_train's bad-input tests)."""
@@ -421,6 +425,7 @@ def test_unservable_models_fail_the_config_check(assets):
     check_train_config(load_config(TrainConfig, assets / "train.yaml", []), world_size=2)  # servable
 
 
+@pytest.mark.slow
 @needs_vllm
 def test_gopd_eval_engine_vllm_refuses_unservable_models(assets, capfd):
     from megatron_gopd.cli import eval_main
