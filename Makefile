@@ -37,7 +37,7 @@ smoke: $(STAMP)  ## one tiny Qwen3 at TP=2 and PP=2 against TP=1 on 2 CPU ranks
 test: $(STAMP)  ## run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: $(STAMP)  ## the tests that start no ranks or subprocesses (a few minutes)
+test-fast: $(STAMP)  ## the tests that start no ranks or subprocesses (~30 s)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff: lint rules and formatting check (ruff.toml)
