@@ -147,6 +147,11 @@ class OutcomeRewardConfig:
     only: bool = False
     """Train on the outcome reward alone (GRPO-style, how the paper trained its teachers): no
     teachers are needed."""
+    truncated: Literal["fail", "skip"] = "fail"
+    """A response cut at ``rollout.max_new_tokens``: ``fail`` scores it 0.0 (a wrong answer) inside its
+    group's statistics, so the policy is pushed away from not finishing; ``skip`` leaves it out of the
+    statistics with advantage 0 (DAPO's overlong filtering). With ``skip`` nothing penalises running on:
+    the toy demo's RL teacher stopped emitting EOS after ~50 steps and lost every reward."""
 
 
 @dataclasses.dataclass

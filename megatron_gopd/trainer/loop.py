@@ -260,7 +260,11 @@ class Trainer:
         timings["time/rollout_s"] = time.perf_counter() - start - timings.get("time/weight_sync_s", 0.0)
 
         start = time.perf_counter()
-        rewards = verifier_rewards(records, rollouts, self.tokenizer) if self._uses_reward else [None] * len(rollouts)
+        rewards = (
+            verifier_rewards(records, rollouts, self.tokenizer, truncated=self.cfg.reward.truncated)
+            if self._uses_reward
+            else [None] * len(rollouts)
+        )
         outcome = group_normalised_advantages(
             [r.prompt_index for r in rollouts], rewards, 1.0 if self.cfg.reward.only else self.cfg.reward.weight
         )

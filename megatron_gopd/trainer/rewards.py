@@ -8,18 +8,23 @@ from typing import Optional, Sequence
 from megatron_gopd.data import PromptRecord
 from megatron_gopd.rollout import RolloutBatch
 
+TRUNCATED_REWARD = 0.0
+"""The reward of a response cut at the length limit under ``reward.truncated=fail``: a wrong answer's."""
+
 
 def verifier_rewards(
-    records: Sequence[PromptRecord], rollouts: RolloutBatch, tokenizer, max_workers: int = 2
+    records: Sequence[PromptRecord], rollouts: RolloutBatch, tokenizer, truncated: str = "fail", max_workers: int = 2
 ) -> list[Optional[float]]:
-    """Each rollout's verifier reward (scored in parallel); None for truncated responses, whose
-    answer is incomplete."""
+    """Each rollout's verifier reward (scored in parallel). A truncated response (its answer is
+    incomplete) is not run through the verifier: it gets `TRUNCATED_REWARD` when ``truncated`` is
+    ``"fail"`` and None (left out of the group statistics) when it is ``"skip"``."""
     from megatron_gopd.verifiers import score_batch
 
     complete = [i for i, rollout in enumerate(rollouts) if rollout.finish_reason != "length"]
     texts = [tokenizer.decode(rollouts[i].token_ids, skip_special_tokens=True) for i in complete]
     fields = [records[rollouts[i].prompt_index].verifier_fields() for i in complete]
-    rewards: list[Optional[float]] = [None] * len(rollouts)
+    cut_reward = TRUNCATED_REWARD if truncated == "fail" else None
+    rewards: list[Optional[float]] = [cut_reward] * len(rollouts)
     for i, result in zip(complete, score_batch(fields, texts, max_workers=max_workers)):
         rewards[i] = result.reward
     return rewards
