@@ -336,8 +336,24 @@ def _fixed_lengths(setup: _Setup) -> None:
                     position_ids=torch.full((args.batch, 1), position, device=device),
                 )
 
+    # The floor under every engine: per decode step, one matmul of the batch's rows with each weight
+    # matrix (every linear layer and the output layer; the embedding is a lookup). Nothing else: no
+    # attention, norms, sampling or bookkeeping. At small batch these read every weight once per step.
+    weights = [p.detach() for name, p in model.named_parameters() if p.dim() == 2 and "embedding" not in name]
+    gemm_inputs = {w.shape[1]: torch.randn(args.batch, w.shape[1], device=device, dtype=w.dtype) for w in weights}
+
+    def gemm_floor(new_tokens: int) -> Callable[[int], None]:
+        def run(repeat: int) -> None:
+            with torch.inference_mode():
+                for _ in range(new_tokens):
+                    for w in weights:
+                        torch.nn.functional.linear(gemm_inputs[w.shape[1]], w)  # [b, in] -> [b, out]
+
+        return run
+
     runs = {f"{e}{n}": engine_run(e, n) for e in engines for n in (short, long)}
     runs |= {f"hf{n}": hf_run(n) for n in (short, long)}
+    runs |= {"floor": gemm_floor(short)}
     if "megatron" in engines:
         runs |= {"megatron_forwards": megatron_forwards, "hf_forwards": hf_forwards}
     wall, cpu = _interleaved_medians(runs, args.repeats, setup.synchronize)
@@ -373,6 +389,14 @@ def _fixed_lengths(setup: _Setup) -> None:
             f"StaticInferenceContext {1e3 * bare['megatron_forwards'] / short:.2f}, transformers Qwen3 + "
             f"DynamicCache {1e3 * bare['hf_forwards'] / short:.2f}"
         )
+    floor_ms = 1e3 * bare["floor"] / short
+    print(
+        f"weight-GEMM floor ({bare_clock}): {floor_ms:.3f} ms per decode step (the batch's rows times every weight "
+        "matrix, nothing else); per step of a whole call at L: "
+        + ", ".join(f"{labels[who]} {1e3 * bare[f'{who}{short}'] / short / floor_ms:.2f}x" for who in [*engines, "hf"])
+        + f" the floor. No engine can beat transformers generate by more than "
+        f"{bare[f'hf{short}'] / bare['floor']:.2f}x here"
+    )
     if "fast" in engines:
         stats = engines["fast"].last_stats
         print(
