@@ -281,3 +281,47 @@ def test_an_output_directory_from_before_the_split_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="before the train / validation / test split"):
         demo.Demo(demo.DemoSettings.smoke(tmp_path)).run()
     assert not (tmp_path / "data" / "test.jsonl").exists()
+
+
+def test_tune_lr_chooses_by_validation_alone(tmp_path, monkeypatch):
+    """`--tune-lr`: every candidate (and the recipe's lr) trains every lam on the first seed; the
+    best mean validation avg@k wins; the test split is never evaluated for the choice."""
+    settings = demo.parse_args(["--out", str(tmp_path), "--seeds", "3", "4", "--tune-lr", "1e-3", "4e-3"])
+    assert settings.tune_lrs == (1e-3, 4e-3)
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--out", str(tmp_path), "--tune-lr", "1e-3", "--opd-lr", "1e-3"])
+    # made-up validation accuracy per (lr, lam): 4e-3 wins on the mean, not on every lam
+    val_share = {1e-3: [0.5, 0.5, 0.5], 2e-3: [0.75, 0.25, 0.25], 4e-3: [0.25, 0.75, 0.75]}
+    trained, evaluated = [], []
+
+    def fake_student(self, seed, loss, lam, base_ckpt, teacher_ckpt, lr=None):
+        trained.append((seed, loss, lam, lr))
+        key = f"lam{lam:g}_seed{seed}{self.s.opd_tag(loss, lr)}"
+        return demo.ModelEntry("x", key, tmp_path, seed=seed, lam=lam, loss=loss)
+
+    def fake_evaluate(self, entry, split):
+        evaluated.append(split)
+        share = val_share[float(entry.key.split("_lr")[1]) if "_lr" in entry.key else 2e-3]
+        share = share[demo.OPD_LAMS.index(entry.lam)]
+        path = tmp_path / f"{split}_{entry.key}.json"
+        path.with_suffix(".samples.jsonl").write_text(
+            "".join(
+                json.dumps({"prompt_index": p, "correct": i < round(share * 4)}) + "\n"
+                for p in range(5)
+                for i in range(4)
+            )
+        )
+        return path
+
+    monkeypatch.setattr(demo.Demo, "_opd_student", fake_student)
+    monkeypatch.setattr(demo.Demo, "_evaluate", fake_evaluate)
+    sweep = demo.Demo(settings)._tune_lr("topk", tmp_path, tmp_path)
+    assert set(evaluated) == {"val"} and len(trained) == 9 and {t[0] for t in trained} == {3}  # first seed only
+    assert sweep["chosen_lr"] == 4e-3 and settings.chosen_lrs == {"topk": 4e-3}
+    assert sweep["val_avg"]["0.004"] == pytest.approx([25.0, 75.0, 75.0])
+    # every seed now trains with the chosen lr, in runs of their own
+    assert settings.opd_recipe("topk").lr == 4e-3 and settings.opd_tag("topk") == "_lr0.004"
+    table = report.tuning_table([sweep], eval_k=4)
+    assert (
+        "| 0.004 (chosen) | 25.0 | 75.0 | 75.0 | 58.3 |" in table and "| 0.002 | 75.0 | 25.0 | 25.0 | 41.7 |" in table
+    )

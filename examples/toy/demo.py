@@ -120,6 +120,12 @@ class DemoSettings:
     """Peak lr of every OPD / ExOPD student (`--opd-lr`); None: the loss kind's recipe."""
     opd_warmup: Optional[int] = None
     """Warmup steps of every OPD / ExOPD student (`--opd-warmup`); None: the loss kind's recipe."""
+    tune_lrs: tuple[float, ...] = ()
+    """`--tune-lr`: candidate peak lrs of the OPD / ExOPD students (the recipe's own is always one).
+    Each trains the students of every lam on the first seed; the lr with the best mean validation
+    avg@k over the lams trains every seed. The test split plays no part in the choice."""
+    chosen_lrs: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per loss kind, the lr `--tune-lr` chose (filled in by the run)."""
 
     @property
     def student_tag(self) -> str:
@@ -127,26 +133,29 @@ class DemoSettings:
         different lengths sit side by side)."""
         return f"_steps{self.steps['student']}" if self.custom_student_steps else ""
 
-    def opd_recipe(self, loss: str) -> OpdRecipe:
-        """The OPD / ExOPD recipe of ``loss`` with this run's overrides applied."""
+    def opd_recipe(self, loss: str, lr: Optional[float] = None) -> OpdRecipe:
+        """The OPD / ExOPD recipe of ``loss`` with this run's overrides applied (``lr``, else
+        `--opd-lr`, else the lr `--tune-lr` chose, else the recipe's)."""
         recipe = OPD_RECIPES[loss]
+        if lr is None:
+            lr = self.opd_lr if self.opd_lr is not None else self.chosen_lrs.get(loss, recipe.lr)
         return OpdRecipe(
             steps=self.steps.get("student", recipe.steps),
-            lr=recipe.lr if self.opd_lr is None else self.opd_lr,
+            lr=lr,
             warmup=recipe.warmup if self.opd_warmup is None else self.opd_warmup,
         )
 
-    def opd_tag(self, loss: str) -> str:
+    def opd_tag(self, loss: str, lr: Optional[float] = None) -> str:
         """Suffix of the OPD / ExOPD run names of ``loss``: `student_tag`, ``_<kind>`` unless topk,
         and ``_lr<x>`` / ``_warmup<n>`` when overridden, so every recipe has runs of its own."""
-        recipe, default = self.opd_recipe(loss), OPD_RECIPES[loss]
+        recipe, default = self.opd_recipe(loss, lr), OPD_RECIPES[loss]
         tag = self.student_tag + ("" if loss == "topk" else f"_{loss}")
         tag += f"_lr{recipe.lr:g}" if recipe.lr != default.lr else ""
         return tag + (f"_warmup{recipe.warmup}" if recipe.warmup != default.warmup else "")
 
-    def opd_overrides(self, loss: str) -> list[str]:
+    def opd_overrides(self, loss: str, lr: Optional[float] = None) -> list[str]:
         """Overrides of student_opd.yaml for the students of ``loss``."""
-        recipe = self.opd_recipe(loss)
+        recipe = self.opd_recipe(loss, lr)
         return [
             f"loss.kind={loss}",
             f"steps={recipe.steps}",
@@ -557,6 +566,8 @@ class Demo:
             what="gopd-eval --samples-out",
         )
 
+        tuning = [self._tune_lr(loss, base_ckpt, teacher_ckpt) for loss in s.losses] if s.tune_lrs else []
+
         entries = [
             ModelEntry("Base (noisy SFT)", "base", base_run / "hf", run_dir=base_run),
             ModelEntry("Teacher (RL)", "teacher", teacher_run / "hf", run_dir=teacher_run),
@@ -582,36 +593,8 @@ class Demo:
                 )
             )
             for loss in s.losses:
-                tag = s.opd_tag(loss)
-                opd_run = out / "students" / f"seed{seed}{tag}"
                 for lam in OPD_LAMS:
-                    key = f"{'opd' if lam == 1.0 else 'exopd'}_lam{lam:g}"
-                    self._train(
-                        f"students/seed{seed}{tag}/{key}",
-                        "student_opd.yaml",
-                        "student",
-                        opd_run / key,
-                        [
-                            *seeding,
-                            f"scoring.teachers.arith.model.checkpoint={teacher_ckpt}",
-                            f"scoring.teachers.arith.lam={lam}",
-                            *s.opd_overrides(loss),
-                            f"data.sources=[{{path: {self.data / 'train.jsonl'}}}]",
-                        ],
-                        steps=s.opd_recipe(loss).steps,
-                    )
-                    label = "OPD (lam=1)" if lam == 1.0 else f"ExOPD (lam={lam:g})"
-                    entries.append(
-                        ModelEntry(
-                            label if loss == "topk" else f"{label}, {loss}",
-                            f"{key}_seed{seed}{tag}",
-                            opd_run / key / "hf",
-                            seed=seed,
-                            lam=lam,
-                            run_dir=opd_run / key,
-                            loss=loss,
-                        )
-                    )
+                    entries.append(self._opd_student(seed, loss, lam, base_ckpt, teacher_ckpt))
         for alpha in EXPO_ALPHAS:
             expo_dir = out / "expo" / f"alpha{alpha:g}"
             r.stage(
@@ -649,7 +632,76 @@ class Demo:
             seeds=s.seeds,
             recipes=recipes,
             splits={"val": s.val_prompts, "test": s.test_prompts},
+            tuning=tuning,
         )
+
+    def _opd_student(
+        self, seed: int, loss: str, lam: float, base_ckpt: Path, teacher_ckpt: Path, lr: Optional[float] = None
+    ) -> ModelEntry:
+        """Train (or skip) the OPD / ExOPD student of ``seed``, ``loss``, ``lam`` (and ``lr``, else
+        the recipe's) from the base, distilled from the teacher; its table entry."""
+        s = self.s
+        tag = s.opd_tag(loss, lr)
+        opd_run = self.out / "students" / f"seed{seed}{tag}"
+        key = f"{'opd' if lam == 1.0 else 'exopd'}_lam{lam:g}"
+        self._train(
+            f"students/seed{seed}{tag}/{key}",
+            "student_opd.yaml",
+            "student",
+            opd_run / key,
+            [
+                # the seed sets the rollouts and the data order alike
+                f"seed={seed}",
+                f"data.seed={seed}",
+                f"student.checkpoint={base_ckpt}",
+                f"scoring.teachers.arith.model.checkpoint={teacher_ckpt}",
+                f"scoring.teachers.arith.lam={lam}",
+                *s.opd_overrides(loss, lr),
+                f"data.sources=[{{path: {self.data / 'train.jsonl'}}}]",
+            ],
+            steps=s.opd_recipe(loss, lr).steps,
+        )
+        label = "OPD (lam=1)" if lam == 1.0 else f"ExOPD (lam={lam:g})"
+        return ModelEntry(
+            label if loss == "topk" else f"{label}, {loss}",
+            f"{key}_seed{seed}{tag}",
+            opd_run / key / "hf",
+            seed=seed,
+            lam=lam,
+            run_dir=opd_run / key,
+            loss=loss,
+        )
+
+    def _tune_lr(self, loss: str, base_ckpt: Path, teacher_ckpt: Path) -> dict:
+        """`--tune-lr` for ``loss``: the students of every lam on the first seed for each candidate
+        lr, judged by their mean avg@k on the validation split alone; sets ``chosen_lrs[loss]``."""
+        from report import per_prompt_accuracy  # examples/toy/report.py
+
+        s = self.s
+        candidates = sorted(set(s.tune_lrs) | {OPD_RECIPES[loss].lr})
+        val_avg: dict[float, list[float]] = {}
+        for lr in candidates:
+            val_avg[lr] = []
+            for lam in OPD_LAMS:
+                entry = self._opd_student(s.seeds[0], loss, lam, base_ckpt, teacher_ckpt, lr=lr)
+                accuracy = per_prompt_accuracy(self._evaluate(entry, "val").with_suffix(".samples.jsonl"))
+                val_avg[lr].append(100 * sum(accuracy.values()) / len(accuracy))
+        # ties go to the smaller lr
+        chosen = max(candidates, key=lambda lr: (sum(val_avg[lr]) / len(OPD_LAMS), -lr))
+        s.chosen_lrs[loss] = chosen
+        print(
+            f"  lr for {loss}: {chosen:g} (mean validation avg@{s.eval_k} over lam "
+            + ", ".join(f"{lr:g}: {sum(v) / len(v):.1f}" for lr, v in val_avg.items())
+            + ")",
+            flush=True,
+        )
+        return {
+            "loss": loss,
+            "seed": s.seeds[0],
+            "lams": list(OPD_LAMS),
+            "val_avg": {f"{lr:g}": v for lr, v in val_avg.items()},
+            "chosen_lr": chosen,
+        }
 
 
 def _recipe_value(config: str, key: str):
@@ -715,6 +767,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoSettings:
         help="warmup steps of the OPD / ExOPD students (default: the loss kind's recipe); runs "
         "of their own (_warmup<n>)",
     )
+    parser.add_argument(
+        "--tune-lr",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="LR",
+        help="candidate peak lrs of the OPD / ExOPD students, besides the recipe's: each trains the "
+        "students of every lam on the first seed, and the lr with the best mean validation avg@k "
+        "trains every seed (the choice and the validation figures go into results.md)",
+    )
     parser.add_argument("--smoke", action="store_true", help="2 steps per stage on tiny data")
     args = parser.parse_args(argv)
     settings = (
@@ -733,6 +795,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoSettings:
     if args.loss:
         settings.losses = tuple(dict.fromkeys(args.loss))
     settings.opd_lr = args.opd_lr
+    if args.tune_lr:
+        if args.opd_lr is not None:
+            parser.error("--tune-lr chooses the lr itself: drop --opd-lr")
+        settings.tune_lrs = tuple(args.tune_lr)
     settings.opd_warmup = args.opd_warmup
     if args.student_steps:
         settings.steps["student"] = args.student_steps

@@ -263,6 +263,29 @@ def markdown_tables(summary: dict, eval_k: int) -> str:
     return "\n".join(lines)
 
 
+def tuning_table(tuning: Sequence[dict], eval_k: int) -> str:
+    """The `--tune-lr` sweeps in Markdown: validation avg@k per lr and lam, the chosen lr (empty
+    without a sweep)."""
+    if not tuning:
+        return ""
+    lines = []
+    for sweep in tuning:
+        lams = sweep["lams"]
+        lines += [
+            "",
+            "",
+            f"Learning-rate choice for the {sweep['loss']} students (seed {sweep['seed']}, validation split "
+            f"only; chosen: the best mean over lam, {sweep['chosen_lr']:g}):",
+            "",
+            "| peak lr | " + " | ".join(f"val avg@{eval_k}, lam={lam:g}" for lam in lams) + " | mean |",
+            "|" + "|".join(["---"] * (len(lams) + 2)) + "|",
+        ]
+        for lr, values in sweep["val_avg"].items():
+            mark = " (chosen)" if float(lr) == sweep["chosen_lr"] else ""
+            lines.append(f"| {lr}{mark} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {_mean(values):.1f} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Plots
 
@@ -349,14 +372,16 @@ def write_report(
     seeds: Sequence[int],
     recipes: dict[str, dict],
     splits: dict[str, int],
+    tuning: Sequence[dict] = (),
 ) -> dict:
     """Summarise, print the tables, write results.json / results.md and the plots; return the summary.
 
     ``recipes`` are the OPD / ExOPD students' settings per loss kind (steps, lr, warmup), ``splits``
-    the number of prompts per split; both are recorded so a table says what produced it.
+    the number of prompts per split, ``tuning`` the validation figures of each `--tune-lr` sweep;
+    all are recorded so a table says what produced it.
     """
     summary = summarise(entries, evals, eval_k)
-    tables = markdown_tables(summary, eval_k)
+    tables = markdown_tables(summary, eval_k) + tuning_table(tuning, eval_k)
     plots = plot(out, summary["rows"], entries, eval_k)
     metric = f"avg@{eval_k}, temperature 1.0"
     summary = {
@@ -364,6 +389,7 @@ def write_report(
         "seeds": list(seeds),
         "splits": splits,
         "student_recipes": recipes,
+        "lr_tuning": list(tuning),
         **summary,
         "timings_s": timings,
         "plots": [str(p.relative_to(out)) for p in plots],
