@@ -16,14 +16,15 @@
 # the step to end, and runs `scontrol requeue` on its own job. The requeued job keeps its job id,
 # hence its OUTPUT_DIR, and resumes. Slurm starts a requeued job no sooner than about 2 minutes later
 # (cred_expire). `--requeue` also lets Slurm requeue the job after a node failure or a preemption
-# (PreemptMode=REQUEUE) and resumes the same way. Preemption signals every process of the step with
-# SIGTERM (at once, or after the partition's GraceTime, with SIGKILL KillWait / GraceTime later):
-# gopd-train writes a stop checkpoint and exits. A job whose step stopped within a grace time would
-# end as COMPLETED, not requeued, so the batch shell requeues it itself when Slurm marked it
-# preempted (PreemptTime). SIGTERM to the batch shell (scancel, `scancel --full --signal=TERM`, the
-# end of a grace time) does not end the shell early: Slurm signals the step's processes as well, and
-# the shell waits for their checkpoint. A job stopped otherwise (scancel, a failure) resumes when
-# resubmitted with the same OUTPUT_DIR.
+# (PreemptMode=REQUEUE) and resumes the same way. Preemption sends SIGTERM to every process of the
+# step, then SIGKILL the partition's GraceTime later (without one: to the whole job, SIGKILL KillWait
+# later, as scancel does): gopd-train writes a stop checkpoint and exits. A job whose step stopped
+# within a grace time would end as COMPLETED, not requeued, so the batch shell requeues it itself
+# when Slurm marked it preempted (PreemptTime). SIGTERM to the batch shell (scancel, the end of a
+# grace time) does not end the shell early: Slurm signals the step's processes as well, and the
+# shell waits for their checkpoint. (Not `scancel --full --signal=TERM`: srun, in the batch step,
+# turns a SIGTERM of its own into SIGKILL of the step.) A job stopped otherwise (scancel, a
+# failure) resumes when resubmitted with the same OUTPUT_DIR.
 #
 # Variables (export before sbatch, which passes your environment to the job; [default])
 #   OUTPUT_DIR         where everything of this run goes [$SLURM_SUBMIT_DIR/outputs/<job name>-<job id>];
@@ -96,9 +97,9 @@ _gopd_on_time_limit() {
   fi
 }
 
-# SIGTERM to the batch shell comes with SIGTERM to every process of the step (scancel, preemption,
-# `scancel --full`): not forwarded (a second SIGTERM would make torchrun abandon its workers' stop),
-# only recorded, so that the shell outlives the step's stop checkpoint.
+# SIGTERM to the batch shell comes with SIGTERM to every process of the step (scancel, preemption):
+# not forwarded (a second SIGTERM would make torchrun abandon its workers' stop), only logged, so
+# that the shell outlives the step's stop checkpoint.
 _gopd_on_term() {
   gopd_log "SIGTERM: waiting for the step to write its stop checkpoint"
 }
