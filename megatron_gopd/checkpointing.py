@@ -62,12 +62,34 @@ def copy_side_files(src_dir: str | Path, dst_dir: str | Path, names: Iterable[st
     return copied
 
 
+def _fsync_path(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, then each directory that names them, to stable storage.
+
+    megatron-core fsyncs its shard files but not ``common.pt`` / ``metadata.json`` nor the
+    directories; files already flushed cost next to nothing here.
+    """
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
+
+
 def atomic_directory_write(out_dir: str | Path, write: Callable[[Path], None], replace: bool = False) -> Path:
     """Run ``write(tmp_dir)`` on every rank, then rename ``tmp_dir`` to `out_dir` (collective).
 
     `out_dir` must not exist or be empty, unless `replace`: then an existing `out_dir` is swapped
     out only once the new one is complete. If `write` fails on any rank the temporary directory is
-    removed and `out_dir` is left as it was.
+    removed and `out_dir` is left as it was. What is renamed into place is on stable storage first
+    (every file and directory fsync'ed), and so is the rename: a crash, even of the machine, leaves
+    either the old state or the complete new directory.
     """
     out = Path(out_dir).resolve()
     tmp: Optional[str] = None
@@ -92,13 +114,36 @@ def atomic_directory_write(out_dir: str | Path, write: Callable[[Path], None], r
                     os.replace(out, old)
                 elif out.exists():
                     out.rmdir()  # empty: checked by the caller before any work
+                _fsync_tree(tmp_path)
                 os.replace(tmp_path, out)
+                _fsync_path(out.parent)
                 if old is not None:
                     shutil.rmtree(old, ignore_errors=True)
             else:
                 shutil.rmtree(tmp_path, ignore_errors=True)
         barrier()
     return out
+
+
+def _use_in_process_write_results() -> None:
+    """Let megatron-core's checkpoint writer pass its write results through an in-process queue.
+
+    Its torch_dist writer forks one file writer per bucket; they report to the saving process,
+    which puts the collected results into a module-wide queue that, made for asynchronous saves,
+    lives in a spawned multiprocessing manager. Starting that helper costs a fresh interpreter
+    that re-imports the main module (about 1 s, far more on a busy host: most of a small
+    conversion's write time). Our saves are synchronous, so the queue's producer and consumer are
+    this same process and a `queue.Queue` carries the results. A queue already set (e.g. a
+    signal-immune manager started by the trainer) is kept.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        import queue
+
+        filesystem_async._results_queue = queue.Queue()
 
 
 def save_model_checkpoint(
@@ -119,6 +164,8 @@ def save_model_checkpoint(
     tokenizer) of `hf_source_dir`.
     """
     from megatron.core import dist_checkpointing
+
+    _use_in_process_write_results()
 
     def write(tmp: Path) -> None:
         dist_checkpointing.save(

@@ -212,6 +212,50 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path):
     assert [p.name for p in not_empty.iterdir()] == ["keep.txt"]
 
 
+def _write_path_body(rank: int, world_size: int, hf_dir: str, out: str) -> dict:
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_gopd.bridge.convert import hf_to_mcore
+    from megatron_gopd.models import ParallelLayout
+
+    filesystem_async._results_queue = None  # as in a fresh conversion process
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    os.fsync = recording_fsync
+    try:
+        hf_to_mcore(hf_dir, out, ParallelLayout(tp=world_size))
+    finally:
+        os.fsync = real_fsync
+    return {"helpers": [p.name for p in multiprocessing.active_children()], "synced": synced}
+
+
+@pytest.mark.slow
+def test_conversion_writes_durably_without_a_helper_process(tmp_path):
+    """The checkpoint writer runs in the converting ranks (megatron-core's writer would first spawn
+    a multiprocessing-manager helper: a fresh interpreter, ~1 s, most of a small conversion's write
+    time), and everything renamed into place is on stable storage: every file, every directory and
+    the rename itself (the parent directory) are fsync'ed."""
+    hf_dir, _ = make_hf_model(tmp_path, "qwen3_tied")
+    out = tmp_path / "ckpt"
+    results = run_distributed(_write_path_body, world_size=2, hf_dir=str(hf_dir), out=str(out))
+    assert [r["helpers"] for r in results] == [[], []]
+    synced = {Path(p) for r in results for p in r["synced"]}
+    tmp_dirs = {p.parent for p in synced if p.parent.name.startswith(".ckpt.tmp-")}
+    assert len(tmp_dirs) == 1, synced  # flushed under the temporary name, before the rename
+    (tmp_dir,) = tmp_dirs
+    written = {p.relative_to(out) for p in out.rglob("*")} | {Path(".")}
+    flushed = {p.relative_to(tmp_dir) for p in synced if p == tmp_dir or tmp_dir in p.parents}
+    assert written <= flushed, sorted(map(str, written - flushed))
+    assert tmp_path in synced  # the rename
+
+
 @pytest.mark.slow
 def test_experts_not_divisible_by_ep_is_rejected(tmp_path):
     config = Qwen3MoeConfig(**SMALL, head_dim=16, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32)

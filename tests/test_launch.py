@@ -333,6 +333,73 @@ def test_templates_checkpoint_and_requeue(template: Path):
     assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives)
 
 
+def _fake_slurm_commands(bin_dir: Path, preempt_time: str, step_seconds: float = 0.0) -> Path:
+    """`srun` (the step: sleeps, exits 0) and `scontrol` (show job: a job that started at 12:00 with
+    the given PreemptTime; requeue: recorded) stand-ins on a PATH directory; returns the record file."""
+    record = bin_dir / "scontrol-calls"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/bash\nsleep {step_seconds}\nexit 0\n")
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >>{record}\n'
+        '[[ $1 == show ]] && echo "JobId=4242 JobName=gopd JobState=RUNNING StartTime=2030-01-01T12:00:00 '
+        f'EndTime=2030-01-02T12:00:00 PreemptTime={preempt_time} Partition=debug"\n'
+        "exit 0\n"
+    )
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    return record
+
+
+@pytest.mark.parametrize(
+    "preempt_time, requeued",
+    [("2030-01-01T12:30:00", True), ("None", False), ("2030-01-01T11:00:00", False)],
+    ids=["preempted", "not-preempted", "preempted-in-an-earlier-attempt"],
+)
+def test_template_requeues_a_preempted_job(tmp_path: Path, preempt_time: str, requeued: bool):
+    """Preemption with a grace time signals only the step's processes; a step that then stops on its
+    own would end the job as COMPLETED, never to resume, unless the batch shell requeues it."""
+    record = _fake_slurm_commands(tmp_path / "bin", preempt_time)
+    result = _bash(
+        SLURM / "single_node.sbatch",
+        GOPD_ENTRY=SMOKE,
+        GPUS_PER_NODE="2",
+        OUTPUT_DIR=str(tmp_path / "run"),
+        PATH=f"{tmp_path / 'bin'}{os.pathsep}{_env()['PATH']}",
+        **{**_FAKE_JOB, "SLURM_NNODES": "1", "SLURM_RESTART_COUNT": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    calls = record.read_text().splitlines() if record.exists() else []
+    assert ("requeue 4242" in calls) == requeued, calls
+    assert ("after a preemption: requeueing job 4242" in result.stderr) == requeued, result.stderr
+
+
+def test_template_outlives_a_sigterm_until_its_step_ends(tmp_path: Path):
+    """scancel (and the end of a preemption's grace time) signals the batch shell with the step's
+    processes: the shell must keep waiting while the step writes its stop checkpoint, not die first
+    (its death would end the job and have Slurm kill the step)."""
+    _fake_slurm_commands(tmp_path / "bin", "None", step_seconds=3)
+    proc = subprocess.Popen(
+        ["bash", str(SLURM / "single_node.sbatch")],
+        cwd=REPO,
+        env=_env(
+            GOPD_ENTRY=SMOKE,
+            GPUS_PER_NODE="2",
+            OUTPUT_DIR=str(tmp_path / "run"),
+            PATH=f"{tmp_path / 'bin'}{os.pathsep}{_env()['PATH']}",
+            **{**_FAKE_JOB, "SLURM_NNODES": "1"},
+        ),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(1)  # the step (the fake srun) runs
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "SIGTERM: waiting for the step" in err and "step ended with exit code 0" in err, err
+
+
 # ----------------------------------------------------------------------------------------------
 # Real runs on loopback
 

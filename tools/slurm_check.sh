@@ -6,9 +6,10 @@
 #   tools/slurm_check.sh requeue-admin   # only the checks named (see the list below)
 #
 # Each check submits a template with sbatch, waits for the job and checks its state and outputs;
-# the script exits non-zero on the first failure and prints the job's logs. Until gopd-train exists
-# the jobs are examples/toy/parallel_smoke.py (2 ranks) and tools/slurm_check_job.py, a stand-in that
-# keeps gopd-train's checkpoint/resume contract (see examples/slurm/common.sh):
+# the script exits non-zero on the first failure and prints the job's logs. The quick checks run
+# examples/toy/parallel_smoke.py (2 ranks) or tools/slurm_check_job.py, a stand-in that keeps
+# gopd-train's checkpoint/resume contract (see examples/slurm/common.sh); the *-group checks run the
+# real gopd-train (tiny config, 2 workers under torchrun; makes the tiny assets first if missing):
 #   smoke-single   single_node.sbatch: one torchrun agent, 2 workers; the smoke job prints OK
 #   smoke-multi    multi_node.sbatch on 1 node: c10d rendezvous on the first node of the allocation
 #   smoke-tasks    task_per_gpu.sbatch: 2 srun tasks, ranks from SLURM_PROCID (platform.py)
@@ -18,6 +19,14 @@
 #                  ignores the signal, the workers get it from Slurm directly
 #   requeue-admin  `scontrol requeue` of a running job -> it runs again in the same output directory
 #                  and resumes from the first run's checkpoint
+#   preempt-group  a real preemption: a job in the higher-priority partition `urgent` needs the node,
+#                  Slurm sends SIGTERM to every process of our step (torchrun, workers, checkpoint
+#                  writers; the partition's GraceTime before SIGKILL); gopd-train writes a complete
+#                  stop checkpoint and exits, the job requeues itself, resumes from that checkpoint
+#                  and ends with every step in metrics.jsonl exactly once
+#   cancel-group   `scancel` (SIGTERM to every process of the job, the batch shell included; SIGKILL
+#                  KillWait later): a complete stop checkpoint; resubmitted with the same OUTPUT_DIR,
+#                  the job resumes from it and ends with every step exactly once
 #   time-limit     (--time-limit) a 3-minute limit with --signal=B:USR1@90 and a job that needs longer:
 #                  Slurm's own warning signal triggers checkpoint, requeue and resume
 #   gopd-tiny      (only when named) the real gopd-train on examples/configs/tiny_multi_teacher.yaml,
@@ -31,21 +40,24 @@ cd "$REPO"
 [[ -x .venv/bin/python ]] && export PATH=$REPO/.venv/bin:$PATH
 WORK=${SLURM_CHECK_DIR:-$(mktemp -d /tmp/gopd-slurm-check.XXXX)}
 mkdir -p "$WORK"
-CHECKS=(smoke-single smoke-multi smoke-tasks requeue-signal requeue-old-torchrun requeue-admin)
+CHECKS=(smoke-single smoke-multi smoke-tasks requeue-signal requeue-old-torchrun requeue-admin
+        preempt-group cancel-group)
 if [[ ${1:-} == --time-limit ]]; then CHECKS+=(time-limit); shift; fi
 [[ $# -gt 0 ]] && CHECKS=("$@")
 
 say() { printf '[slurm-check] %s\n' "$*"; }
 JOB=  # the job under check, for the failure report
 
-fail() {
-  say "FAIL: $*"
-  if [[ -n $JOB ]]; then
-    scontrol show job "$JOB" 2>/dev/null || true
-    for f in "$WORK"/*"$JOB"*.out "$WORK"/*/logs/*.log; do
-      [[ -f $f ]] && { echo "----- $f"; tail -n 40 "$f"; }
-    done
-  fi
+fail() {  # to stderr, so that a failure inside $(...) is seen too
+  {
+    say "FAIL: $*"
+    if [[ -n $JOB ]]; then
+      scontrol show job "$JOB" 2>/dev/null || true
+      for f in "$WORK"/*"$JOB"*.out "$WORK"/*/logs/*.log; do
+        [[ -f $f ]] && { echo "----- $f"; tail -n 40 "$f"; }
+      done
+    fi
+  } >&2
   exit 1
 }
 
@@ -73,6 +85,15 @@ wait_state() {  # wait_state JOB TIMEOUT_S: waits for a final state and prints i
     sleep 1
   done
   echo "STILL-${state:-UNKNOWN}"
+}
+
+wait_for_lines() {  # wait_for_lines PATH LINES TIMEOUT_S: until PATH has at least LINES lines
+  local deadline=$((SECONDS + $3))
+  while (( SECONDS < deadline )); do
+    [[ -f $1 && $(wc -l <"$1") -ge $2 ]] && return 0
+    sleep 0.2
+  done
+  return 1
 }
 
 wait_for_file() {  # wait_for_file PATH TIMEOUT_S
@@ -166,10 +187,106 @@ check_time_limit() {
   say "$name: PASS in $((SECONDS - start)) s ($(job_field "$JOB" Restarts) requeues)"
 }
 
-check_gopd_tiny() {
-  local name=gopd-tiny start=$SECONDS out=$WORK/gopd-tiny steps=6
+need_gopd_train() {  # gopd-train and the tiny assets its tiny config reads
   command -v gopd-train >/dev/null || fail "gopd-train is not installed (pip install -e .)"
   [[ -d outputs/tiny_assets ]] || python examples/toy/make_tiny_assets.py
+}
+
+expect_steps_once() {  # expect_steps_once OUT STEPS: OUT/metrics.jsonl holds steps 1..STEPS once each
+  local got
+  got=$(python -c "import json, sys; print(' '.join(str(json.loads(l)['step']) for l in open(sys.argv[1])))" \
+        "$1/metrics.jsonl")
+  [[ $got == "$(seq -s ' ' 1 "$2")" ]] || fail "$1/metrics.jsonl steps are '$got', expected 1..$2 once each"
+}
+
+wait_not_running() {  # wait_not_running JOB TIMEOUT_S: until this attempt of JOB has ended
+  local deadline=$((SECONDS + $2))
+  while (( SECONDS < deadline )); do
+    [[ $(job_field "$1" JobState) == RUNNING ]] || return 0
+    sleep 0.5
+  done
+  return 1
+}
+
+submit_tiny_train() {  # submit_tiny_train NAME OUT STEPS [sbatch options...]: prints the job id
+  local name=$1 out=$2 steps=$3; shift 3
+  # The real gopd-train under torchrun, 2 workers (the tiny config's math teacher on one stage).
+  OUTPUT_DIR=$out CONFIG=examples/configs/tiny_multi_teacher.yaml GPUS_PER_NODE=2 \
+    submit "$name" examples/slurm/single_node.sbatch --time=30 "$@" -- "steps=$steps" save_every=5 \
+    export_hf=false scoring.teachers.math.model.pp=1
+}
+
+start_tiny_train() {  # start_tiny_train NAME OUT STEPS WHAT: JOB runs gopd-train and has done a step
+  need_gopd_train
+  JOB=$(submit_tiny_train "$1" "$2" "$3")
+  say "$1: job $JOB (gopd-train, 2 workers); $4 after its first step"
+  # Early, so that the signal lands mid-run however fast the steps go (0.2-4 s here).
+  wait_for_lines "$2/metrics.jsonl" 1 900 || fail "no first step"
+}
+
+stop_checkpoint_step() {  # stop_checkpoint_step TASK_LOG OUT: the step of the stop checkpoint, checked
+  local step
+  step=$(grep -o 'stop signal received: checkpointed step [0-9]*' "$1" | head -n 1 | grep -o '[0-9]*$') \
+    || fail "gopd-train wrote no stop checkpoint (nothing in $1; did it finish before the signal?)"
+  # Checked before the next start tidies up: the checkpoint is complete and nothing is half-written.
+  [[ -f $2/checkpoints/$(printf 'step_%06d' "$step")/trainer_state.json ]] \
+    || fail "the stop checkpoint of step $step is incomplete"
+  [[ -z $(find "$2/checkpoints" -maxdepth 1 -name '*.tmp-*') ]] || fail "temporary checkpoint directories left"
+  echo "$step"
+}
+
+expect_resumed_from() {  # expect_resumed_from TASK_LOG STEP
+  expect_in "$1" "$(printf 'resumed from %s (step %d)' "${1%/logs/*}/checkpoints/$(printf 'step_%06d' "$2")" "$2")"
+}
+
+wait_gone() {  # wait_gone JOB TIMEOUT_S: until no process of JOB is left (a cancelled job is COMPLETING first)
+  local deadline=$((SECONDS + $2))
+  while (( SECONDS < deadline )); do
+    [[ -z $(squeue --noheader --jobs="$1" --format=%t 2>/dev/null) ]] && return 0
+    sleep 0.5
+  done
+  return 1
+}
+
+check_preempt_group() {
+  local name=preempt-group start=$SECONDS out=$WORK/preempt-group steps=12 urgent stopped_at
+  start_tiny_train "$name" "$out" "$steps" "preempting it"
+  # A job in the higher-priority partition that needs the whole node: Slurm preempts ours, which
+  # gets SIGTERM on every process of its step (torchrun, the workers, their checkpoint writers).
+  urgent=$(sbatch --parsable --partition=urgent --exclusive --job-name=check-urgent --time=2 \
+           --output="$WORK/slurm-%x-%j.out" --wrap 'echo urgent job ran')
+  wait_not_running "$JOB" 300 || fail "job $JOB still runs 300 s after the preemption"
+  stopped_at=$(stop_checkpoint_step "$out/logs/attempt0-task0.log" "$out")
+  # (torchrun itself exits 1 after it forwarded a SIGTERM: its SignalException; the workers exit 0)
+  expect_in "$WORK/slurm-check-$name-$JOB.out" "after a preemption: requeueing job $JOB"
+  [[ $(wait_state "$urgent" 300) == COMPLETED ]] || fail "the preempting job $urgent did not complete"
+  expect_completed "$JOB" 1 1800
+  expect_resumed_from "$out/logs/attempt1-task0.log" "$stopped_at"
+  expect_steps_once "$out" "$steps"
+  say "$name: PASS in $((SECONDS - start)) s (stop checkpoint at step $stopped_at, requeued, resumed from it)"
+}
+
+check_cancel_group() {
+  local name=cancel-group start=$SECONDS out=$WORK/cancel-group steps=12 stopped_at state
+  start_tiny_train "$name" "$out" "$steps" "scancel (then a resubmission)"
+  # SIGTERM to every process of the job, the batch shell included; SIGKILL KillWait (30 s) later.
+  scancel "$JOB"
+  state=$(wait_state "$JOB" 300)
+  [[ $state == CANCELLED ]] || fail "job $JOB ended $state, expected CANCELLED"
+  wait_gone "$JOB" 120 || fail "job $JOB's processes still run 120 s after scancel"
+  stopped_at=$(stop_checkpoint_step "$out/logs/attempt0-task0.log" "$out")
+  mv "$out/logs/attempt0-task0.log" "$out/logs/cancelled-job-$JOB-task0.log"
+  JOB=$(submit_tiny_train "$name" "$out" "$steps")
+  say "$name: resubmitted as job $JOB with the same OUTPUT_DIR"
+  expect_completed "$JOB" 0 1800
+  expect_resumed_from "$out/logs/attempt0-task0.log" "$stopped_at"
+  expect_steps_once "$out" "$steps"
+  say "$name: PASS in $((SECONDS - start)) s (stop checkpoint at step $stopped_at, resumed from it)"
+}
+
+check_gopd_tiny() {
+  local name=gopd-tiny start=$SECONDS out=$WORK/gopd-tiny steps=6
+  need_gopd_train
   JOB=$(OUTPUT_DIR=$out CONFIG=examples/configs/tiny_multi_teacher.yaml GPUS_PER_NODE=4 \
         submit "$name" examples/slurm/single_node.sbatch --time=30 -- "steps=$steps" save_every=1)
   say "$name: job $JOB (gopd-train, 4 workers); signalling it after its second checkpoint"
@@ -177,10 +294,7 @@ check_gopd_tiny() {
   scancel --batch --signal=USR1 "$JOB"
   expect_completed "$JOB" 1 1800
   expect_in "$out/logs/attempt1-task0.log" "resumed from"
-  local got
-  got=$(python -c "import json, sys; print(' '.join(str(json.loads(l)['step']) for l in open(sys.argv[1])))" \
-        "$out/metrics.jsonl")
-  [[ $got == "$(seq -s ' ' 1 "$steps")" ]] || fail "metrics.jsonl steps are '$got', expected 1..$steps once each"
+  expect_steps_once "$out" "$steps"
   say "$name: PASS in $((SECONDS - start)) s"
 }
 
@@ -197,6 +311,8 @@ for check in "${CHECKS[@]}"; do
                             PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT ;;
     requeue-admin) check_requeue_admin ;;
     time-limit) check_time_limit ;;
+    preempt-group) check_preempt_group ;;
+    cancel-group) check_cancel_group ;;
     gopd-tiny) check_gopd_tiny ;;
     *) fail "unknown check '$check'" ;;
   esac

@@ -73,9 +73,9 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ReturnToService=2
 JobRequeue=1
-# Quick turnaround for tests: a killed job's processes get 10 s after SIGTERM; finished jobs stay
-# visible to scontrol for 10 minutes (there is no accounting database for sacct).
-KillWait=10
+# A killed job's processes get 30 s after SIGTERM (Slurm's default) to write a stop checkpoint;
+# finished jobs stay visible to scontrol for 10 minutes (there is no accounting database for sacct).
+KillWait=30
 MinJobAge=600
 # A requeued job waits cred_expire + 1 s before it may start again (default 120 s); 10 s here.
 AuthInfo=cred_expire=10
@@ -90,7 +90,13 @@ SlurmdLogFile=$LOG_DIR/slurmd.log
 SlurmctldPort=6817
 SlurmdPort=6818
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# Preemption as on shared clusters: a job in partition urgent (higher PriorityTier) that needs the node
+# requeues the debug jobs running there. They get SIGCONT + SIGTERM at once (every process of their
+# steps), then SIGTERM + SIGKILL to the whole job GraceTime seconds later.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=120
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
 EOF
 )
   if [[ ! -f $CONF ]] || [[ $(cat "$CONF") != "$new" ]]; then

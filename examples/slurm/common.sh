@@ -16,8 +16,15 @@
 # the step to end, and runs `scontrol requeue` on its own job. The requeued job keeps its job id,
 # hence its OUTPUT_DIR, and resumes. Slurm starts a requeued job no sooner than about 2 minutes later
 # (cred_expire). `--requeue` also lets Slurm requeue the job after a node failure or a preemption
-# (PreemptMode=REQUEUE); it resumes from the latest periodic checkpoint the same way. A job stopped
-# otherwise (scancel, a failure) resumes when resubmitted with the same OUTPUT_DIR.
+# (PreemptMode=REQUEUE) and resumes the same way. Preemption sends SIGTERM to every process of the
+# step, then SIGKILL the partition's GraceTime later (without one: to the whole job, SIGKILL KillWait
+# later, as scancel does): gopd-train writes a stop checkpoint and exits. A job whose step stopped
+# within a grace time would end as COMPLETED, not requeued, so the batch shell requeues it itself
+# when Slurm marked it preempted (PreemptTime). SIGTERM to the batch shell (scancel, the end of a
+# grace time) does not end the shell early: Slurm signals the step's processes as well, and the
+# shell waits for their checkpoint. (Not `scancel --full --signal=TERM`: srun, in the batch step,
+# turns a SIGTERM of its own into SIGKILL of the step.) A job stopped otherwise (scancel, a
+# failure) resumes when resubmitted with the same OUTPUT_DIR.
 #
 # Variables (export before sbatch, which passes your environment to the job; [default])
 #   OUTPUT_DIR         where everything of this run goes [$SLURM_SUBMIT_DIR/outputs/<job name>-<job id>];
@@ -60,6 +67,7 @@ gopd_slurm_setup() {
   gopd_log "job $SLURM_JOB_ID attempt $GOPD_ATTEMPT on ${SLURM_JOB_NODELIST:-?}: output in $OUTPUT_DIR," \
     "task logs in $GOPD_LOG_DIR/attempt$GOPD_ATTEMPT-task*.log"
   trap '_gopd_on_time_limit' USR1
+  trap '_gopd_on_term' TERM
 }
 
 # The first host of the allocation (the rendezvous host).
@@ -89,8 +97,39 @@ _gopd_on_time_limit() {
   fi
 }
 
+# SIGTERM to the batch shell comes with SIGTERM to every process of the step (scancel, preemption):
+# not forwarded (a second SIGTERM would make torchrun abandon its workers' stop), only logged, so
+# that the shell outlives the step's stop checkpoint.
+_gopd_on_term() {
+  gopd_log "SIGTERM: waiting for the step to write its stop checkpoint"
+}
+
+# _gopd_preempted: Slurm preempted this attempt of the job (PreemptTime is set, and not before the
+# attempt started: a requeued job keeps its earlier PreemptTime).
+_gopd_preempted() {
+  local fields preempt_time start_time
+  fields=$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null) || return 1
+  preempt_time=$(sed -n 's/.* PreemptTime=\([^ ]*\).*/\1/p' <<<"$fields")
+  start_time=$(sed -n 's/.* StartTime=\([^ ]*\).*/\1/p' <<<"$fields")
+  [[ -n $preempt_time && $preempt_time != None && ! $preempt_time < $start_time ]]
+}
+
+# _gopd_requeue REASON EXIT_CODE: requeue this job (it resumes from the latest checkpoint), at most
+# GOPD_MAX_REQUEUES times.
+_gopd_requeue() {
+  if (( GOPD_ATTEMPT >= ${GOPD_MAX_REQUEUES:-20} )); then
+    gopd_die "step ended after $1, but this job already ran $((GOPD_ATTEMPT + 1)) times" \
+      "(GOPD_MAX_REQUEUES): not requeueing; resubmit with OUTPUT_DIR=$OUTPUT_DIR to resume"
+  fi
+  gopd_log "step ended (exit code $2) after $1: requeueing job $SLURM_JOB_ID;" \
+    "it resumes from the latest checkpoint in $OUTPUT_DIR/checkpoints/"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+}
+
 # gopd_slurm_step SRUN_OPTIONS... -- COMMAND...: run COMMAND as a job step with per-task logs; when
-# the time-limit signal came meanwhile, requeue the job; exit with the step's exit code otherwise.
+# the time-limit signal or a preemption came meanwhile, requeue the job; exit with the step's exit
+# code otherwise.
 gopd_slurm_step() {
   local -a srun_opts=() extra
   while [[ $1 != -- ]]; do srun_opts+=("$1"); shift; done
@@ -114,16 +153,8 @@ gopd_slurm_step() {
     kill -0 "$GOPD_STEP_PID" 2>/dev/null || break
   done
   GOPD_STEP_PID=
-  if [[ $GOPD_CKPT_REQUESTED == 1 ]]; then
-    if (( GOPD_ATTEMPT >= ${GOPD_MAX_REQUEUES:-20} )); then
-      gopd_die "step ended after the time-limit signal, but this job already ran $((GOPD_ATTEMPT + 1))" \
-        "times (GOPD_MAX_REQUEUES): not requeueing; resubmit with OUTPUT_DIR=$OUTPUT_DIR to resume"
-    fi
-    gopd_log "step ended (exit code $rc) after the time-limit signal: requeueing job $SLURM_JOB_ID;" \
-      "it resumes from the latest checkpoint in $OUTPUT_DIR/checkpoints/"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
-  fi
+  [[ $GOPD_CKPT_REQUESTED == 1 ]] && _gopd_requeue "the time-limit signal" "$rc"
+  _gopd_preempted && _gopd_requeue "a preemption" "$rc"
   gopd_log "step ended with exit code $rc"
   exit "$rc"
 }
