@@ -133,8 +133,9 @@ def _use_in_process_write_results() -> None:
     lives in a spawned multiprocessing manager. Starting that helper costs a fresh interpreter
     that re-imports the main module (about 1 s, far more on a busy host: most of a small
     conversion's write time). Our saves are synchronous, so the queue's producer and consumer are
-    this same process and a `queue.Queue` carries the results. A queue already set (e.g. a
-    signal-immune manager started by the trainer) is kept.
+    this same process and a `queue.Queue` carries the results. With no helper process, a signal to
+    the whole process group (a scheduler stopping the job) cannot kill part of a save. A queue
+    already set is kept.
     """
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async

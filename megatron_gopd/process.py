@@ -6,9 +6,11 @@
 * `launch_local_ranks`: starts a local job's ranks itself (no torchrun agent in between), so that
   SIGTERM / SIGUSR1 / SIGHUP sent to the launcher (or to its whole process group) reach the ranks
   (which checkpoint and stop), and the ranks get SIGTERM if the launcher dies, even by SIGKILL.
-* `protect_checkpoint_writer`: megatron-core's checkpoint writer keeps a helper process (a
-  multiprocessing manager); a signal to the whole process group, as schedulers send, would kill it
-  and hang the stop checkpoint. It is started here ignoring those signals instead.
+
+Checkpoints are written without any helper process of megatron-core's (`checkpointing` passes the
+writer's results through an in-process queue), so a signal to the whole process group, as
+schedulers send, cannot kill part of a save: the forked file writers inherit the rank's stop
+handler, which only sets a flag.
 """
 
 from __future__ import annotations
@@ -151,37 +153,3 @@ def _wait_for_ranks(workers: list, grace_s: float = 60.0) -> int:
         if failed_at is not None and time.monotonic() - failed_at > grace_s:
             _signal_all(workers, signal.SIGKILL)
         time.sleep(0.2)
-
-
-def _ignore_stop_signals_and_follow_parent(parent: int) -> None:
-    """Initializer of the checkpoint writer's helper: immune to group signals, but gone with its parent."""
-    for signum in (*STOP_SIGNALS, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def protect_checkpoint_writer() -> None:
-    """Start megatron-core's checkpoint-writer helper process now, ignoring SIGTERM / SIGUSR1 / SIGINT.
-
-    Its file writers are forked from the rank and inherit the rank's stop handler (they only set a
-    flag); the helper is spawned fresh and would die of a signal sent to the process group.
-    """
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:
-        return
-    if getattr(filesystem_async, "_results_queue", "absent") is not None:
-        return  # already started, or a megatron-core without it
-    import multiprocessing as mp
-    from multiprocessing.managers import SyncManager
-
-    manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(initializer=_ignore_stop_signals_and_follow_parent, initargs=(os.getpid(),))
-    filesystem_async._results_queue = manager.Queue()
-    filesystem_async._gopd_manager = manager  # keep it alive as long as the module

@@ -490,7 +490,7 @@ def _wait_for_lines(proc, path: Path, lines: int, timeout_s: float = 300) -> Non
 @pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_cleanly(tiny_assets, tmp_path):
     """What a scheduler does at a time limit or preemption: SIGTERM to every process of the job (the
-    launcher, the ranks and megatron-core's checkpoint-writer helper) after a first checkpoint. The
+    launcher, the ranks and the checkpoint's forked file writers) after a first checkpoint. The
     stop checkpoint must complete, the job exit 0, no process survive, and a second job on the same
     output_dir be refused while the first one lives."""
     import signal
@@ -501,7 +501,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_cleanly(tiny_a
     # far more steps than can run before the signal, however fast the machine
     args = ("steps=1000", "save_every=2", "keep_checkpoints=5", "export_hf=false", *TWO_RANKS)
     proc = _start_in_own_session(tiny_assets, out, *args)
-    _wait_for_lines(proc, out / "metrics.jsonl", 3)  # step 2's checkpoint exists: its writer helper runs
+    _wait_for_lines(proc, out / "metrics.jsonl", 3)  # step 2's checkpoint exists
     second = gopd_train(tiny_assets, out, *args, nproc=2)
     assert second.returncode == 2 and "is in use by another gopd-train job" in second.stderr, second.stderr[-2000:]
     job = psutil.Process(proc.pid).children(recursive=True)
@@ -511,7 +511,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_cleanly(tiny_a
     stopped_at = len(read_metrics(out))
     assert 3 <= stopped_at < 1000 and "stop signal received" in output
     assert (out / "checkpoints" / f"step_{stopped_at:06d}" / "trainer_state.json").is_file()
-    _, alive = psutil.wait_procs(job, timeout=15)  # helpers notice their rank is gone within a second
+    _, alive = psutil.wait_procs(job, timeout=15)
     assert not alive, [p.cmdline() for p in alive]
     _ok(gopd_train(tiny_assets, out, f"steps={stopped_at + 1}", *args[1:], nproc=2))  # resumes
 

@@ -37,7 +37,7 @@ from megatron_gopd.data import PromptRecord, build_prompt_sampler, shard_for_ran
 from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits
 from megatron_gopd.models.output_head import OutputHead
 from megatron_gopd.planner import GB, unique_storage_bytes
-from megatron_gopd.process import STOP_SIGNALS, protect_checkpoint_writer
+from megatron_gopd.process import STOP_SIGNALS
 from megatron_gopd.rollout import RolloutBatch, RolloutEngine, SamplingParams, VLLMRolloutEngine, build_rollout_engine
 from megatron_gopd.scoring import ScoreRequest, ScoringPool
 from megatron_gopd.trainer.checkpoint import TrainCheckpointer
@@ -491,7 +491,6 @@ class Trainer:
         checkpoint after the current step and return; started again, it resumes from there.
         """
         self._install_stop_signals()
-        protect_checkpoint_writer()
         self.setup()
         cfg = self.cfg
         rank0 = dist.get_rank() == 0
