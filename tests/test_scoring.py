@@ -588,7 +588,7 @@ def test_pool_beside_pipelined_student_needs_no_redistribution(checkpoints):
         assert report["packed_vs_padded"] < TOL, report["packed_vs_padded"]
         packed, padded = (stats["math"] for stats in report["stats"])
         assert packed["tokens"] == packed["padded_tokens"], report["stats"]  # TP=1: no rounding
-        assert padded["padded_tokens"] > padded["tokens"], report["stats"]
+        assert padded["padded_tokens"] >= padded["tokens"] > 0, report["stats"]
         assert len(report["rows"]) == 8
         for row in report["rows"]:
             assert row["teacher_diff"] < TOL and row["ref_diff"] < TOL, (rank, row)

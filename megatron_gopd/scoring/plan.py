@@ -105,8 +105,8 @@ class ScoringPlan:
             )
         wanted = planned_models(cfg, student_checkpoint, student_layout)
         same_models = len(wanted) == len(self.models) and all(
-            (m.name, m.role, m.checkpoint, m.layout, m.template_kwargs)
-            == (name, role, model_cfg.checkpoint, layout, model_cfg.chat_template_kwargs)
+            (m.name, m.role, m.checkpoint, m.layout, m.template_kwargs, m.attention)
+            == (name, role, model_cfg.checkpoint, layout, model_cfg.chat_template_kwargs, model_cfg.attention)
             and model_cfg.dtype in (None, m.dtype)
             for m, (name, role, model_cfg, layout) in zip(self.models, wanted)
         )

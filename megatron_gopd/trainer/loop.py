@@ -482,7 +482,7 @@ class Trainer:
         targets = mb.targets if mb.topk_ids is None else torch.cat([mb.targets[..., None], mb.topk_ids], -1)
         if mb.packed is not None:
             targets = mb.packed.gather_padded(targets)  # [1, t(, 1 + k)]
-        if head is not None:  # output: the final hidden states [b, s, h]
+        if head is not None:  # output: the final hidden states [b, s, h] ([1, t, h] packed)
             logp, entropy = token_logprobs_from_hidden(
                 output.transpose(0, 1),
                 head.weight,
