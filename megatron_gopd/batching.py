@@ -1,11 +1,14 @@
 """Packing sequences into micro-batches by token count, and the training micro-batch.
 
 One packer serves every forward pass of the job: `pack_by_tokens` groups sequences (by length)
-into micro-batches of at most a token budget (rows x padded length), longest first so that the
-groups come out even, and `pad_token_rows` lays one group out as right-padded ``[b, s]`` tokens,
-next-token targets and positions. `balance_by_tokens` spreads sequences over data-parallel
-replicas by token count. The teacher / reference pool (`megatron_gopd.scoring`) builds its forward
-micro-batches with them; the trainer uses `pack_micro_batches` and `collate` below.
+into micro-batches of at most a token budget, longest first so that the groups come out even.
+A micro-batch runs either right-padded (the budget counts rows x padded length; `pad_token_rows`
+lays a group out as ``[b, s]`` tokens, next-token targets and positions) or packed (the budget
+counts the summed lengths; `megatron_gopd.packing.pack_sequences` lays the group end to end in one
+``[1, t]`` row that the attention reads sequence by sequence, so no token is padding).
+`balance_by_tokens` spreads sequences over data-parallel replicas by token count. The teacher /
+reference pool (`megatron_gopd.scoring`) builds its forward micro-batches with them; the trainer
+uses `pack_micro_batches` and `collate` below.
 
 A `TrainSample` is one student rollout with everything the loss needs, aligned to its response
 tokens; `collate` builds the `MicroBatch` of a group of them. Data-parallel ranks must run the
@@ -13,7 +16,7 @@ same number of micro-batches (expert-parallel all-to-alls pair them up), so the 
 with `collectives.agree_on_micro_batch_count` and short ranks get empty micro-batches that
 contribute nothing.
 
-Imports only torch (no other module of the package).
+Imports only torch and `megatron_gopd.packing` (which imports megatron-core when it packs).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import math
 from typing import Optional, Sequence, Union
 
 import torch
+
+from megatron_gopd.packing import PackedBatch, pack_sequences
 
 __all__ = [
     "MicroBatch",
@@ -48,15 +53,30 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def pack_by_tokens(lengths: Sequence[int], budget: int, multiple: int = 1) -> list[list[int]]:
-    """Group sequence indices into micro-batches of at most `budget` padded tokens.
+def pack_by_tokens(lengths: Sequence[int], budget: int, multiple: int = 1, packed: bool = False) -> list[list[int]]:
+    """Group sequence indices into micro-batches of at most `budget` tokens.
 
-    Longest first (ties in index order), so each micro-batch pads to its first sequence's length,
-    rounded up to `multiple` (sequence parallelism splits the sequence over TP). A sequence longer
-    than the budget gets a micro-batch of its own (never dropped).
+    Right-padded (`packed` False): a micro-batch costs rows x its first (longest) sequence's length
+    rounded up to `multiple` (sequence parallelism splits the sequence over TP); sequences go
+    longest first (ties in index order) into the last micro-batch while it stays in budget.
+    Packed: a micro-batch costs its summed length rounded up to `multiple`; longest first, each
+    sequence goes to the first micro-batch it fits in (first-fit decreasing). Either way a sequence
+    longer than the budget gets a micro-batch of its own (never dropped).
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
+    if packed:
+        loads: list[int] = []
+        for index in order:
+            fits = (b for b, load in enumerate(loads) if round_up(load + lengths[index], multiple) <= budget)
+            target = next(fits, None)
+            if target is None:
+                batches.append([index])
+                loads.append(lengths[index])
+            else:
+                batches[target].append(index)
+                loads[target] += lengths[index]
+        return batches
     padded_len = 0
     for index in order:
         if batches and (len(batches[-1]) + 1) * padded_len <= budget:
@@ -149,12 +169,16 @@ class TrainSample:
         return start, start + len(self.response_ids)
 
 
-def pack_micro_batches(samples: Sequence[TrainSample], max_tokens: int) -> list[list[TrainSample]]:
-    """Group samples into micro-batches of at most `max_tokens` padded tokens, longest first.
+def pack_micro_batches(
+    samples: Sequence[TrainSample], max_tokens: int, multiple: int = 1, packed: bool = False
+) -> list[list[TrainSample]]:
+    """Group samples into micro-batches of at most `max_tokens` tokens (padded rows, or packed
+    summed lengths), longest first; `pack_by_tokens`.
 
-    A sample longer than `max_tokens` gets a micro-batch of its own (never dropped); `pack_by_tokens`.
+    A sample longer than `max_tokens` gets a micro-batch of its own (never dropped).
     """
-    return [[samples[i] for i in batch] for batch in pack_by_tokens([s.num_tokens for s in samples], max_tokens)]
+    lengths = [s.num_tokens for s in samples]
+    return [[samples[i] for i in batch] for batch in pack_by_tokens(lengths, max_tokens, multiple, packed)]
 
 
 @dataclasses.dataclass
@@ -181,6 +205,10 @@ class MicroBatch:
     topk_ids: Optional[torch.Tensor] = None  # [b, s, k] long
     teacher_topk_logprobs: Optional[torch.Tensor] = None  # [b, s, k] fp32
     ref_topk_logprobs: Optional[torch.Tensor] = None  # [b, s, k] fp32 (teacher's where no reference)
+    packed: Optional[PackedBatch] = None
+    """The model's input when the micro-batch runs packed: the rows above end to end in one
+    ``[1, t]`` row (`PackedBatch.gather_padded` / `scatter_padded` move per-token values between
+    the two layouts); None when the model reads the right-padded ``tokens`` itself."""
 
     @property
     def num_response_tokens(self) -> int:
@@ -189,17 +217,22 @@ class MicroBatch:
 
 
 def collate(
-    samples: Sequence[TrainSample], pad_id: int = 0, device: Optional[torch.device] = None, topk: int = 0
+    samples: Sequence[TrainSample],
+    pad_id: int = 0,
+    device: Optional[torch.device] = None,
+    topk: int = 0,
+    pack_to_multiple_of: Optional[int] = None,
 ) -> MicroBatch:
-    """Pad `samples` to one ``[b, s]`` micro-batch; an empty list gives a 1-token dummy (mask 0).
+    """Pad `samples` to one ``[b, s]`` micro-batch; an empty list gives a 2-token dummy (mask 0).
 
     The mask comes from each sample's response length, never from comparing with the pad id:
     Qwen3's pad id is also one of its EOS ids, and the real EOS must be trained on. With `topk` > 0
     the samples' top-k fields (all ``[len(response_ids), topk]``) become ``[b, s, topk]`` tensors.
+    With `pack_to_multiple_of` the micro-batch also carries its packed model input (`MicroBatch.packed`),
+    its length rounded up to that multiple (TP under sequence parallelism).
     """
-    tokens, targets, positions = pad_token_rows(
-        [s.prompt_ids + s.response_ids for s in samples] or [[pad_id, pad_id]], pad_id=pad_id
-    )
+    rows = [s.prompt_ids + s.response_ids for s in samples] or [[pad_id, pad_id]]
+    tokens, targets, positions = pad_token_rows(rows, pad_id=pad_id)
     batch, length = tokens.shape
     spans = [s.response_span for s in samples]
     mask = _response_values(spans, [[1.0] * len(s.response_ids) for s in samples], batch, length)
@@ -236,7 +269,10 @@ def collate(
             ref_source = s.ref_topk_logprobs if s.ref_topk_logprobs is not None else s.teacher_topk_logprobs
             ref_topk[row, start:end] = ref_source.float().cpu()
         out.topk_ids, out.teacher_topk_logprobs, out.ref_topk_logprobs = ids, teacher_topk, ref_topk
-    return out if device is None else _on(out, device)
+    out = out if device is None else _on(out, device)
+    if pack_to_multiple_of is not None:
+        out.packed = pack_sequences(rows, pad_to_multiple_of=pack_to_multiple_of, pad_id=pad_id, device=device)
+    return out
 
 
 def _response_values(

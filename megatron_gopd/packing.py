@@ -15,9 +15,13 @@ packed sequence gets exactly the numbers it would get alone.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
+
+PackingMode = Literal["auto", "on", "off"]
+"""``auto``: pack every model whose attention can take packed sequences; ``on``: require it;
+``off``: right-padded ``[b, s]`` micro-batches."""
 
 
 @dataclasses.dataclass
@@ -52,6 +56,36 @@ class PackedBatch:
             )
         pieces = torch.split(values, self.lengths + [self.num_padding], dim=dim)
         return list(pieces[: len(self.lengths)])
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each sequence starts in the packed row."""
+        return self.packed_seq_params.cu_seqlens_q[: len(self.lengths)].tolist()
+
+    def padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, columns) ``[n]`` int64, n = sum(lengths): where each real packed token sits when
+        the same sequences are right-padded to ``[len(lengths), max(lengths)]`` rows."""
+        device = self.tokens.device
+        lengths = torch.tensor(self.lengths, device=device)
+        rows = torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
+        columns = self.position_ids[0, : rows.numel()]  # positions restart at 0 per sequence
+        return rows, columns
+
+    def gather_padded(self, values: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """``[b, s, ...]`` right-padded values (row i: sequence i) -> ``[1, t, ...]`` packed like
+        the tokens; the padding segment gets `fill`."""
+        rows, columns = self.padded_index()
+        real = values[rows, columns]  # [n, ...]
+        padding = real.new_full((self.num_padding,) + tuple(real.shape[1:]), fill)
+        return torch.cat([real, padding]).unsqueeze(0)
+
+    def scatter_padded(self, values: torch.Tensor, length: int, fill: float = 0) -> torch.Tensor:
+        """``[1, t, ...]`` packed values -> ``[len(lengths), length, ...]`` right-padded rows,
+        `fill` past each sequence's end; differentiable in `values` (the inverse of `gather_padded`)."""
+        rows, columns = self.padded_index()
+        shape = (len(self.lengths), length) + tuple(values.shape[2:])
+        out = values.new_full(shape, fill)
+        return out.index_put((rows, columns), values[0, : rows.numel()])
 
 
 def pack_sequences(
@@ -91,3 +125,24 @@ def pack_sequences(
         qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=longest, max_seqlen_kv=longest
     )
     return PackedBatch(tokens=tokens, position_ids=positions, packed_seq_params=params, lengths=lengths)
+
+
+def packing_enabled(mode: PackingMode, attention: str, model: str) -> bool:
+    """Whether `model` (a label naming it in errors) runs packed micro-batches under `mode`.
+
+    Every core attention but megatron-core's local one (``attention='local'``) takes packed
+    sequences. ``mode='on'`` with local attention is refused (ValueError naming both settings).
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"packing must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "off":
+        return False
+    if attention == "local":
+        if mode == "on":
+            raise ValueError(
+                f"packing=on, but {model} has attention='local' (megatron-core's DotProductAttention, "
+                "which cannot take packed sequences): set its attention to 'auto' or 'sdpa', or "
+                "packing to 'auto' (pack the models that can) or 'off'"
+            )
+        return False
+    return True

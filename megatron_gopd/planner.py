@@ -189,6 +189,8 @@ class PlannedModel:
     arch: ModelArchitecture
     layout: ParallelLayout
     dtype: str
+    attention: AttentionKind = "sdpa"
+    """How its attention computes (``local``: it materialises the scores and cannot pack)."""
 
 
 def plan_memory(
@@ -205,12 +207,18 @@ def plan_memory(
     offload_pool: bool = False,
     kv_cache_bytes: Optional[float] = None,
     kv_cache_fraction: float = 0.9,
-    attention: AttentionKind = "sdpa",
+    attention: Optional[AttentionKind] = None,
     logprobs_from_hidden: bool = True,
     topk: int = 0,
     overhead_bytes: float = CONTEXT_OVERHEAD_GB * GB,
 ) -> MemoryPlan:
-    """The per-rank `MemoryPlan` of a job; see the module docstring for what each phase counts."""
+    """The per-rank `MemoryPlan` of a job; see the module docstring for what each phase counts.
+
+    A micro-batch holds at most its token budget whether it is packed (summed lengths) or
+    right-padded (rows x padded length), so both count the budget's tokens; only attention that
+    materialises scores (`attention` ``local``, which cannot pack) adds rows x heads x s^2.
+    `attention` overrides every model's own `PlannedModel.attention` when given.
+    """
     notes: list[str] = []
     s_arch, s_layout = student.arch, student.layout
     dp = max(world_size // (s_layout.tp * s_layout.pp), 1)
@@ -247,7 +255,9 @@ def plan_memory(
         width = topk + 1
         scoring_items = {
             "one layer's activations": _forward_layer_bytes(biggest.arch, biggest.layout, tokens, biggest.dtype),
-            "attention scores": _score_bytes(biggest.arch, biggest.layout, tokens, sample_tokens, attention),
+            "attention scores": _score_bytes(
+                biggest.arch, biggest.layout, tokens, sample_tokens, attention or biggest.attention
+            ),
             # logits exist one chunk of positions at a time (megatron_gopd.logprobs), in fp32
             "logits chunk (fp32)": min(
                 tokens * biggest.arch.padded_vocab_size(biggest.layout.tp) / biggest.layout.tp, LOGITS_CHUNK_ELEMENTS
@@ -277,7 +287,8 @@ def plan_memory(
             * layer_bytes
             if recompute
             else layer_bytes,
-            "attention scores": _score_bytes(s_arch, s_layout, tokens, sample_tokens, attention) * 2,
+            "attention scores": _score_bytes(s_arch, s_layout, tokens, sample_tokens, attention or student.attention)
+            * 2,
             "log-prob head (chunked)" if logprobs_from_hidden else "logits (fp32, with gradient)": head_elements * 4 * 3
             + tokens * (topk + 1) * 8,
         },

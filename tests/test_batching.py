@@ -100,3 +100,41 @@ def test_scoring_forward_batch_carries_extra_targets():
     assert batch.targets[:, 1, 0].tolist() == [2, 3, 4, 5, 0, 0]  # the next token
     assert batch.targets[1:4, 1, 1:].tolist() == [[7, 8], [9, 10], [11, 12]]  # at response positions
     assert batch.targets[:, 0, 1:].tolist() == [[1, 1], [2, 2], [0, 0], [0, 0], [0, 0], [0, 0]]
+
+
+def test_packed_micro_batches_count_summed_lengths_first_fit():
+    lengths = [5, 17, 3, 9, 9, 30, 1]
+    batches = pack_by_tokens(lengths, budget=20, multiple=2, packed=True)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    # longest first, each into the first micro-batch with room (sums rounded up to 2):
+    # 30 alone (over budget) | 17 + 3 | 9 + 9 + 1 (19 -> 20) | 5
+    assert batches == [[5], [1, 2], [3, 4, 6], [0]]
+    for batch in batches:
+        assert len(batch) == 1 or -(-sum(lengths[i] for i in batch) // 2) * 2 <= 20, batch
+    samples = [_sample(p, r, i) for i, (p, r) in enumerate([(3, 4), (2, 9), (5, 1), (4, 4), (1, 12)])]
+    groups = pack_micro_batches(samples, max_tokens=16, packed=True)
+    assert [[samples.index(s) for s in g] for g in groups] == pack_by_tokens(
+        [s.num_tokens for s in samples], 16, packed=True
+    )
+
+
+def test_collate_packs_the_model_input_and_maps_values_between_layouts():
+    samples = [_sample(3, 4, 1), _sample(2, 6, 2), _sample(1, 1, 3)]
+    mb = collate(samples, pad_id=7, topk=0, pack_to_multiple_of=4)
+    packed = mb.packed
+    assert packed.lengths == [7, 8, 2] and packed.tokens.shape == (1, 20) and packed.num_padding == 3
+    assert packed.offsets == [0, 7, 15]
+    # the packed row is the padded rows' real tokens end to end, positions restarting per sequence
+    assert torch.equal(packed.gather_padded(mb.tokens, fill=7), packed.tokens)
+    assert torch.equal(packed.gather_padded(mb.position_ids)[:, :17], packed.position_ids[:, :17])
+    # targets packed through the padded layout: the next token of the same sequence (pad at its end)
+    targets = packed.gather_padded(mb.targets)[0]
+    assert targets[6].item() == 7 and targets[5].item() == packed.tokens[0, 6].item()
+    # scatter is gather's inverse on real positions, fill elsewhere, and carries gradients
+    values = torch.randn(1, 20, requires_grad=True)
+    rows = packed.scatter_padded(values, mb.tokens.shape[1], fill=-1.0)
+    assert rows.shape == mb.tokens.shape and rows[2, 2:].eq(-1.0).all()
+    assert torch.equal(packed.gather_padded(rows.detach())[0, :17], values.detach()[0, :17])
+    (rows * mb.loss_mask).sum().backward()
+    assert values.grad.sum().item() == mb.loss_mask.sum().item()
+    assert collate([], pad_id=7, pack_to_multiple_of=1).packed.lengths == [2]  # the dummy packs too

@@ -316,7 +316,7 @@ def _pool_body(rank: int, world_size: int, checkpoints: dict[str, str]) -> dict:
             "math_base": PoolModelConfig(checkpoints["math_base"], tp=2),
             "unused": PoolModelConfig(checkpoints["math"]),
         },
-        micro_batch_tokens=100,  # ~2 right-padded sequences per micro-batch, several per replica
+        micro_batch_tokens=100,  # a few packed sequences per micro-batch, several per replica
     )
     pool = ScoringPool(cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout())
     # teacher checkpoint, lam, reference checkpoint (None: no reference run)
@@ -392,6 +392,31 @@ def _pipeline_student_body(rank: int, world_size: int, checkpoints: dict[str, st
     scores = pool.score([ScoreRequest(**r) for r in requests])
     topk_scores = pool.score([ScoreRequest(**r) for r in requests], topk=TINY_VOCAB_SIZE)  # the whole vocabulary
     redistributed = {name: s.redistributed for name, s in pool.stats.items()}
+    packed_stats = {name: dict(vars(s)) for name, s in pool.stats.items()}
+    pool.close()
+    # The same pool with right-padded micro-batches (packing=off): the same numbers.
+    padded_plan = validate_scoring_config(
+        cfg,
+        student_checkpoint=checkpoints["student"],
+        student_layout=ParallelLayout(pp=2),
+        world_size=world_size,
+        packing="off",
+    )
+    pool = ScoringPool(
+        cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(pp=2), plan=padded_plan
+    )
+    padded_topk = pool.score([ScoreRequest(**r) for r in requests], topk=8)
+    packed_topk = topk_scores
+    packed_vs_padded = max(
+        max(
+            (a.teacher_logprobs - b.teacher_logprobs).abs().max().item(),
+            (a.ref_logprobs - b.ref_logprobs).abs().max().item(),
+            (a.teacher_topk_logprobs[:, :8] - b.teacher_topk_logprobs).abs().max().item(),
+            (a.ref_topk_logprobs[:, :8] - b.ref_topk_logprobs).abs().max().item(),
+        )
+        for a, b in zip(packed_topk, padded_topk)
+    )
+    padded_stats = {name: dict(vars(s)) for name, s in pool.stats.items()}
     # Rank 2 holds shard 0 like rank 0 but passes another list: refused on every rank.
     try:
         pool.score([ScoreRequest(**r) for r in requests[: 3 if rank == 2 else 4]])
@@ -407,7 +432,14 @@ def _pipeline_student_body(rank: int, world_size: int, checkpoints: dict[str, st
     rows += _check_scores(
         topk_scores, requests, {"math": ("math", 1.5, "student")}, standalone, renderers, topk=TINY_VOCAB_SIZE
     )
-    return {"rows": rows, "redistributed": redistributed, "mismatch_error": mismatch_error}
+    return {
+        "rows": rows,
+        "redistributed": redistributed,
+        "mismatch_error": mismatch_error,
+        "plans_packed": ([m.packed for m in plan.models], [m.packed for m in padded_plan.models]),
+        "packed_vs_padded": packed_vs_padded,
+        "stats": (packed_stats, padded_stats),
+    }
 
 
 def _bad_setup_body(rank: int, world_size: int, checkpoints: dict[str, str]) -> dict:
@@ -551,6 +583,12 @@ def test_pool_beside_pipelined_student_needs_no_redistribution(checkpoints):
     for rank, report in enumerate(reports):
         assert report["redistributed"] == {"math": False, STUDENT_INIT: False}, rank
         assert "rank 2 passed other requests than rank 0" in report["mismatch_error"], report
+        # packing=auto packs both models; packed and right-padded micro-batches score alike
+        assert report["plans_packed"] == ([True, True], [False, False]), report["plans_packed"]
+        assert report["packed_vs_padded"] < TOL, report["packed_vs_padded"]
+        packed, padded = (stats["math"] for stats in report["stats"])
+        assert packed["tokens"] == packed["padded_tokens"], report["stats"]  # TP=1: no rounding
+        assert padded["padded_tokens"] >= padded["tokens"] > 0, report["stats"]
         assert len(report["rows"]) == 8
         for row in report["rows"]:
             assert row["teacher_diff"] < TOL and row["ref_diff"] < TOL, (rank, row)
@@ -687,3 +725,31 @@ def test_validation_reports_every_problem_at_once(checkpoints):
         plan.check_matches(
             cfg, student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(), world_size=4
         )
+
+
+@pytest.mark.slow
+def test_packing_on_is_refused_for_a_model_with_local_attention(checkpoints):
+    """packing=on with a teacher that cannot take packed sequences: refused by validation (nothing
+    built), naming the teacher and its setting; packing=auto runs that one model right-padded."""
+    from megatron_gopd.models import ParallelLayout
+
+    cfg = ScoringConfig(
+        teachers={
+            "math": TeacherConfig(
+                model=PoolModelConfig(checkpoints["math"], attention="local"), domains=["math"], lam=1.5
+            )
+        }
+    )
+    where = dict(student_checkpoint=checkpoints["student"], student_layout=ParallelLayout(), world_size=4)
+    with pytest.raises(ScoringConfigError) as err:
+        validate_scoring_config(cfg, packing="on", **where)
+    message = str(err.value)
+    assert "packing=on" in message and "scoring.teachers.math.model.attention" in message, message
+    assert "attention='local'" in message and checkpoints["math"] in message, message
+    plan = validate_scoring_config(cfg, packing="auto", **where)
+    assert [(m.name, m.attention, m.packed) for m in plan.models] == [
+        ("math", "local", False),
+        (STUDENT_INIT, "auto", True),
+    ]
+    with pytest.raises(ValueError, match="attention must be 'auto', 'sdpa' or 'local'"):
+        PoolModelConfig("x", attention="flash")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,14 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_assets, tmp_path):
         (["optim.lr=nan"], "optim.lr must be a finite number"),
         (["keep_checkpoints=0"], "keep_checkpoints must be >= 1"),
         (["output_dir=/proc/gopd-never"], "cannot write under /proc"),
+        (
+            ["micro_batch_tokens=64"],
+            "micro_batch_tokens=64 cannot hold one sequence of the configured length: data.max_prompt_length=64 "
+            "+ rollout.max_new_tokens=16 = 80 tokens",
+        ),
+        (["scoring.micro_batch_tokens=79"], "scoring.micro_batch_tokens=79 cannot hold one sequence"),
+        (["packing=on", "student.attention=local"], "packing=on, but the student"),
+        (["packing=on", "scoring.teachers.code.model.attention=local"], "scoring.teachers.code.model.attention"),
     ],
 )
 def test_bad_input_fails_fast_without_output(tiny_assets, tmp_path, overrides, message):
@@ -323,7 +332,7 @@ def test_pipelined_tensor_parallel_student(tiny_assets, tmp_path):
     """The student itself at TP=2 x PP=2 (micro-batches of different shapes through the pipeline)."""
     out = tmp_path / "tp2pp2"
     _ok(
-        gopd_train(tiny_assets, out, "steps=2", "save_every=0", "student.tp=2", "student.pp=2", "micro_batch_tokens=64")
+        gopd_train(tiny_assets, out, "steps=2", "save_every=0", "student.tp=2", "student.pp=2", "micro_batch_tokens=80")
     )
     metrics = read_metrics(out)
     assert len(metrics) == 2 and all(math.isfinite(v) for m in metrics for v in m.values())
@@ -423,7 +432,7 @@ def test_sequence_mean_normalisation_is_exact_under_micro_batching_on_two_data_p
     """loss.agg=seq-mean-token-mean (the official runs' aggregation): the same rollouts (same seeds, DP=2)
     packed into many small micro-batches or one per rank give the same step loss and gradient."""
     runs = {}
-    for name, tokens in (("packed_small", 48), ("one_micro_batch", 8192)):
+    for name, tokens in (("packed_small", 80), ("one_micro_batch", 8192)):  # 80: one 64 + 16-token sample
         out = tmp_path / name
         _ok(
             gopd_train(
@@ -562,3 +571,220 @@ def test_fast_and_megatron_rollout_engines_train_alike(tiny_assets, tmp_path):
     for fast, reference in zip(runs["fast"], runs["megatron"]):
         for key in ("response_length/mean", "loss", "grad_norm", "reverse_kl/math", "entropy"):
             assert fast[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), (key, fast, reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed micro-batches (packing=auto/on) against right-padded ones (packing=off), in one launch of
+# 2 gloo ranks: the trainer's own forward/backward and optimizer step on the same samples.
+
+PACKING_CASES = {  # name: (tp, pp, loss.kind)
+    "tp1": (1, 1, "sampled"),  # DP=2
+    "tp1_topk": (1, 1, "topk"),
+    "tp2": (2, 1, "sampled"),
+    "pp2": (1, 2, "sampled"),
+}
+PACKING_BUDGET = 96  # several micro-batches per rank, of different shapes
+LONG_LENGTHS = (5000, 3192)  # one 8K-token packed micro-batch per rank
+# Peak resident-memory growth (measured ~240-260 MiB training, ~35-38 MiB scoring); local
+# attention's fp32 scores alone would take 1 GiB per layer at 8K tokens.
+LONG_TRAIN_MEMORY_BOUND = 512 * 2**20
+LONG_SCORE_MEMORY_BOUND = 160 * 2**20
+
+
+def _random_samples(seed: int, lengths: list[tuple[int, int]], vocab: int, topk: int) -> list:
+    """TrainSamples of random tokens with plausible teacher / reference / sampler log-probs."""
+    import torch
+
+    from megatron_gopd.batching import TrainSample
+
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for index, (prompt_len, response_len) in enumerate(lengths):
+        tokens = torch.randint(0, vocab, (prompt_len + response_len,), generator=gen).tolist()
+        teacher = torch.randn(response_len, vocab, generator=gen).log_softmax(-1)
+        ref = torch.randn(response_len, vocab, generator=gen).log_softmax(-1)
+        picked = torch.tensor(tokens[prompt_len:])[:, None]
+        top = teacher.topk(topk, dim=-1) if topk else None
+        samples.append(
+            TrainSample(
+                prompt_ids=tokens[:prompt_len],
+                response_ids=tokens[prompt_len:],
+                sampler_logprobs=(-torch.rand(response_len, generator=gen) * 5).tolist(),
+                teacher_logprobs=teacher.gather(1, picked)[:, 0],
+                ref_logprobs=ref.gather(1, picked)[:, 0] if index % 3 else None,
+                teacher="math" if index % 3 else "code",  # code: plain OPD, no reference
+                lam=1.25 if index % 3 else 1.0,
+                outcome_advantage=0.1 * (index % 4) - 0.15,
+                teacher_topk_ids=top.indices if top else None,
+                teacher_topk_logprobs=top.values if top else None,
+                ref_topk_logprobs=ref.gather(1, top.indices) if top and index % 3 else None,
+            )
+        )
+    return samples
+
+
+def _trainer_step(overrides: list[str], samples_for_dp_rank, world_size: int, measure: bool = False) -> dict:
+    """Build the student of a tiny-config job as `Trainer` does and run one `_optimize` step."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from transformers import AutoTokenizer
+
+    from megatron_gopd import platform
+    from megatron_gopd.models import ModelArchitecture
+    from megatron_gopd.testing.memory import PeakRSSGrowth
+    from megatron_gopd.trainer.config import TrainPlan, student_packs
+    from megatron_gopd.trainer.loop import Trainer
+
+    cfg = load_config(TrainConfig, TINY_CONFIG, overrides)
+    hf_dir = Path(cfg.student.checkpoint) / "hf"
+    layout = cfg.student.layout
+    plan = TrainPlan(
+        world_size=world_size,
+        student_checkpoint=cfg.student.checkpoint,
+        arch=ModelArchitecture.from_pretrained(hf_dir),
+        layout=layout,
+        packed=student_packs(cfg),
+    )
+    trainer = Trainer(cfg, plan)
+    # Trainer.setup's student half (no data, pool or rollout engine: the samples are given)
+    platform.init_model_parallel(tp=layout.tp, pp=layout.pp, ep=layout.ep, seed=cfg.seed)
+    trainer.dp_rank = parallel_state.get_data_parallel_rank()
+    trainer.dp_group = parallel_state.get_data_parallel_group()
+    trainer.tp_group = parallel_state.get_tensor_model_parallel_group()
+    trainer.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    trainer.pool = None
+    trainer.static_gb = None
+    trainer._build_student()
+    trainer.model.train()
+    samples = samples_for_dp_rank(trainer.dp_rank, trainer._topk)
+    with PeakRSSGrowth() as growth:
+        metrics = trainer._optimize(samples)
+    grads = {n: p.main_grad.detach().clone() for n, p in trainer.model.module.named_parameters()}
+    out = {
+        "metrics": {k: v for k, v in metrics.items() if not k.startswith(("time/", "memory/"))},
+        "grads": grads,
+        "packed": plan.packed,
+    }
+    if measure:
+        out.update(growth=growth.bytes, exact=growth.exact)
+    dist.barrier()
+    return out
+
+
+def _packing_body(rank: int, world_size: int, overrides: list[str], long_checkpoint: str) -> dict:
+    from megatron_gopd.testing.tiny_tokenizer import TINY_VOCAB_SIZE
+
+    report: dict = {}
+    for name, (tp, pp, kind) in PACKING_CASES.items():
+
+        def samples(dp_rank: int, topk: int) -> list:
+            lengths = [(3 + (7 * i + 5 * dp_rank) % 30, 1 + (11 * i + 3 * dp_rank) % 40) for i in range(7)]
+            return _random_samples(100 + dp_rank, lengths, TINY_VOCAB_SIZE, topk)
+
+        case = [
+            *overrides,
+            f"student.tp={tp}",
+            f"student.pp={pp}",
+            f"loss.kind={kind}",
+            "loss.topk=8",
+            f"micro_batch_tokens={PACKING_BUDGET}",
+        ]
+        runs = {mode: _trainer_step([*case, f"packing={mode}"], samples, world_size) for mode in ("auto", "off")}
+        packed, padded = runs["auto"], runs["off"]
+        grad_scale = max(g.abs().max().item() for g in padded["grads"].values())
+        report[name] = dict(
+            packed=(packed["packed"], padded["packed"]),
+            metrics=(packed["metrics"], padded["metrics"]),
+            grad_diff=max((packed["grads"][n] - g).abs().max().item() for n, g in padded["grads"].items()),
+            grad_scale=grad_scale,
+        )
+
+    # One 8K-token packed micro-batch per rank (TP=1, DP=2): scored by the pool, then trained on.
+    from megatron_gopd import platform
+    from megatron_gopd.models import ParallelLayout
+    from megatron_gopd.scoring import PoolModelConfig, ScoreRequest, ScoringConfig, ScoringPool, TeacherConfig
+    from megatron_gopd.testing.memory import PeakRSSGrowth
+
+    long_overrides = [
+        *overrides,
+        f"student.checkpoint={long_checkpoint}",
+        "micro_batch_tokens=8192",
+    ]
+
+    def long_samples(dp_rank: int, topk: int) -> list:
+        return _random_samples(7 + dp_rank, [(n // 2, n - n // 2) for n in LONG_LENGTHS], TINY_VOCAB_SIZE, topk)
+
+    # Scoring first: it must not reuse memory that training's larger peak left in the heap.
+    platform.init_model_parallel(tp=1, pp=1)  # the pool's student: TP=1, DP=2
+    pool_cfg = ScoringConfig(
+        teachers={"math": TeacherConfig(model=PoolModelConfig(long_checkpoint), domains=["math"])},
+        micro_batch_tokens=8192,
+    )
+    pool = ScoringPool(pool_cfg, student_checkpoint=long_checkpoint, student_layout=ParallelLayout())
+    # TP=1: every rank is its own replica
+    requests = [ScoreRequest("math", s.prompt_ids, s.response_ids) for s in long_samples(rank, 0)]
+    pool.score([ScoreRequest("math", requests[0].prompt_ids[:8], requests[0].response_ids[:8])], topk=4)  # warm
+    with PeakRSSGrowth() as growth:
+        scores = pool.score(requests, topk=4)
+    stats = dict(vars(pool.stats["math"]))
+    pool.close()
+    trained = _trainer_step(long_overrides, long_samples, world_size, measure=True)
+    report["long"] = dict(
+        train_growth=trained["growth"],
+        train_exact=trained["exact"],
+        train_loss=trained["metrics"]["loss"],
+        grads_finite=all(bool(g.isfinite().all()) for g in trained["grads"].values()),
+        score_growth=growth.bytes,
+        score_exact=growth.exact,
+        scores_finite=all(bool(s.teacher_logprobs.isfinite().all()) for s in scores),
+        scored_tokens=[len(s.teacher_logprobs) for s in scores],
+        stats=stats,
+    )
+    return report
+
+
+@pytest.fixture(scope="module")
+def packing_reports(tiny_assets, tmp_path_factory) -> list[dict]:
+    """Every packing check in one launch of 2 ranks; one report per rank."""
+    from tests.dist_harness import run_distributed
+
+    overrides = _asset_overrides(tiny_assets)
+    # The tiny student with an 8K context (RoPE has no table to resize; nothing else depends on it).
+    cfg = load_config(TrainConfig, TINY_CONFIG, overrides)
+    long_checkpoint = tmp_path_factory.mktemp("long") / "student_8k"
+    shutil.copytree(cfg.student.checkpoint, long_checkpoint)
+    config_path = long_checkpoint / "hf" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "max_position_embeddings": 8192}))
+    return run_distributed(
+        _packing_body, world_size=2, timeout=900.0, overrides=overrides, long_checkpoint=str(long_checkpoint)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(PACKING_CASES))
+def test_packed_and_padded_micro_batches_train_alike(packing_reports, case):
+    """The same samples, packed (packing=auto) or right-padded (packing=off): the same loss,
+    metrics and gradients (fp32), at TP=1 (DP=2, sampled and top-k loss), TP=2 and PP=2."""
+    for rank, report in enumerate(packing_reports):
+        row = report[case]
+        assert row["packed"] == (True, False), (rank, row["packed"])
+        packed, padded = row["metrics"]
+        assert packed.keys() == padded.keys() and "loss" in packed, (packed, padded)
+        for key, value in padded.items():
+            assert packed[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (rank, key, packed, padded)
+        assert padded["grad_norm"] > 0
+        assert row["grad_diff"] <= 1e-5 * row["grad_scale"], (rank, row["grad_diff"], row["grad_scale"])
+
+
+@pytest.mark.slow
+def test_an_8k_token_packed_micro_batch_scores_and_trains_within_a_memory_bound(packing_reports):
+    """A tiny model scores (pool, top-k) and trains on one 8K-token packed micro-batch per rank
+    within a bound on resident memory far below what local attention's [heads, t, t] fp32 scores
+    take (1 GiB per layer)."""
+    for rank, report in enumerate(packing_reports):
+        long = report["long"]
+        assert long["grads_finite"] and math.isfinite(long["train_loss"]), (rank, long)
+        assert long["scores_finite"] and long["scored_tokens"] == [n - n // 2 for n in LONG_LENGTHS], (rank, long)
+        assert long["stats"]["padded_tokens"] == long["stats"]["tokens"], long["stats"]  # packed: no padding
+        assert long["train_growth"] < LONG_TRAIN_MEMORY_BOUND, (rank, long["train_growth"] / 2**20, long["train_exact"])
+        assert long["score_growth"] < LONG_SCORE_MEMORY_BOUND, (rank, long["score_growth"] / 2**20, long["score_exact"])

@@ -7,7 +7,7 @@ its own `ProcessGroupCollection` (and its own sizes in `ParallelLayout`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,10 @@ class ModelConfig:
     """Expert-parallel size (MoE models); carved out of this model's data parallelism."""
     dtype: Optional[str] = None
     """``float32`` / ``bfloat16`` / ``float16``; None: the dtype the checkpoint was converted in."""
+    attention: Literal["auto", "sdpa", "local"] = "auto"
+    """Core attention: ``auto`` (Transformer Engine's where it imports, else torch's
+    scaled_dot_product_attention), ``sdpa``, or ``local`` (megatron-core's DotProductAttention:
+    materialises [b, heads, s, s] scores and cannot take packed micro-batches; for comparisons)."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep"):
@@ -58,6 +62,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype is not None:
             torch_dtype(self.dtype)  # raises naming the supported dtypes
+        if self.attention not in ("auto", "sdpa", "local"):
+            raise ValueError(f"attention must be 'auto', 'sdpa' or 'local', got {self.attention!r}")
 
     @property
     def layout(self) -> ParallelLayout:

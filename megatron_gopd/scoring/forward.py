@@ -2,9 +2,11 @@
 
 A `ScoredSequence` is a model's input for one request: the prompt in that model's chat template,
 then the student's response ids (appended unchanged, never re-tokenised). A replica packs its
-sequences into micro-batches of at most ``micro_batch_tokens`` tokens (`batching.pack_by_tokens`:
-rows x padded length, right padding, lengths rounded up to a multiple of TP for sequence
-parallelism) and runs them through Megatron's pipeline schedule (`get_forward_backward_func`, with
+sequences into micro-batches of at most ``micro_batch_tokens`` tokens (`batching.pack_by_tokens`,
+lengths rounded up to a multiple of TP for sequence parallelism): packed end to end in one
+``[1, t]`` row (`ModelPlan.packed`: the summed lengths count, each sequence attends only to
+itself) or right-padded ``[b, s]`` rows (rows x padded length count), and runs them through
+Megatron's pipeline schedule (`get_forward_backward_func`, with
 the model's own groups and P2P communicator). Log-probs of the sampled tokens are taken at
 temperature 1 over the model's real vocabulary (Megatron's padded rows masked) with
 `megatron_gopd.logprobs` from the model's final hidden states and output weight, a chunk of positions
@@ -30,6 +32,7 @@ from megatron_gopd.logprobs import token_logprobs_from_logits, topk_logprobs_fro
 from megatron_gopd.logprobs.head_gemm import fp32_mm, head_gemm_dtype
 from megatron_gopd.logprobs.shared import chunk_positions
 from megatron_gopd.models.output_head import OutputHead
+from megatron_gopd.packing import pack_sequences
 from megatron_gopd.scoring.plan import ModelPlan
 
 __all__ = [
@@ -96,41 +99,74 @@ def decode_sequences(flat: torch.Tensor) -> list[ScoredSequence]:
 
 @dataclass
 class ForwardBatch:
-    """One forward-only micro-batch of a replica (the same on every rank of the replica)."""
+    """One forward-only micro-batch of a replica (the same on every rank of the replica).
+
+    Right-padded: sequence i of `indices` is row i, starting at position 0. Packed: one row, the
+    sequences end to end, sequence i starting at ``starts[i]``.
+    """
 
     tokens: torch.Tensor
-    """[b, s] int64 token ids, right-padded with 0."""
+    """[b, s] int64 token ids, right-padded with 0; packed: [1, t]."""
     positions: torch.Tensor
-    """[b, s] int64 position ids."""
+    """[b, s] int64 position ids (packed: restarting at 0 for every sequence)."""
     targets: torch.Tensor
-    """[s, b] int64: the token each position predicts (the next one; 0 past the end); [s, b, 1 + k]
-    when the sequences carry ``extra_targets`` (column 0 the next token, then the extra ids at
-    response positions, 0 elsewhere)."""
+    """[s, b] int64: the token each position predicts (the next one of its sequence; 0 past the
+    end, anything at a packed sequence's last position, which predicts no response token);
+    [s, b, 1 + k] when the sequences carry ``extra_targets`` (column 0 the next token, then the
+    extra ids at response positions, 0 elsewhere)."""
     indices: list[int]
-    """Which of the replica's sequences each row holds."""
+    """Which of the replica's sequences each row (packed: each segment) holds."""
     dummy: bool = False
+    rows: Optional[list[int]] = None
+    """Per sequence of `indices`: its row (None: row i)."""
+    starts: Optional[list[int]] = None
+    """Per sequence of `indices`: the position of its first token (None: 0)."""
+    packed_seq_params: Any = None
+    """Megatron `PackedSeqParams` (``thd``) of a packed micro-batch, None when right-padded."""
+
+    def placement(self, i: int) -> tuple[int, int]:
+        """(row, first position) of the i-th sequence of `indices`."""
+        return (i if self.rows is None else self.rows[i]), (0 if self.starts is None else self.starts[i])
 
 
 def collate_forward(
-    sequences: Sequence[ScoredSequence], indices: list[int], multiple: int, dummy: bool = False
+    sequences: Sequence[ScoredSequence],
+    indices: list[int],
+    multiple: int,
+    dummy: bool = False,
+    packed: bool = False,
 ) -> ForwardBatch:
-    """Rows `indices` of `sequences` as one right-padded micro-batch (length a multiple of `multiple`)."""
+    """Sequences `indices` of `sequences` as one micro-batch, its length a multiple of `multiple`:
+    right-padded rows, or (`packed`) one row of the sequences end to end."""
     device = platform.device()
-    tokens, targets, positions = pad_token_rows([sequences[i].tokens for i in indices], multiple=multiple)
+    rows = [sequences[i].tokens for i in indices]
+    packing = None
+    if packed:
+        packing = pack_sequences(rows, pad_to_multiple_of=multiple, device=device)
+        tokens, positions = packing.tokens, packing.position_ids  # [1, t]
+        targets = torch.zeros_like(tokens)
+        targets[:, :-1] = tokens[:, 1:]
+        starts = packing.offsets
+    else:
+        tokens, targets, positions = pad_token_rows(rows, multiple=multiple)
+        starts = [0] * len(indices)
     extra = [sequences[i].extra_targets for i in indices]
     if not dummy and extra[0] is not None:
         k = extra[0].shape[1]
         targets = torch.cat([targets.unsqueeze(-1), targets.new_zeros(targets.shape + (k,))], dim=-1)
-        for row, index in enumerate(indices):
+        for i, (index, offset) in enumerate(zip(indices, starts)):
             seq = sequences[index]
-            start = seq.prompt_len - 1  # position t predicts token t + 1
-            targets[row, start : start + seq.response_len, 1:] = seq.extra_targets
+            start = offset + seq.prompt_len - 1  # position t predicts token t + 1
+            targets[0 if packed else i, start : start + seq.response_len, 1:] = seq.extra_targets.to(targets.device)
     return ForwardBatch(
         tokens.to(device),
         positions.to(device),
         targets.transpose(0, 1).contiguous().to(device),
         [] if dummy else list(indices),
         dummy,
+        rows=[0] * len(indices) if packed else None,
+        starts=starts if packed else None,
+        packed_seq_params=None if packing is None else packing.packed_seq_params,
     )
 
 
@@ -142,10 +178,18 @@ def load_pool_model(plan: ModelPlan, pg_collection: Any):
     (e.g. TP=2/PP=2 beside a DP=4 student) loads with exactly one main replica per shard.
     """
     from megatron_gopd.models import build_gpt_model
+    from megatron_gopd.models.attention import require_packing_support
 
     model = build_gpt_model(
-        plan.arch, plan.layout, dtype=plan.dtype, pg_collection=pg_collection, perform_initialization=False
+        plan.arch,
+        plan.layout,
+        dtype=plan.dtype,
+        pg_collection=pg_collection,
+        perform_initialization=False,
+        attention=plan.attention,
     )
+    if plan.packed:
+        require_packing_support(model)
     load_model_checkpoint(model, plan.checkpoint)
     model.eval()
     model.requires_grad_(False)
@@ -205,17 +249,18 @@ def run_forward(
             chunks.append(chunk_logprobs(logits, batch.targets[s0:s1]))
             del logits
         logprobs = torch.cat(chunks)  # [s, b, w]
-        for row, index in enumerate(batch.indices):
+        for i, index in enumerate(batch.indices):
             seq = sequences[index]
+            row, offset = batch.placement(i)
             # Position t predicts token t + 1: the response starts at the model's prompt length.
-            start = seq.prompt_len - 1
+            start = offset + seq.prompt_len - 1
             results[index] = logprobs[start : start + seq.response_len, row].clone()
         return output.new_zeros(()), {}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         with head.returning_hidden_states():
-            output = model(batch.tokens, batch.positions, None)
+            output = model(batch.tokens, batch.positions, None, packed_seq_params=batch.packed_seq_params)
         return output, lambda output: loss_func(batch, output)
 
     kwargs: dict[str, Any] = {"pg_collection": pg_collection}

@@ -27,6 +27,7 @@ from megatron_gopd.checkpointing import HF_SUBDIR, read_checkpoint_meta
 from megatron_gopd.config import from_dict, to_dict
 from megatron_gopd.data import check_template_kwargs
 from megatron_gopd.models import ModelArchitecture, ParallelLayout
+from megatron_gopd.packing import PackingMode, packing_enabled
 from megatron_gopd.scoring.config import (
     STUDENT_INIT,
     PoolModelConfig,
@@ -60,6 +61,10 @@ class ModelPlan:
     """Variables for this model's chat template (`PoolModelConfig.chat_template_kwargs`)."""
     rerender: bool
     """Whether prompts are rendered with this model's own chat template (else the student's ids)."""
+    attention: str = "auto"
+    """The model's core attention (`PoolModelConfig.attention`)."""
+    packed: bool = False
+    """Whether its forward micro-batches are packed (``packing`` resolved for its attention)."""
 
     @property
     def label(self) -> str:
@@ -100,8 +105,8 @@ class ScoringPlan:
             )
         wanted = planned_models(cfg, student_checkpoint, student_layout)
         same_models = len(wanted) == len(self.models) and all(
-            (m.name, m.role, m.checkpoint, m.layout, m.template_kwargs)
-            == (name, role, model_cfg.checkpoint, layout, model_cfg.chat_template_kwargs)
+            (m.name, m.role, m.checkpoint, m.layout, m.template_kwargs, m.attention)
+            == (name, role, model_cfg.checkpoint, layout, model_cfg.chat_template_kwargs, model_cfg.attention)
             and model_cfg.dtype in (None, m.dtype)
             for m, (name, role, model_cfg, layout) in zip(self.models, wanted)
         )
@@ -243,7 +248,12 @@ def _vocabulary_problem(model: _CheckedCheckpoint, student: _CheckedCheckpoint) 
 
 
 def validate_scoring_config(
-    cfg: ScoringConfig, *, student_checkpoint: str, student_layout: ParallelLayout, world_size: int
+    cfg: ScoringConfig,
+    *,
+    student_checkpoint: str,
+    student_layout: ParallelLayout,
+    world_size: int,
+    packing: PackingMode = "auto",
 ) -> ScoringPlan:
     """Check everything a `ScoringPool` needs, without building anything; return what it will build.
 
@@ -279,7 +289,7 @@ def validate_scoring_config(
     used = _used_references(cfg)
     models = []
     for name, role, model_cfg, layout in _configured_models(cfg, student_checkpoint, student_layout):
-        plan, model_problems = _check_model(name, role, model_cfg, layout, student, world_size, tokenizers)
+        plan, model_problems = _check_model(name, role, model_cfg, layout, student, world_size, tokenizers, packing)
         problems += model_problems
         if role == "reference" and name not in used:
             logger.warning("reference %r is defined but no teacher with lam != 1 uses it: not loaded", name)
@@ -298,9 +308,17 @@ def _check_model(
     student: _CheckedCheckpoint,
     world_size: int,
     tokenizers: dict[str, Any],
+    packing: PackingMode,
 ) -> tuple[Optional[ModelPlan], list[str]]:
-    """One model's plan (None if unusable) and its problems: files, layout, vocabulary, template."""
+    """One model's plan (None if unusable) and its problems: files, layout, vocabulary, template,
+    packing."""
     checked = _CheckedCheckpoint(role, f"{role} {name!r} ({model_cfg.checkpoint})", model_cfg.checkpoint, tokenizers)
+    packed = False
+    try:
+        field = f"scoring.teachers.{name}.model" if role == "teacher" else f"scoring.references.{name}"
+        packed = packing_enabled(packing, model_cfg.attention, f"{checked.label} ({field}.attention)")
+    except ValueError as err:
+        checked.problems.append(str(err))
     checked.check_layout(layout, world_size)
     vocab_problem = _vocabulary_problem(checked, student)
     if vocab_problem:
@@ -323,6 +341,8 @@ def _check_model(
         tokenizer_dir=checked.tokenizer_dir,
         template_kwargs=dict(model_cfg.chat_template_kwargs),
         rerender=rerender,
+        attention=model_cfg.attention,
+        packed=packed,
     )
     return plan, []
 

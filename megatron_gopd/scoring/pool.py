@@ -133,7 +133,8 @@ class ModelStats:
     tokens: int = 0
     """Real tokens (prompt + response) of those sequences."""
     padded_tokens: int = 0
-    """Tokens actually run, padding included (rows x padded length per micro-batch)."""
+    """Tokens actually run, padding included (rows x padded length per micro-batch; packed: the
+    packed row, with its rounding to a multiple of TP)."""
     micro_batches: int = 0
     """Forward micro-batches with real sequences (dummy ones for expert parallelism not counted)."""
     seconds: float = 0.0
@@ -476,7 +477,7 @@ class ScoringPool:
         """Shortcut: this rank's replica is its student model-parallel group; it scores its shard."""
         grid, device = handle.grid, platform.device()
         micro_batches = pack_by_tokens(
-            [len(s.tokens) for s in sequences], self.cfg.micro_batch_tokens, handle.plan.layout.tp
+            [len(s.tokens) for s in sequences], self.cfg.micro_batch_tokens, handle.plan.layout.tp, handle.plan.packed
         )
         # Replicas of one expert-parallel group must run as many forwards as each other (their MoE
         # all-to-alls pair up), and a model with no work anywhere is skipped by every rank.
@@ -512,7 +513,9 @@ class ScoringPool:
         lengths = [len(seq.tokens) for _, _, seq in batch]
         assignment = balance_by_tokens(lengths, grid.dp_size)
         budget, multiple = self.cfg.micro_batch_tokens, handle.plan.layout.tp
-        packed = [pack_by_tokens([lengths[i] for i in share], budget, multiple) for share in assignment]
+        packed = [
+            pack_by_tokens([lengths[i] for i in share], budget, multiple, handle.plan.packed) for share in assignment
+        ]
         my_share = assignment[grid.dp_rank]
         logprobs = self._forward(
             handle, [batch[i][2] for i in my_share], packed[grid.dp_rank], max(len(p) for p in packed), topk
@@ -547,11 +550,11 @@ class ScoringPool:
         peers must run the same number of forwards). Returns the sequences' ``[response_len, w]``
         log-probs on the last pipeline stage, an empty list on the other stages.
         """
-        multiple = handle.plan.layout.tp
-        batches = [collate_forward(sequences, indices, multiple) for indices in micro_batches]
+        multiple, packed = handle.plan.layout.tp, handle.plan.packed
+        batches = [collate_forward(sequences, indices, multiple, packed=packed) for indices in micro_batches]
         if handle.plan.layout.ep > 1:
             batches += [
-                collate_forward([ScoredSequence([0], 1)], [0], multiple, dummy=True)
+                collate_forward([ScoredSequence([0], 1)], [0], multiple, dummy=True, packed=packed)
                 for _ in range(min_micro_batches - len(batches))
             ]
         results = run_forward(

@@ -17,6 +17,7 @@ from megatron_gopd.checkpointing import HF_SUBDIR, read_checkpoint_meta
 from megatron_gopd.config import from_dict, to_dict
 from megatron_gopd.data import DataConfig
 from megatron_gopd.models import ModelArchitecture, ModelConfig, ParallelLayout
+from megatron_gopd.packing import packing_enabled
 from megatron_gopd.scoring import ScoringConfig, ScoringPlan
 
 SFT_RESPONSE_FIELD = "response"
@@ -169,7 +170,19 @@ class TrainConfig:
     prompts_per_step: int = 1024
     """Prompts per optimizer step over all data-parallel ranks (the paper: 1024)."""
     micro_batch_tokens: int = 8192
-    """Micro-batches are packed up to this many (padded) tokens."""
+    """Token budget of one micro-batch, the student's training forward's (``scoring.micro_batch_tokens``
+    is the teachers' and references'): packed, the summed sequence lengths; right-padded, rows x the
+    longest length. Must hold one sequence of the configured length (the prompt limit +
+    ``rollout.max_new_tokens``)."""
+    packing: Literal["auto", "on", "off", True, False] = "auto"
+    """Packed variable-length micro-batches, for the student's training forward and the scoring
+    pool's forwards: ``auto`` (default) packs every model whose attention can take packed sequences
+    (every backend but ``attention: local``), ``on`` requires that of every model (refused before
+    any rank starts otherwise), ``off`` runs right-padded ``[b, s]`` rows. Packed, a micro-batch is
+    its sequences end to end in one ``[1, t]`` row (each attends only to itself, positions restart
+    per sequence): no padding is computed or stored, and the log-probs and loss equal the padded
+    path's within fp32 rounding. (YAML reads a bare ``on`` / ``off`` as true / false: both spellings
+    are taken.)"""
     save_every: int = 10
     """Checkpoint every this many steps (and at the end); 0 only at the end."""
     keep_checkpoints: int = 2
@@ -185,6 +198,8 @@ class TrainConfig:
     reward: OutcomeRewardConfig = dataclasses.field(default_factory=OutcomeRewardConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.packing, bool):
+            self.packing = "on" if self.packing else "off"
         if self.steps < 1 or self.prompts_per_step < 1 or self.micro_batch_tokens < 2:
             raise ValueError("steps, prompts_per_step must be >= 1 and micro_batch_tokens >= 2")
         if self.keep_checkpoints < 1:
@@ -252,6 +267,9 @@ class TrainPlan:
     """The student's layout."""
     scoring: Optional[ScoringPlan] = None
     """What the scoring pool builds (None without teachers)."""
+    packed: bool = False
+    """Whether the student trains on packed micro-batches (`TrainConfig.packing` resolved for the
+    student's attention); each pool model's own decision is in its `ScoringPlan` entry."""
 
     def to_json(self) -> str:
         """The plan as one JSON line (`from_json` restores it)."""
@@ -273,6 +291,11 @@ class TrainPlan:
                 f"the train plan was made for {self.student_checkpoint} at {self.layout} on "
                 f"{self.world_size} ranks, not for this job ({cfg.student.checkpoint} at "
                 f"{cfg.student.layout} on {world_size} ranks)"
+            )
+        if self.packed != student_packs(cfg):
+            raise ValueError(
+                f"the train plan has packed={self.packed}, but this job's packing={cfg.packing!r} with "
+                f"student.attention={cfg.student.attention!r} says otherwise: validate the config again"
             )
         if self.scoring is not None:
             self.scoring.check_matches(
@@ -309,14 +332,20 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
         raise ValueError(
             f"prompts_per_step={cfg.prompts_per_step} is not divisible by the student's data-parallel size {dp_size}"
         )
-    prompt_length_limit(cfg, arch)  # raises when prompt + response cannot fit the context
+    prompt_limit = prompt_length_limit(cfg, arch)  # raises when prompt + response cannot fit the context
+    packed = student_packs(cfg)  # raises for packing=on with a student that cannot pack
+    _check_micro_batch_budgets(cfg, prompt_limit)
     cfg.data.validate()
     if cfg.mode == "sft":
         _check_sft_responses(cfg.data)
     scoring = None
     if cfg.needs_teachers:
         scoring = validate_scoring_config(
-            cfg.scoring, student_checkpoint=cfg.student.checkpoint, student_layout=layout, world_size=world_size
+            cfg.scoring,
+            student_checkpoint=cfg.student.checkpoint,
+            student_layout=layout,
+            world_size=world_size,
+            packing=cfg.packing,
         )
         missing = sorted(data_domains(cfg.data) - set(cfg.scoring.routing()))
         if missing:
@@ -334,8 +363,46 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> TrainPlan:
             raise ValueError(f"the prompts include code and the job uses a verifier reward: {err}") from err
     _check_memory_on_this_gpu(cfg, world_size)
     return TrainPlan(
-        world_size=world_size, student_checkpoint=cfg.student.checkpoint, arch=arch, layout=layout, scoring=scoring
+        world_size=world_size,
+        student_checkpoint=cfg.student.checkpoint,
+        arch=arch,
+        layout=layout,
+        scoring=scoring,
+        packed=packed,
     )
+
+
+def student_packs(cfg: TrainConfig) -> bool:
+    """Whether the student trains on packed micro-batches (ValueError for ``packing=on`` with a
+    student whose attention cannot take them)."""
+    return packing_enabled(
+        cfg.packing, cfg.student.attention, f"the student ({cfg.student.checkpoint}, student.attention)"
+    )
+
+
+def _check_micro_batch_budgets(cfg: TrainConfig, prompt_limit: int) -> None:
+    """Refuse micro-batch budgets that cannot hold one sequence of the configured length.
+
+    A longer sequence would still run, alone in a micro-batch over budget, and the memory plan
+    (which counts the budget) would not hold.
+    """
+    longest = prompt_limit + (cfg.rollout.max_new_tokens if cfg.mode == "gopd" else 0)
+    what = (
+        f"data.max_prompt_length={cfg.data.max_prompt_length}"
+        if cfg.data.max_prompt_length is not None
+        else f"the prompt limit {prompt_limit} (the context minus rollout.max_new_tokens; set data.max_prompt_length)"
+    )
+    if cfg.mode == "gopd":
+        what += f" + rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
+    budgets = [("micro_batch_tokens", cfg.micro_batch_tokens)]
+    if cfg.needs_teachers:
+        budgets.append(("scoring.micro_batch_tokens", cfg.scoring.micro_batch_tokens))
+    for name, budget in budgets:
+        if budget < longest:
+            raise ValueError(
+                f"{name}={budget} cannot hold one sequence of the configured length: {what} = "
+                f"{longest} tokens; raise {name} to >= {longest} or lower the lengths"
+            )
 
 
 def _check_memory_on_this_gpu(cfg: TrainConfig, world_size: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,7 @@ from megatron_gopd.collectives import agree_on_micro_batch_count, all_reduce_dp
 from megatron_gopd.config import dump_yaml
 from megatron_gopd.data import PromptRecord, build_prompt_sampler, shard_for_rank
 from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits
+from megatron_gopd.models.attention import require_packing_support
 from megatron_gopd.models.output_head import OutputHead
 from megatron_gopd.planner import GB, unique_storage_bytes
 from megatron_gopd.process import STOP_SIGNALS
@@ -176,9 +178,12 @@ class Trainer:
             dtype=cfg.student.dtype,
             recompute=cfg.student.recompute,
             calculate_per_token_loss=True,
+            attention=cfg.student.attention,
         )
-        # Micro-batches are packed by token count, so their shapes differ: pipeline stages must
-        # exchange shapes before activations.
+        if self.plan.packed:
+            require_packing_support(module)
+        # Micro-batches are packed by token count, so their shapes differ (packed: [t, 1, h] with
+        # t varying): pipeline stages must exchange shapes before activations.
         module.config.variable_seq_lengths = self.layout.pp > 1
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -401,11 +406,17 @@ class Trainer:
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        groups = pack_micro_batches(samples, self.cfg.micro_batch_tokens)
+        packed = self.plan.packed
+        # Sequence parallelism splits the (packed) sequence dimension over the TP ranks.
+        multiple = self.layout.tp if self.model.module.config.sequence_parallel else 1
+        groups = pack_micro_batches(samples, self.cfg.micro_batch_tokens, multiple, packed)
         count = agree_on_micro_batch_count(len(groups), self.dp_group)
         groups += [[] for _ in range(count - len(groups))]
         pad_id = self.tokenizer.pad_token_id or 0
-        micro_batches = [collate(g, pad_id, platform.device(), topk=self._topk) for g in groups]
+        micro_batches = [
+            collate(g, pad_id, platform.device(), topk=self._topk, pack_to_multiple_of=multiple if packed else None)
+            for g in groups
+        ]
         collected: list[MetricSums] = []
         head = OutputHead(self.model.module) if self.cfg.loss.logprobs_from_hidden else None
 
@@ -417,13 +428,17 @@ class Trainer:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
+            # Packed: the model reads one [1, t] row, each sequence attending only to itself.
+            inputs = mb if mb.packed is None else mb.packed
+            kwargs = {} if mb.packed is None else {"packed_seq_params": mb.packed.packed_seq_params}
             if head is None:
-                output = model(mb.tokens, mb.position_ids, None)
+                output = model(inputs.tokens, inputs.position_ids, None, **kwargs)
             else:
                 with head.returning_hidden_states():
-                    output = model(mb.tokens, mb.position_ids, None)
+                    output = model(inputs.tokens, inputs.position_ids, None, **kwargs)
             return output, lambda out: loss_func(mb, out)
 
+        model_inputs = [mb.tokens if mb.packed is None else mb.packed.tokens for mb in micro_batches]
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         get_forward_backward_func()(
@@ -431,8 +446,8 @@ class Trainer:
             data_iterator=iter(micro_batches),
             model=[self.model],
             num_microbatches=len(micro_batches),
-            seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
-            micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
+            seq_length=max(t.shape[1] for t in model_inputs),
+            micro_batch_size=max(t.shape[0] for t in model_inputs),
             forward_only=False,
         )
         update_ok, grad_norm, _ = self.optimizer.step()
@@ -457,10 +472,17 @@ class Trainer:
         self, mb: MicroBatch, output: torch.Tensor, head: Optional[OutputHead]
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The student's log-probs of the targets ``[b, s]``, entropy ``[b, s]`` and (top-k loss)
-        log-probs of the teacher's top-k ids ``[b, s, k]``, from the last stage's output."""
+        log-probs of the teacher's top-k ids ``[b, s, k]``, from the last stage's output.
+
+        A packed micro-batch's output is ``[1, t, ...]``: the targets are packed the same way
+        (each position's next token within its own sequence), and the results are scattered back
+        to the ``[b, s]`` rows (differentiably) so that the objective sees the padded layout.
+        """
         # The sampled token, then (top-k loss) the teacher's top-k ids: [b, s] or [b, s, 1 + k].
         targets = mb.targets if mb.topk_ids is None else torch.cat([mb.targets[..., None], mb.topk_ids], -1)
-        if head is not None:  # output: the final hidden states [b, s, h]
+        if mb.packed is not None:
+            targets = mb.packed.gather_padded(targets)  # [1, t(, 1 + k)]
+        if head is not None:  # output: the final hidden states [b, s, h] ([1, t, h] packed)
             logp, entropy = token_logprobs_from_hidden(
                 output.transpose(0, 1),
                 head.weight,
@@ -478,6 +500,15 @@ class Trainer:
                 with_entropy=True,
             )
         logp, entropy = logp.transpose(0, 1), entropy.t()  # [b, s(, 1 + k)], [b, s]
+        if mb.packed is not None:  # [1, t, ...] -> [b, s, ...]; positions past a row's end hold
+            # finite placeholders (masked out): 0, and uniform log-probs for the top-k ids
+            length = mb.tokens.shape[1]
+            entropy = mb.packed.scatter_padded(entropy, length)
+            if mb.topk_ids is None:
+                return mb.packed.scatter_padded(logp, length), entropy, None
+            k = mb.topk_ids.shape[-1]
+            sampled = mb.packed.scatter_padded(logp[..., 0], length)
+            return sampled, entropy, mb.packed.scatter_padded(logp[..., 1:], length, fill=-math.log(k + 1))
         if mb.topk_ids is None:
             return logp, entropy, None
         return logp[..., 0], entropy, logp[..., 1:]

@@ -18,6 +18,11 @@ def attention_kind() -> str:
     return "sdpa"
 
 
+def _planned_attention(setting: str) -> str:
+    """The planner's attention kind of a model's ``attention`` setting."""
+    return "local" if setting == "local" else attention_kind()
+
+
 def plan_train_memory(
     cfg: TrainConfig,
     world_size: int,
@@ -28,10 +33,14 @@ def plan_train_memory(
     """The per-rank memory plan of `cfg` on `world_size` GPUs of `device_gb` GB each.
 
     Architectures come from the checkpoints' ``hf/config.json`` or, for a job planned away from its
-    checkpoints, from `shapes_dir` (``<checkpoint name>.json``). Builds nothing.
+    checkpoints, from `shapes_dir` (``<checkpoint name>.json``). `attention` (``sdpa`` / ``local``)
+    plans every model with that attention; None: each model's own ``attention`` setting. Builds
+    nothing.
     """
     s_arch = load_architecture(cfg.student.checkpoint, shapes_dir)
-    student = PlannedModel("student", s_arch, cfg.student.layout, cfg.student.dtype)
+    student = PlannedModel(
+        "student", s_arch, cfg.student.layout, cfg.student.dtype, _planned_attention(cfg.student.attention)
+    )
     pool = []
     if cfg.needs_teachers:
         for name, role, model_cfg, layout in planned_models(cfg.scoring, cfg.student.checkpoint, cfg.student.layout):
@@ -41,7 +50,7 @@ def plan_train_memory(
                 if model_cfg.checkpoint == cfg.student.checkpoint and model_cfg.dtype is None
                 else dense_dtype(model_cfg.dtype, arch)
             )
-            pool.append(PlannedModel(f"{role} {name}", arch, layout, dtype))
+            pool.append(PlannedModel(f"{role} {name}", arch, layout, dtype, _planned_attention(model_cfg.attention)))
     prompt = cfg.data.max_prompt_length
     plan = plan_memory(
         student=student,
@@ -56,7 +65,7 @@ def plan_train_memory(
         offload_pool=cfg.scoring.offload_to_cpu,
         kv_cache_bytes=None if cfg.rollout.kv_cache_gb is None else cfg.rollout.kv_cache_gb * GB,
         kv_cache_fraction=cfg.rollout.kv_cache_fraction,
-        attention=attention or attention_kind(),
+        attention=attention,
         logprobs_from_hidden=cfg.loss.logprobs_from_hidden,
         topk=min(cfg.loss.topk, s_arch.vocab_size) if cfg.loss.kind == "topk" else 0,
     )
