@@ -400,6 +400,69 @@ def test_template_outlives_a_sigterm_until_its_step_ends(tmp_path: Path):
     assert "SIGTERM: waiting for the step" in err and "step ended with exit code 0" in err, err
 
 
+def _ignored_signals(proc_status_line: str) -> set[signal.Signals]:
+    """The signals in a /proc/<pid>/status `SigIgn:` mask (bit n-1 is signal n)."""
+    mask = int(proc_status_line.split(":", 1)[1], 16)
+    return {sig for sig in signal.Signals if sig < 64 and mask >> (sig - 1) & 1}
+
+
+def _fake_torchrun(path: Path) -> Path:
+    """A `torchrun` stand-in that prints what it started with: its ignored signals and the signals it
+    was told to handle (PET_SIGNALS_TO_HANDLE, as torchrun >= 2.9 reads it)."""
+    path.write_text(
+        "#!/bin/bash\n"
+        "grep '^SigIgn:' /proc/$$/status\n"
+        'echo "PET_SIGNALS_TO_HANDLE=$PET_SIGNALS_TO_HANDLE"\n'
+    )
+    path.chmod(0o755)
+    return path
+
+
+def _torchrun_start(out: str) -> tuple[set[signal.Signals], list[str]]:
+    status = next(line for line in out.splitlines() if line.startswith("SigIgn:"))
+    handled = next(line for line in out.splitlines() if line.startswith("PET_SIGNALS_TO_HANDLE="))
+    return _ignored_signals(status), handled.split("=", 1)[1].split(",")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status")
+def test_torchrun_outlives_sigterm_only_in_a_slurm_step(tmp_path: Path):
+    """In a Slurm step every process gets scancel's or a preemption's SIGTERM, the workers included:
+    torchrun must not catch it (it would exit 1 after its workers stopped cleanly, and the job would
+    end FAILED), so it starts with SIGTERM ignored and not in PET_SIGNALS_TO_HANDLE. Started by hand,
+    torchrun is the one that gets the signal and must forward it."""
+    torchrun = _fake_torchrun(tmp_path / "torchrun")
+    # The template's srun: runs the launcher as a step of job 4242 (srun sets SLURM_STEP_ID).
+    _fake_slurm_commands(tmp_path / "bin", "None")
+    (tmp_path / "bin" / "srun").write_text(
+        '#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\nSLURM_STEP_ID=0 SLURM_NODEID=0 SLURM_PROCID=0 exec "$@"\n'
+    )
+    in_step = _bash(
+        SLURM / "single_node.sbatch",
+        GOPD_ENTRY=SMOKE,
+        GPUS_PER_NODE="2",
+        OUTPUT_DIR=str(tmp_path / "run"),
+        TORCHRUN=str(torchrun),
+        PATH=f"{tmp_path / 'bin'}{os.pathsep}{_env()['PATH']}",
+        **{**_FAKE_JOB, "SLURM_NNODES": "1"},
+    )
+    assert in_step.returncode == 0, in_step.stderr
+    ignored, handled = _torchrun_start(in_step.stdout)
+    assert {signal.SIGTERM, signal.SIGUSR1} <= ignored
+    assert handled == ["SIGINT", "SIGHUP", "SIGQUIT"]
+    assert "torchrun ignores SIGTERM and SIGUSR1" in in_step.stderr
+
+    by_hand = _bash(LAUNCH / "torchrun_single_node.sh", GOPD_ENTRY=SMOKE, NPROC_PER_NODE="2", TORCHRUN=str(torchrun))
+    assert by_hand.returncode == 0, by_hand.stderr
+    ignored, handled = _torchrun_start(by_hand.stdout)
+    assert signal.SIGTERM not in ignored and signal.SIGUSR1 in ignored  # USR1: for torchrun < 2.9
+    assert handled == ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1"]
+    # In a Slurm job but not in a step (the batch script): torchrun is the one signalled.
+    in_batch_script = _bash(
+        LAUNCH / "torchrun_single_node.sh", GOPD_ENTRY=SMOKE, TORCHRUN=str(torchrun), SLURM_JOB_ID="4242"
+    )
+    assert signal.SIGTERM not in _torchrun_start(in_batch_script.stdout)[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Real runs on loopback
 

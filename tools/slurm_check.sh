@@ -27,6 +27,10 @@
 #   cancel-group   `scancel` (SIGTERM to every process of the job, the batch shell included; SIGKILL
 #                  KillWait later): a complete stop checkpoint; resubmitted with the same OUTPUT_DIR,
 #                  the job resumes from it and ends with every step exactly once
+#   term-clean     `scancel --signal=TERM` (SIGTERM to every process of the job's steps, no SIGKILL):
+#                  gopd-train writes a complete stop checkpoint, torchrun (which ignores SIGTERM in a
+#                  step) exits 0 after its workers, and the job ends COMPLETED with exit code 0:0, so
+#                  `afterok` dependencies hold; resubmitted, it resumes and ends with every step once
 #   time-limit     (--time-limit) a 3-minute limit with --signal=B:USR1@90 and a job that needs longer:
 #                  Slurm's own warning signal triggers checkpoint, requeue and resume
 #   gopd-tiny      (only when named) the real gopd-train on examples/configs/tiny_multi_teacher.yaml,
@@ -41,7 +45,7 @@ cd "$REPO"
 WORK=${SLURM_CHECK_DIR:-$(mktemp -d /tmp/gopd-slurm-check.XXXX)}
 mkdir -p "$WORK"
 CHECKS=(smoke-single smoke-multi smoke-tasks requeue-signal requeue-old-torchrun requeue-admin
-        preempt-group cancel-group)
+        preempt-group cancel-group term-clean)
 if [[ ${1:-} == --time-limit ]]; then CHECKS+=(time-limit); shift; fi
 [[ $# -gt 0 ]] && CHECKS=("$@")
 
@@ -248,6 +252,15 @@ wait_gone() {  # wait_gone JOB TIMEOUT_S: until no process of JOB is left (a can
   return 1
 }
 
+resubmit_resumes() {  # resubmit_resumes NAME OUT STEPS STOPPED_AT: a new job on OUT resumes from STOPPED_AT
+  mv "$2/logs/attempt0-task0.log" "$2/logs/stopped-job-$JOB-task0.log"  # the new job's attempt 0 logs there
+  JOB=$(submit_tiny_train "$1" "$2" "$3")
+  say "$1: resubmitted as job $JOB with the same OUTPUT_DIR"
+  expect_completed "$JOB" 0 1800
+  expect_resumed_from "$2/logs/attempt0-task0.log" "$4"
+  expect_steps_once "$2" "$3"
+}
+
 check_preempt_group() {
   local name=preempt-group start=$SECONDS out=$WORK/preempt-group steps=12 urgent stopped_at
   start_tiny_train "$name" "$out" "$steps" "preempting it"
@@ -257,8 +270,8 @@ check_preempt_group() {
            --output="$WORK/slurm-%x-%j.out" --wrap 'echo urgent job ran')
   wait_not_running "$JOB" 300 || fail "job $JOB still runs 300 s after the preemption"
   stopped_at=$(stop_checkpoint_step "$out/logs/attempt0-task0.log" "$out")
-  # (torchrun itself exits 1 after it forwarded a SIGTERM: its SignalException; the workers exit 0)
-  expect_in "$WORK/slurm-check-$name-$JOB.out" "after a preemption: requeueing job $JOB"
+  # torchrun ignores SIGTERM in a step, so the step ends with its workers' exit code.
+  expect_in "$WORK/slurm-check-$name-$JOB.out" "step ended (exit code 0) after a preemption: requeueing job $JOB"
   [[ $(wait_state "$urgent" 300) == COMPLETED ]] || fail "the preempting job $urgent did not complete"
   expect_completed "$JOB" 1 1800
   expect_resumed_from "$out/logs/attempt1-task0.log" "$stopped_at"
@@ -275,13 +288,23 @@ check_cancel_group() {
   [[ $state == CANCELLED ]] || fail "job $JOB ended $state, expected CANCELLED"
   wait_gone "$JOB" 120 || fail "job $JOB's processes still run 120 s after scancel"
   stopped_at=$(stop_checkpoint_step "$out/logs/attempt0-task0.log" "$out")
-  mv "$out/logs/attempt0-task0.log" "$out/logs/cancelled-job-$JOB-task0.log"
-  JOB=$(submit_tiny_train "$name" "$out" "$steps")
-  say "$name: resubmitted as job $JOB with the same OUTPUT_DIR"
-  expect_completed "$JOB" 0 1800
-  expect_resumed_from "$out/logs/attempt0-task0.log" "$stopped_at"
-  expect_steps_once "$out" "$steps"
+  resubmit_resumes "$name" "$out" "$steps" "$stopped_at"
   say "$name: PASS in $((SECONDS - start)) s (stop checkpoint at step $stopped_at, resumed from it)"
+}
+
+check_term_clean() {
+  local name=term-clean start=$SECONDS out=$WORK/term-clean steps=12 stopped_at exit_code
+  start_tiny_train "$name" "$out" "$steps" "scancel --signal=TERM (then a resubmission)"
+  # SIGTERM to every process of the job's steps (torchrun and its workers), not to the batch shell
+  # or srun; no SIGKILL follows: the job must stop by itself.
+  scancel --signal=TERM "$JOB"
+  expect_completed "$JOB" 0 600
+  exit_code=$(job_field "$JOB" ExitCode)
+  [[ $exit_code == 0:0 ]] || fail "job $JOB ended with exit code $exit_code, expected 0:0"
+  stopped_at=$(stop_checkpoint_step "$out/logs/attempt0-task0.log" "$out")
+  expect_in "$WORK/slurm-check-$name-$JOB.out" "step ended with exit code 0"
+  resubmit_resumes "$name" "$out" "$steps" "$stopped_at"
+  say "$name: PASS in $((SECONDS - start)) s (COMPLETED 0:0 with a stop checkpoint at step $stopped_at, resumed from it)"
 }
 
 check_gopd_tiny() {
@@ -313,6 +336,7 @@ for check in "${CHECKS[@]}"; do
     time-limit) check_time_limit ;;
     preempt-group) check_preempt_group ;;
     cancel-group) check_cancel_group ;;
+    term-clean) check_term_clean ;;
     gopd-tiny) check_gopd_tiny ;;
     *) fail "unknown check '$check'" ;;
   esac

@@ -28,15 +28,25 @@
 # Host
 #   OMP_NUM_THREADS                CPU cores of the node divided by its worker processes (at least 1).
 #   TOKENIZERS_PARALLELISM=false   no tokenizer thread pools in forked data workers.
-# Checkpoint-before-time-limit (used by examples/slurm/)
+# Stop signals (checkpoint before a time limit, preemption, scancel; used by examples/slurm/)
 #   GOPD_CKPT_SIGNAL=USR1          the signal that asks gopd-train to save a checkpoint and exit.
-#                  Slurm delivers a step's signals to every process of the step, the workers
-#                  included; the launchers start torchrun with it ignored, so that a torchrun that
-#                  does not handle it (PyTorch < 2.9) survives while the workers checkpoint.
-#   PET_SIGNALS_TO_HANDLE          signals torchrun (PyTorch >= 2.9) forwards to its workers before
-#                  shutting them down; USR1 is added. Older torchrun ignores this variable.
+#   PET_SIGNALS_TO_HANDLE          signals torchrun (PyTorch >= 2.9) catches: it forwards them to its
+#                  workers, waits for them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and then exits 1 with a
+#                  SignalException, however cleanly they stopped. Outside a Slurm step the default is
+#                  SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1: a signal to torchrun reaches the workers.
+#                  In a Slurm step (srun, SLURM_STEP_ID set) it is SIGINT,SIGHUP,SIGQUIT: Slurm
+#                  delivers a step's signals (scancel, preemption, the time-limit signal the
+#                  templates pass on) to every process of the step, the workers included, so
+#                  torchrun need not forward SIGTERM or GOPD_CKPT_SIGNAL, and must not catch them:
+#                  the launchers start it with both ignored, it outlives the workers' stop
+#                  checkpoint and exits 0 when they do, and the job ends COMPLETED (`afterok`
+#                  dependencies hold). The workers inherit the ignored dispositions until they
+#                  install handlers (gopd-train does as it starts training), so a stop signal that
+#                  comes while they still import is lost; scancel and preemption follow theirs with
+#                  SIGKILL. A torchrun older than 2.9 ignores this variable: it survives
+#                  GOPD_CKPT_SIGNAL (ignored) but catches SIGTERM itself (and exits 1).
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT=180  seconds torchrun gives workers to finish after forwarding a
-#                  signal (SIGTERM from scancel or preemption included), before it kills them.
+#                  signal, or after one of them failed, before it kills them.
 
 gopd_log() { printf '[gopd-launch] %s\n' "$*" >&2; }
 gopd_die() { gopd_log "error: $*"; exit 1; }
@@ -54,6 +64,10 @@ gopd_visible_gpus() {
   fi
 }
 
+# gopd_in_slurm_step: this process runs in a Slurm job step (started by srun; the batch script
+# itself is not one), where Slurm signals every process of the step.
+gopd_in_slurm_step() { [[ -n ${SLURM_JOB_ID:-} && -n ${SLURM_STEP_ID:-} ]]; }
+
 # gopd_export_env PROCS_PER_NODE: export the defaults documented above.
 gopd_export_env() {
   local procs=$1 cores
@@ -65,7 +79,11 @@ gopd_export_env() {
   export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / procs > 0 ? cores / procs : 1 ))}
   export GOPD_CKPT_SIGNAL=${GOPD_CKPT_SIGNAL:-USR1}
-  export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIG${GOPD_CKPT_SIGNAL#SIG}}
+  if gopd_in_slurm_step; then
+    export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGINT,SIGHUP,SIGQUIT}
+  else
+    export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIG${GOPD_CKPT_SIGNAL#SIG}}
+  fi
   export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-180}
 }
 
@@ -103,10 +121,18 @@ gopd_direct_argv() {
   fi
 }
 
-# gopd_exec_torchrun: run GOPD_CMD (a torchrun command) in place of this shell, GOPD_CKPT_SIGNAL
-# ignored by torchrun itself (see above); a torchrun that handles the signal installs its own handler.
+# gopd_exec_torchrun: run GOPD_CMD (a torchrun command) in place of this shell, with GOPD_CKPT_SIGNAL
+# ignored, and SIGTERM too in a Slurm step (see PET_SIGNALS_TO_HANDLE above); a signal in
+# PET_SIGNALS_TO_HANDLE gets torchrun's own handler instead.
 gopd_exec_torchrun() {
-  [[ ${GOPD_DRY_RUN:-0} == 1 ]] || trap '' "$GOPD_CKPT_SIGNAL"
+  if [[ ${GOPD_DRY_RUN:-0} != 1 ]]; then
+    trap '' "$GOPD_CKPT_SIGNAL"
+    if gopd_in_slurm_step; then
+      trap '' TERM
+      gopd_log "in Slurm step $SLURM_JOB_ID.$SLURM_STEP_ID: torchrun ignores SIGTERM and" \
+        "SIG${GOPD_CKPT_SIGNAL#SIG} (Slurm signals the workers directly) and handles $PET_SIGNALS_TO_HANDLE"
+    fi
+  fi
   gopd_exec "${GOPD_CMD[@]}"
 }
 

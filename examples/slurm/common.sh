@@ -18,13 +18,15 @@
 # (cred_expire). `--requeue` also lets Slurm requeue the job after a node failure or a preemption
 # (PreemptMode=REQUEUE) and resumes the same way. Preemption sends SIGTERM to every process of the
 # step, then SIGKILL the partition's GraceTime later (without one: to the whole job, SIGKILL KillWait
-# later, as scancel does): gopd-train writes a stop checkpoint and exits. A job whose step stopped
-# within a grace time would end as COMPLETED, not requeued, so the batch shell requeues it itself
-# when Slurm marked it preempted (PreemptTime). SIGTERM to the batch shell (scancel, the end of a
+# later, as scancel does): gopd-train writes a stop checkpoint and exits 0, and so does torchrun (in a
+# step it ignores SIGTERM, see examples/launch/common.sh). A job whose step stopped within a grace
+# time would end as COMPLETED, not requeued, so the batch shell requeues it itself when Slurm marked
+# it preempted (PreemptTime). SIGTERM to the batch shell (scancel, the end of a
 # grace time) does not end the shell early: Slurm signals the step's processes as well, and the
 # shell waits for their checkpoint. (Not `scancel --full --signal=TERM`: srun, in the batch step,
 # turns a SIGTERM of its own into SIGKILL of the step.) A job stopped otherwise (scancel, a
-# failure) resumes when resubmitted with the same OUTPUT_DIR.
+# failure) resumes when resubmitted with the same OUTPUT_DIR; `scancel --signal=TERM <job>` (the
+# step's processes only) ends it COMPLETED, exit code 0, after its stop checkpoint.
 #
 # Variables (export before sbatch, which passes your environment to the job; [default])
 #   OUTPUT_DIR         where everything of this run goes [$SLURM_SUBMIT_DIR/outputs/<job name>-<job id>];
@@ -98,8 +100,8 @@ _gopd_on_time_limit() {
 }
 
 # SIGTERM to the batch shell comes with SIGTERM to every process of the step (scancel, preemption):
-# not forwarded (a second SIGTERM would make torchrun abandon its workers' stop), only logged, so
-# that the shell outlives the step's stop checkpoint.
+# not forwarded (srun, sent a SIGTERM itself, would SIGKILL its step), only logged, so that the
+# shell outlives the step's stop checkpoint.
 _gopd_on_term() {
   gopd_log "SIGTERM: waiting for the step to write its stop checkpoint"
 }
