@@ -26,6 +26,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _trains_here(ranks: int) -> bool:
+    """Whether this process will be a training rank itself (not the launcher of `ranks` local ones)."""
+    launched = "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ
+    return ranks <= 1 or launched or bool(os.environ.get(_RELAUNCHED_ENV))
+
+
 def ensure_world_size(
     ranks: int,
     command: str,
@@ -44,8 +50,7 @@ def ensure_world_size(
     """
     from megatron_gopd.process import launch_local_ranks
 
-    launched = "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ
-    if ranks <= 1 or launched or os.environ.get(_RELAUNCHED_ENV):
+    if _trains_here(ranks):
         return None
     logger.info("starting %d local ranks", ranks)
     argv = [*([script] if script else ["-m", "megatron_gopd.cli", command]), *argv]
@@ -237,6 +242,12 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """``gopd-train --config FILE [key.sub=value ...]``; see ``gopd-train --help``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _train_parser().parse_args(argv)
+    if _trains_here(args.nproc):
+        # Before the heavy imports: a stop signal from now on is a request the trainer honours
+        # at its first step boundary, never lost and never fatal mid-start.
+        from megatron_gopd.process import latch_stop_signals
+
+        latch_stop_signals()
     from megatron_gopd.log import setup_logging
 
     setup_logging(args.log_level)

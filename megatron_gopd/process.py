@@ -34,6 +34,30 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """What a scheduler sends before a time limit or preemption: checkpoint after this step and stop."""
 
 
+_stop_requested = threading.Event()
+"""Set by `latch_stop_signals`' handler: a stop signal arrived (possibly before the trainer existed)."""
+
+
+def latch_stop_signals() -> None:
+    """From now on a stop signal (SIGTERM, SIGUSR1) only records that a stop was asked for.
+
+    Call it first thing in a process that will train: a launcher may start it with those signals
+    ignored (torchrun inside a Slurm step) or a signal may come while it still imports and loads,
+    and either way the request must not be lost or kill the rank before its first checkpoint. The
+    trainer reads it with `stop_requested`. Only the main thread can install handlers; elsewhere
+    this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, frame: _stop_requested.set())
+
+
+def stop_requested() -> bool:
+    """Whether a stop signal arrived since `latch_stop_signals`."""
+    return _stop_requested.is_set()
+
+
 class OutputDirLockedError(ValueError):
     """Another live job holds the output directory."""
 

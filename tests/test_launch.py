@@ -410,9 +410,7 @@ def _fake_torchrun(path: Path) -> Path:
     """A `torchrun` stand-in that prints what it started with: its ignored signals and the signals it
     was told to handle (PET_SIGNALS_TO_HANDLE, as torchrun >= 2.9 reads it)."""
     path.write_text(
-        "#!/bin/bash\n"
-        "grep '^SigIgn:' /proc/$$/status\n"
-        'echo "PET_SIGNALS_TO_HANDLE=$PET_SIGNALS_TO_HANDLE"\n'
+        "#!/bin/bash\ngrep '^SigIgn:' /proc/$$/status\necho \"PET_SIGNALS_TO_HANDLE=$PET_SIGNALS_TO_HANDLE\"\n"
     )
     path.chmod(0o755)
     return path

@@ -497,6 +497,40 @@ def _wait_for_lines(proc, path: Path, lines: int, timeout_s: float = 300) -> Non
 
 
 @pytest.mark.slow
+def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(tiny_assets, tmp_path):
+    """A rank started with SIGTERM ignored (as torchrun starts its workers inside a Slurm step) and
+    sent SIGTERM while it still imports and loads: the request must be neither lost nor fatal. It
+    trains one step, checkpoints it and exits 0."""
+    import signal
+    import time
+
+    out = tmp_path / "early"
+    one_rank = (
+        "scoring.teachers.math.model.tp=1",
+        "scoring.teachers.math.model.pp=1",
+        "scoring.teachers.code.model.tp=1",
+        "scoring.references.math_base.pp=1",
+    )
+    cmd = train_command(tiny_assets, out, "steps=1000", "save_every=0", "export_hf=false", *one_rank, nproc=1)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
+    )
+    time.sleep(1.5)  # parsing its arguments done, importing torch and megatron-core
+    assert proc.poll() is None and not (out / "metrics.jsonl").exists()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-4000:]
+    assert len(read_metrics(out)) == 1 and "stop signal received" in output
+    assert (out / "checkpoints" / "step_000001" / "trainer_state.json").is_file()
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_cleanly(tiny_assets, tmp_path):
     """What a scheduler does at a time limit or preemption: SIGTERM to every process of the job (the
     launcher, the ranks and the checkpoint's forked file writers) after a first checkpoint. The

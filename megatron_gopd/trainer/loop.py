@@ -39,7 +39,7 @@ from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_fr
 from megatron_gopd.models.attention import require_packing_support
 from megatron_gopd.models.output_head import OutputHead
 from megatron_gopd.planner import GB, unique_storage_bytes
-from megatron_gopd.process import STOP_SIGNALS
+from megatron_gopd.process import latch_stop_signals, stop_requested
 from megatron_gopd.rollout import RolloutBatch, RolloutEngine, SamplingParams, VLLMRolloutEngine, build_rollout_engine
 from megatron_gopd.scoring import ScoreRequest, ScoringPool
 from megatron_gopd.trainer.checkpoint import TrainCheckpointer
@@ -80,7 +80,6 @@ class Trainer:
         self.arch, self.layout = plan.arch, plan.layout
         self.dp_size = dist.get_world_size() // (self.layout.tp * self.layout.pp)
         self.objective = TrainObjective(cfg.loss, cfg.mode, uses_reward=self._uses_reward)
-        self._stop_requested = False
 
     # ------------------------------------------------------------------ start-up
 
@@ -521,7 +520,7 @@ class Trainer:
         SIGUSR1 or SIGTERM (a scheduler's warning before a time limit or preemption) makes the run
         checkpoint after the current step and return; started again, it resumes from there.
         """
-        self._install_stop_signals()
+        latch_stop_signals()  # already done by gopd-train; again for a Trainer used as a library
         self.setup()
         cfg = self.cfg
         rank0 = dist.get_rank() == 0
@@ -549,22 +548,9 @@ class Trainer:
         if cfg.export_hf:
             self.export_hf()
 
-    def _install_stop_signals(self) -> None:
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def request_stop(signum, frame) -> None:
-            self._stop_requested = True
-
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, request_stop)
-
     def _stop_agreed(self) -> bool:
         """True on every rank when any rank was asked to stop (the checkpoint is collective)."""
-        flag = torch.tensor([float(self._stop_requested)])
+        flag = torch.tensor([float(stop_requested())])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
