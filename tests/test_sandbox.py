@@ -152,6 +152,20 @@ def test_leftovers_in_tmp_and_shm_do_not_persist():
     assert [place for place in places if os.path.exists(f"{place}/{name}")] == []
 
 
+def test_runs_in_several_threads_keep_their_own_files():
+    """The verifiers score a batch in threads: one run must never close a file descriptor that by
+    then belongs to another run (a double close once made concurrent runs fail with EBADF)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(index: int):
+        return run_python(f"print({index})", config=SandboxConfig(**LIMITS), prove_completion=True)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, range(32)))
+    failed = [(i, r.describe()) for i, r in enumerate(results) if not r.succeeded]
+    assert not failed and [r.stdout for r in results] == [f"{i}\n" for i in range(32)], failed
+
+
 @pytest.mark.slow
 def test_namespaces_unavailable_is_a_clear_error_unless_rlimits_is_chosen():
     unshare = shutil.which("unshare")

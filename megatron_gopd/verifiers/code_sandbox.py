@@ -302,7 +302,11 @@ def _execute(
     with contextlib.ExitStack() as stack:
         report_r, report_w = os.pipe()
         stack.callback(os.close, report_r)
-        stack.callback(_close_quietly, report_w)
+        # Our copy of the write end is closed once the launcher holds its own (so that reading
+        # the report ends when the sandbox does), or at exit if Popen failed; never twice: with
+        # runs in several threads the number may already belong to another run's file.
+        write_end = _FdOnce(report_w)
+        stack.callback(write_end.close)
         pass_fds = [report_w]
         nonce = None
         if prove_completion:
@@ -348,7 +352,7 @@ def _execute(
             start_new_session=True,  # its own process group, so we can kill all of it
             **_identity_kwargs(uid),
         )
-        os.close(report_w)
+        write_end.close()
         exited = _wait_without_reaping(proc.pid, config.wall_timeout_s)
         wall_s = time.monotonic() - start
         # Kill the group while the (possibly exited, still unreaped) leader pins its id, so the
@@ -401,9 +405,16 @@ def _pipe_holding(data: bytes) -> int:
     return read_end
 
 
-def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
+class _FdOnce:
+    """A file descriptor that `close` closes at most once (later calls do nothing)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: Optional[int] = fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def _read_report(fd: int) -> dict[str, Any]:
