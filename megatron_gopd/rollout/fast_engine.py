@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megatron_gopd import platform
 from megatron_gopd.models import ModelArchitecture
-from megatron_gopd.rollout.base import RolloutBatch, RolloutEngine, RolloutSample, SamplingParams, validate_request
+from megatron_gopd.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, validate_request
 from megatron_gopd.rollout.fast_attention import grouped_decode_attention
 from megatron_gopd.rollout.fast_model import decode_step, decoder_weights, rope_tables
 from megatron_gopd.rollout.fast_schedule import _Run, _Sample
@@ -41,6 +41,7 @@ from megatron_gopd.rollout.megatron_engine import GenerationStats
 from megatron_gopd.rollout.replica import check_same_request
 from megatron_gopd.rollout.sample_rows import (
     pack_logprobs,
+    to_rollout_batch,
     unpack_logprobs,
 )
 from megatron_gopd.rollout.sampling import UniformStreams, sample_from_logits, sample_seed
@@ -269,19 +270,7 @@ class FastRolloutEngine(RolloutEngine):
         self._share_logprobs(samples, sampling)
         stats.cuda_graphs = len(self._graphs)
         stats.samples = len(samples)
-        batch = RolloutBatch(
-            samples=[
-                RolloutSample(
-                    prompt_index=s.prompt_index,
-                    sample_index=s.sample_index,
-                    token_ids=s.token_ids,
-                    sampler_logprobs=s.sampler_logprobs,
-                    logprobs=s.logprobs if sampling.return_logprobs else None,
-                    finish_reason=s.finish_reason,
-                )
-                for s in samples
-            ]
-        )
+        batch = to_rollout_batch(samples, sampling)
         stats.generated_tokens = batch.num_tokens
         logger.info(
             "fast engine: %d samples, %d tokens in %.2f s (%.0f tokens/s; prefill %.2f s over %d prompts, "

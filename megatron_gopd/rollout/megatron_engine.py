@@ -62,7 +62,6 @@ from megatron_gopd.models import ModelArchitecture
 from megatron_gopd.rollout.base import (
     RolloutBatch,
     RolloutEngine,
-    RolloutSample,
     SamplingParams,
     check_engine_limits,
     validate_request,
@@ -73,6 +72,7 @@ from megatron_gopd.rollout.sample_rows import (
     append_pending_logprobs,
     pack_logprobs,
     record_token,
+    to_rollout_batch,
     unpack_logprobs,
 )
 
@@ -268,19 +268,7 @@ class MegatronRolloutEngine(RolloutEngine):
             get_attr_wrapped_model(self.model, "set_input_tensor")(None)  # drop the last activation
             self.model.train(was_training)
 
-        batch = RolloutBatch(
-            samples=[
-                RolloutSample(
-                    prompt_index=r.prompt_index,
-                    sample_index=r.sample_index,
-                    token_ids=r.token_ids,
-                    sampler_logprobs=r.sampler_logprobs,
-                    logprobs=r.logprobs if sampling.return_logprobs else None,
-                    finish_reason=r.finish_reason,
-                )
-                for r in rows
-            ]
-        )
+        batch = to_rollout_batch(rows, sampling)
         stats = self.last_stats
         stats.samples, stats.generated_tokens = len(rows), batch.num_tokens
         logger.info(

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_gopd.rollout.base import FinishReason, SamplingParams
+from megatron_gopd.rollout.base import FinishReason, RolloutBatch, RolloutSample, SamplingParams
 
 
 @dataclasses.dataclass
@@ -29,6 +29,23 @@ class SampleRow:
 
 PendingLogprobs = list[tuple[Sequence[SampleRow], torch.Tensor, Optional[torch.Tensor]]]
 """Per sampling call: its rows, their sampler log-probs ``[k]`` and log-probs ``[k]`` (or None), on the device."""
+
+
+def to_rollout_batch(rows: Sequence[SampleRow], sampling: SamplingParams) -> RolloutBatch:
+    """The finished `rows` (prompt-major) as the engines' result; log-probs only if asked for."""
+    return RolloutBatch(
+        samples=[
+            RolloutSample(
+                prompt_index=r.prompt_index,
+                sample_index=r.sample_index,
+                token_ids=r.token_ids,
+                sampler_logprobs=r.sampler_logprobs,
+                logprobs=r.logprobs if sampling.return_logprobs else None,
+                finish_reason=r.finish_reason,
+            )
+            for r in rows
+        ]
+    )
 
 
 def record_token(row: SampleRow, token: int, eos_token_ids: Sequence[int], sampling: SamplingParams) -> None:
