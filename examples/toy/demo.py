@@ -675,7 +675,7 @@ class Demo:
     def _tune_lr(self, loss: str, base_ckpt: Path, teacher_ckpt: Path) -> dict:
         """`--tune-lr` for ``loss``: the students of every lam on the first seed for each candidate
         lr, judged by their mean avg@k on the validation split alone; sets ``chosen_lrs[loss]``."""
-        from report import per_prompt_accuracy  # examples/toy/report.py
+        from report import avg_points, per_prompt_accuracy  # examples/toy/report.py
 
         s = self.s
         candidates = sorted(set(s.tune_lrs) | {OPD_RECIPES[loss].lr})
@@ -684,8 +684,8 @@ class Demo:
             val_avg[lr] = []
             for lam in OPD_LAMS:
                 entry = self._opd_student(s.seeds[0], loss, lam, base_ckpt, teacher_ckpt, lr=lr)
-                accuracy = per_prompt_accuracy(self._evaluate(entry, "val").with_suffix(".samples.jsonl"))
-                val_avg[lr].append(100 * sum(accuracy.values()) / len(accuracy))
+                samples = self._evaluate(entry, "val").with_suffix(".samples.jsonl")
+                val_avg[lr].append(avg_points(per_prompt_accuracy(samples)))
         # ties go to the smaller lr
         chosen = max(candidates, key=lambda lr: (sum(val_avg[lr]) / len(OPD_LAMS), -lr))
         s.chosen_lrs[loss] = chosen

@@ -139,7 +139,7 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def _avg(accuracy: dict[int, float]) -> float:
+def avg_points(accuracy: dict[int, float]) -> float:
     """avg@k in points from per-prompt accuracies (every prompt has k samples)."""
     return 100 * _mean(list(accuracy.values()))
 
@@ -199,7 +199,7 @@ def summarise(entries: Sequence, evals: dict[str, dict[str, Path]], eval_k: int)
             "seeds": [m.seed for m in members if m.seed is not None],
         }
         for split in SPLITS:
-            per_seed = [_avg(accuracy[split][m.key]) for m in members]
+            per_seed = [avg_points(accuracy[split][m.key]) for m in members]
             row[f"{split}_avg@{eval_k}"] = _mean(per_seed)
             row[f"{split}_avg@{eval_k}_per_seed"] = per_seed
         row[f"test_pass@{eval_k}"] = _mean([reports[m.key]["overall"]["pass_at_k"] * 100 for m in members])
