@@ -573,8 +573,7 @@ class Demo:
             ModelEntry("Teacher (RL)", "teacher", teacher_run / "hf", run_dir=teacher_run),
         ]
         for seed in s.seeds:
-            # the seed sets the rollouts and the data order alike
-            seeding = [f"seed={seed}", f"data.seed={seed}", f"student.checkpoint={base_ckpt}"]
+            seeding = _student_seeding(seed, base_ckpt)
             run = out / "students" / f"seed{seed}{s.student_tag}"
             self._train(
                 f"students/seed{seed}{s.student_tag}/sft",
@@ -650,10 +649,7 @@ class Demo:
             "student",
             opd_run / key,
             [
-                # the seed sets the rollouts and the data order alike
-                f"seed={seed}",
-                f"data.seed={seed}",
-                f"student.checkpoint={base_ckpt}",
+                *_student_seeding(seed, base_ckpt),
                 f"scoring.teachers.arith.model.checkpoint={teacher_ckpt}",
                 f"scoring.teachers.arith.lam={lam}",
                 *s.opd_overrides(loss, lr),
@@ -702,6 +698,12 @@ class Demo:
             "val_avg": {f"{lr:g}": v for lr, v in val_avg.items()},
             "chosen_lr": chosen,
         }
+
+
+def _student_seeding(seed: int, base_ckpt: Path) -> list[str]:
+    """Overrides of every student of ``seed``: the seed sets its rollouts and its data order alike,
+    and it starts from the base."""
+    return [f"seed={seed}", f"data.seed={seed}", f"student.checkpoint={base_ckpt}"]
 
 
 def _recipe_value(config: str, key: str):
