@@ -221,18 +221,20 @@ def collate(
     pad_id: int = 0,
     device: Optional[torch.device] = None,
     topk: int = 0,
-    pack_to_multiple_of: Optional[int] = None,
+    multiple: int = 1,
+    packed: bool = False,
 ) -> MicroBatch:
     """Pad `samples` to one ``[b, s]`` micro-batch; an empty list gives a 2-token dummy (mask 0).
 
     The mask comes from each sample's response length, never from comparing with the pad id:
     Qwen3's pad id is also one of its EOS ids, and the real EOS must be trained on. With `topk` > 0
     the samples' top-k fields (all ``[len(response_ids), topk]``) become ``[b, s, topk]`` tensors.
-    With `pack_to_multiple_of` the micro-batch also carries its packed model input (`MicroBatch.packed`),
-    its length rounded up to that multiple (TP under sequence parallelism).
+    With `packed` the micro-batch also carries its packed model input (`MicroBatch.packed`). The
+    model's sequence length, ``s`` or the packed row's ``t``, is rounded up to `multiple` (the TP
+    size under sequence parallelism, which splits that dimension over the TP ranks).
     """
     rows = [s.prompt_ids + s.response_ids for s in samples] or [[pad_id, pad_id]]
-    tokens, targets, positions = pad_token_rows(rows, pad_id=pad_id)
+    tokens, targets, positions = pad_token_rows(rows, pad_id=pad_id, multiple=1 if packed else multiple)
     batch, length = tokens.shape
     spans = [s.response_span for s in samples]
     mask = _response_values(spans, [[1.0] * len(s.response_ids) for s in samples], batch, length)
@@ -270,8 +272,8 @@ def collate(
             ref_topk[row, start:end] = ref_source.float().cpu()
         out.topk_ids, out.teacher_topk_logprobs, out.ref_topk_logprobs = ids, teacher_topk, ref_topk
     out = out if device is None else _on(out, device)
-    if pack_to_multiple_of is not None:
-        out.packed = pack_sequences(rows, pad_to_multiple_of=pack_to_multiple_of, pad_id=pad_id, device=device)
+    if packed:
+        out.packed = pack_sequences(rows, pad_to_multiple_of=multiple, pad_id=pad_id, device=device)
     return out
 
 

@@ -118,9 +118,20 @@ def test_packed_micro_batches_count_summed_lengths_first_fit():
     )
 
 
+def test_collate_rounds_the_padded_length_up_to_the_sequence_parallel_multiple():
+    """Sequence parallelism splits s over the TP ranks: the padded rows' length is a multiple of it,
+    and the extra columns are padding the loss never sees."""
+    samples = [_sample(3, 4, 1), _sample(1, 1, 2)]  # 7 and 2 tokens
+    plain, rounded = collate(samples, pad_id=7), collate(samples, pad_id=7, multiple=4)
+    assert plain.tokens.shape == (2, 7) and rounded.tokens.shape == (2, 8)
+    assert torch.equal(rounded.tokens[:, :7], plain.tokens) and rounded.tokens[:, 7].eq(7).all()
+    assert torch.equal(rounded.loss_mask[:, :7], plain.loss_mask) and rounded.loss_mask[:, 7].eq(0).all()
+    assert rounded.packed is None
+
+
 def test_collate_packs_the_model_input_and_maps_values_between_layouts():
     samples = [_sample(3, 4, 1), _sample(2, 6, 2), _sample(1, 1, 3)]
-    mb = collate(samples, pad_id=7, topk=0, pack_to_multiple_of=4)
+    mb = collate(samples, pad_id=7, topk=0, multiple=4, packed=True)
     packed = mb.packed
     assert packed.lengths == [7, 8, 2] and packed.tokens.shape == (1, 20) and packed.num_padding == 3
     assert packed.offsets == [0, 7, 15]
@@ -137,4 +148,4 @@ def test_collate_packs_the_model_input_and_maps_values_between_layouts():
     assert torch.equal(packed.gather_padded(rows.detach())[0, :17], values.detach()[0, :17])
     (rows * mb.loss_mask).sum().backward()
     assert values.grad.sum().item() == mb.loss_mask.sum().item()
-    assert collate([], pad_id=7, pack_to_multiple_of=1).packed.lengths == [2]  # the dummy packs too
+    assert collate([], pad_id=7, packed=True).packed.lengths == [2]  # the dummy packs too

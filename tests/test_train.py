@@ -611,11 +611,13 @@ def test_fast_and_megatron_rollout_engines_train_alike(tiny_assets, tmp_path):
 # Packed micro-batches (packing=auto/on) against right-padded ones (packing=off), in one launch of
 # 2 gloo ranks: the trainer's own forward/backward and optimizer step on the same samples.
 
-PACKING_CASES = {  # name: (tp, pp, loss.kind)
-    "tp1": (1, 1, "sampled"),  # DP=2
-    "tp1_topk": (1, 1, "topk"),
-    "tp2": (2, 1, "sampled"),
-    "pp2": (1, 2, "sampled"),
+PACKING_CASES = {  # name: (tp, pp, loss.kind, student)
+    "tp1": (1, 1, "sampled", "dense"),  # DP=2
+    "tp1_topk": (1, 1, "topk", "dense"),
+    "tp2": (2, 1, "sampled", "dense"),
+    "pp2": (1, 2, "sampled", "dense"),
+    # an MoE student under TP runs sequence parallel: s (padded) and t (packed) rounded to TP
+    "tp2_moe_sp": (2, 1, "sampled", "moe"),
 }
 PACKING_BUDGET = 96  # several micro-batches per rank, of different shapes
 LONG_LENGTHS = (5000, 3192)  # one 8K-token packed micro-batch per rank
@@ -705,18 +707,20 @@ def _trainer_step(overrides: list[str], samples_for_dp_rank, world_size: int, me
     return out
 
 
-def _packing_body(rank: int, world_size: int, overrides: list[str], long_checkpoint: str) -> dict:
+def _packing_body(rank: int, world_size: int, overrides: list[str], long_checkpoint: str, moe_checkpoint: str) -> dict:
     from megatron_gopd.testing.tiny_tokenizer import TINY_VOCAB_SIZE
 
     report: dict = {}
-    for name, (tp, pp, kind) in PACKING_CASES.items():
+    for name, (tp, pp, kind, student) in PACKING_CASES.items():
 
         def samples(dp_rank: int, topk: int) -> list:
-            lengths = [(3 + (7 * i + 5 * dp_rank) % 30, 1 + (11 * i + 3 * dp_rank) % 40) for i in range(7)]
+            # odd and even totals: padded s and packed t need rounding to TP under sequence parallelism
+            lengths = [(3 + (7 * i + 5 * dp_rank) % 30, 1 + (11 * i + 3 * dp_rank) % 41) for i in range(7)]
             return _random_samples(100 + dp_rank, lengths, TINY_VOCAB_SIZE, topk)
 
         case = [
             *overrides,
+            *([f"student.checkpoint={moe_checkpoint}"] if student == "moe" else []),
             f"student.tp={tp}",
             f"student.pp={pp}",
             f"loss.kind={kind}",
@@ -790,15 +794,50 @@ def packing_reports(tiny_assets, tmp_path_factory) -> list[dict]:
     config_path = long_checkpoint / "hf" / "config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "max_position_embeddings": 8192}))
     return run_distributed(
-        _packing_body, world_size=2, timeout=900.0, overrides=overrides, long_checkpoint=str(long_checkpoint)
+        _packing_body,
+        world_size=2,
+        timeout=900.0,
+        overrides=overrides,
+        long_checkpoint=str(long_checkpoint),
+        moe_checkpoint=str(_tiny_moe_student(tmp_path_factory.mktemp("moe"))),
     )
+
+
+def _tiny_moe_student(out: Path) -> Path:
+    """A tiny Qwen3-MoE student checkpoint (no load-balancing loss: it would see the padding)."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from megatron_gopd.testing.tiny_assets import tiny_qwen3_config
+    from megatron_gopd.testing.tiny_tokenizer import build_tiny_tokenizer
+
+    dense = tiny_qwen3_config().to_dict()
+    fields = {k: dense[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}
+    fields.update({k: dense[k] for k in ("num_key_value_heads", "head_dim", "max_position_embeddings")})
+    config = Qwen3MoeConfig(
+        **fields,
+        tie_word_embeddings=False,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.0,
+    )
+    torch.manual_seed(5)
+    hf_dir, checkpoint = out / "hf", out / "ckpt"
+    Qwen3MoeForCausalLM(config).save_pretrained(hf_dir)
+    build_tiny_tokenizer(save_dir=str(hf_dir))
+    convert = [sys.executable, "-m", "megatron_gopd.cli", "gopd-convert", "hf-to-mcore"]
+    subprocess.run([*convert, "--hf-dir", str(hf_dir), "--out", str(checkpoint)], check=True, timeout=300)
+    return checkpoint
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(PACKING_CASES))
 def test_packed_and_padded_micro_batches_train_alike(packing_reports, case):
     """The same samples, packed (packing=auto) or right-padded (packing=off): the same loss,
-    metrics and gradients (fp32), at TP=1 (DP=2, sampled and top-k loss), TP=2 and PP=2."""
+    metrics and gradients (fp32), at TP=1 (DP=2, sampled and top-k loss), TP=2, PP=2 and an MoE
+    student at TP=2 (sequence parallel)."""
     for rank, report in enumerate(packing_reports):
         row = report[case]
         assert row["packed"] == (True, False), (rank, row["packed"])

@@ -413,8 +413,7 @@ class Trainer:
         groups += [[] for _ in range(count - len(groups))]
         pad_id = self.tokenizer.pad_token_id or 0
         micro_batches = [
-            collate(g, pad_id, platform.device(), topk=self._topk, pack_to_multiple_of=multiple if packed else None)
-            for g in groups
+            collate(g, pad_id, platform.device(), topk=self._topk, multiple=multiple, packed=packed) for g in groups
         ]
         collected: list[MetricSums] = []
         head = OutputHead(self.model.module) if self.cfg.loss.logprobs_from_hidden else None
