@@ -662,10 +662,7 @@ def _random_samples(seed: int, lengths: list[tuple[int, int]], vocab: int, topk:
 def _trainer_step(overrides: list[str], samples_for_dp_rank, world_size: int, measure: bool = False) -> dict:
     """Build the student of a tiny-config job as `Trainer` does and run one `_optimize` step."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
-    from transformers import AutoTokenizer
 
-    from megatron_gopd import platform
     from megatron_gopd.models import ModelArchitecture
     from megatron_gopd.testing.memory import PeakRSSGrowth
     from megatron_gopd.trainer.config import TrainPlan, student_packs
@@ -683,11 +680,7 @@ def _trainer_step(overrides: list[str], samples_for_dp_rank, world_size: int, me
     )
     trainer = Trainer(cfg, plan)
     # Trainer.setup's student half (no data, pool or rollout engine: the samples are given)
-    platform.init_model_parallel(tp=layout.tp, pp=layout.pp, ep=layout.ep, seed=cfg.seed)
-    trainer.dp_rank = parallel_state.get_data_parallel_rank()
-    trainer.dp_group = parallel_state.get_data_parallel_group()
-    trainer.tp_group = parallel_state.get_tensor_model_parallel_group()
-    trainer.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    trainer.init_parallel_state()
     trainer.pool = None
     trainer.static_gb = None
     trainer._build_student()

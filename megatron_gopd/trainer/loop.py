@@ -85,15 +85,8 @@ class Trainer:
 
     def setup(self) -> None:
         """Parallel state, student (DDP + optimizer + scheduler), data, scoring pool, rollout engine."""
-        from megatron.core import parallel_state
-        from transformers import AutoTokenizer
-
         cfg = self.cfg
-        platform.init_model_parallel(tp=self.layout.tp, pp=self.layout.pp, ep=self.layout.ep, seed=cfg.seed)
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_group = parallel_state.get_data_parallel_group()
-        self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.tokenizer = AutoTokenizer.from_pretrained(Path(cfg.student.checkpoint) / HF_SUBDIR)
+        self.init_parallel_state()
         data = dataclasses.replace(cfg.data, max_prompt_length=prompt_length_limit(cfg, self.arch))
         self.sampler = build_prompt_sampler(data, self.tokenizer)
         self.pool = (
@@ -131,6 +124,18 @@ class Trainer:
         if dist.get_rank() == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.output_dir / "config.yaml")
+
+    def init_parallel_state(self) -> None:
+        """Megatron's parallel state for the student's layout, this rank's groups and the tokenizer
+        (collective): the first part of `setup`, and all a bare `_build_student` needs before it."""
+        from megatron.core import parallel_state
+        from transformers import AutoTokenizer
+
+        platform.init_model_parallel(tp=self.layout.tp, pp=self.layout.pp, ep=self.layout.ep, seed=self.cfg.seed)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tokenizer = AutoTokenizer.from_pretrained(Path(self.cfg.student.checkpoint) / HF_SUBDIR)
 
     def _build_engine(self) -> RolloutEngine:
         """The rollout engine `rollout.engine` names, over this rank's student."""
