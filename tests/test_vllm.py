@@ -472,6 +472,13 @@ def test_check_vllm_support_messages(monkeypatch):
     with pytest.raises(ValueError, match="no kernel for head_dim=16"):
         vllm_engine.check_vllm_support(dataclasses.replace(arch, kv_channels=16), tp=1, pp=1, where="x")
     vllm_engine.check_vllm_support(arch, tp=2, pp=1, where="x")  # servable: no error
+    # a vLLM whose workers cannot reload weights in place (older than the backend needs)
+    from vllm.v1.worker.gpu_worker import Worker
+
+    with monkeypatch.context() as patched:
+        patched.delattr(Worker, "reload_weights")
+        with pytest.raises(ValueError, match=r"x: the installed vLLM \(.*\) has no worker reload_weights"):
+            vllm_engine.check_vllm_support(arch, tp=1, pp=1, where="x")
 
 
 if __name__ == "__main__":

