@@ -213,8 +213,8 @@ def test_loss_flag_names_runs_apart_and_sets_the_objective(tmp_path):
     assert both.losses == ("topk", "sampled") and both.opd_tag("sampled") == "_sampled"
     assert both.opd_overrides("sampled") == [
         "loss.kind=sampled",
-        "steps=400",
-        "optim.lr=0.0001",
+        "steps=200",
+        "optim.lr=0.001",
         "optim.warmup_steps=20",
     ]
     sampled = demo.parse_args(["--out", str(tmp_path), "--loss", "sampled", "--student-steps", "160"])
