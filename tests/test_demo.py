@@ -78,6 +78,20 @@ def test_t_quantile_matches_the_tables():
         report.t_interval([1.0])
 
 
+def test_t_test_p_and_holm_adjustment():
+    # five values whose t statistic is the 97.5% quantile at df 4 (2.776): p = 0.05 two-sided
+    spread = [-2.0, -1.0, 0.0, 1.0, 2.0]  # sd sqrt(2.5), standard error sqrt(0.5)
+    shift = 2.7764451 * math.sqrt(0.5)
+    assert report.t_test_p([v + shift for v in spread]) == pytest.approx(0.05, abs=1e-6)
+    assert report.t_test_p([-v - shift for v in spread]) == pytest.approx(0.05, abs=1e-6)  # two-sided
+    assert report.t_test_p([1.0, 1.0, 1.0]) == 0.0 and report.t_test_p([0.0, 0.0]) == 1.0
+    with pytest.raises(ValueError):
+        report.t_test_p([1.0])
+    # Holm: sorted 0.01 x 4, 0.02 x 3, 0.03 x 2 (kept monotone: 0.06), 0.5 x 1; the input order is kept
+    assert report.holm([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06])
+    assert report.holm([0.4, 0.9]) == pytest.approx([0.8, 0.9]) and report.holm([]) == []
+
+
 def test_t_interval_covers_the_mean_95_percent_of_the_time():
     rng = random.Random(0)
     trials, covered = 4000, 0
@@ -267,6 +281,10 @@ def test_report_pairs_students_by_seed_and_gives_seed_level_intervals(tmp_path):
     assert versus_opd["per_seed"] == [25.0, 0.0, 37.5] and versus_opd["n_seeds"] == 3  # paired by seed
     assert versus_opd["t_ci95"] == pytest.approx(list(report.t_interval([25.0, 0.0, 37.5])[1:]))
     assert versus_opd["bootstrap_levels"] == "seeds, then prompts"
+    # Holm over the three comparisons of the split, each with its own t-test
+    tested = [by_pair[pair] for pair in sorted(by_pair)]
+    assert versus_opd["t_p"] == pytest.approx(report.t_test_p([25.0, 0.0, 37.5]))
+    assert [c["t_p_holm"] for c in tested] == pytest.approx(report.holm([c["t_p"] for c in tested]))
     # prompts agree within a seed here, so the bootstrap's spread is the seeds' alone
     assert versus_opd["bootstrap_ci95"][0] >= 0.0 and versus_opd["bootstrap_ci95"][1] <= 37.5
     assert by_pair[("ExOPD (lam=1.5)", "Teacher (RL)")]["per_seed"] == [25.0, 25.0, 50.0]

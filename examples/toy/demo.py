@@ -30,7 +30,8 @@ missing (delete a stage's directory to redo it). The stages:
 8. ``eval``     `gopd-eval` avg@k at temperature 1.0 on the validation and the test split;
 9. ``report``   ``results.json``, ``results.md`` (tables, also printed: test and validation avg@k per
                 seed, and each model against the teacher and each ExOPD against OPD with a t-interval
-                over seeds and a hierarchical bootstrap), ``plots/*.png`` and ``timings.json``.
+                over seeds, a hierarchical bootstrap and the t-test's p, raw and Holm-adjusted over the
+                table), ``plots/*.png`` and ``timings.json``.
 
 The training recipe lives in ``examples/toy/configs/*.yaml``; this script fills in paths, seeds, lam
 and the per-loss recipe. `benchmarks/bench_demo.py` reads ``timings.json``.

@@ -90,6 +90,29 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     return mean, mean - half, mean + half
 
 
+def t_test_p(values: Sequence[float]) -> float:
+    """Two-sided p-value of Student's one-sample t-test of mean 0 (needs at least two values)."""
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"a t-test needs at least 2 values, got {n}")
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return 1.0 - t_two_sided_mass(abs(mean) / (sd / math.sqrt(n)), n - 1)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of `pvalues` (family-wise error over all of them), same order:
+    the i-th smallest is multiplied by (m - i), kept monotone and capped at 1."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[index]))
+        adjusted[index] = running
+    return adjusted
+
+
 def hierarchical_bootstrap(
     per_seed: Sequence[dict[int, float]], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, confidence: float = 0.95
 ) -> tuple[float, float, float]:
@@ -168,9 +191,12 @@ def compare(model: Sequence, reference: Sequence, accuracy: dict[str, dict[int, 
         "bootstrap_ci95": [boot_low, boot_high],
         "bootstrap_levels": "seeds, then prompts" if len(pairs) > 1 else "prompts only (1 seed)",
         "t_ci95": None,
+        "t_p": None,
+        "t_p_holm": None,
     }
     if len(pairs) > 1:
         result["t_ci95"] = list(t_interval(per_seed)[1:])
+        result["t_p"] = t_test_p(per_seed)
     return result
 
 
@@ -213,11 +239,19 @@ def summarise(entries: Sequence, evals: dict[str, dict[str, Path]], eval_k: int)
             references += [n for n, g in groups.items() if g[0].lam == 1.0 and g[0].loss == members[0].loss]
         for reference in references:
             comparisons.append({split: compare(members, groups[reference], accuracy[split]) for split in SPLITS})
+    for split in SPLITS:  # the family: every comparison of the split that has a t-test
+        tested = [c[split] for c in comparisons if c[split]["t_p"] is not None]
+        for result, adjusted in zip(tested, holm([r["t_p"] for r in tested])):
+            result["t_p_holm"] = adjusted
     return {"rows": rows, "comparisons": comparisons}
 
 
 def _interval(values: Optional[Sequence[float]]) -> str:
     return "n/a (1 seed)" if values is None else f"[{values[0]:+.1f}, {values[1]:+.1f}]"
+
+
+def _p(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def markdown_tables(summary: dict, eval_k: int) -> str:
@@ -246,18 +280,21 @@ def markdown_tables(summary: dict, eval_k: int) -> str:
     lines += [
         "",
         f"Differences in {metric} points, paired by seed; 95% intervals: t over the per-seed differences, "
-        "and a bootstrap over seeds then prompts (prompts only with one seed).",
+        "and a bootstrap over seeds then prompts (prompts only with one seed). p: two-sided t-test over "
+        "the per-seed differences, and Holm-adjusted over every comparison of the table that has one "
+        "(the intervals are not adjusted).",
         "",
         "| comparison | test: mean | test: per seed | test: t 95% CI | test: bootstrap 95% CI "
-        "| val: mean | val: t 95% CI | seeds |",
-        "|" + "|".join(["---"] * 8) + "|",
+        "| test: p | test: p, Holm | val: mean | val: t 95% CI | seeds |",
+        "|" + "|".join(["---"] * 10) + "|",
     ]
     for comparison in summary["comparisons"]:
         test, val = comparison["test"], comparison["val"]
         per_seed = " / ".join(f"{v:+.1f}" for v in test["per_seed"])
         lines.append(
             f"| {test['model']} - {test['reference']} | {test['mean']:+.1f} | {per_seed} | "
-            f"{_interval(test['t_ci95'])} | {_interval(test['bootstrap_ci95'])} | {val['mean']:+.1f} | "
+            f"{_interval(test['t_ci95'])} | {_interval(test['bootstrap_ci95'])} | {_p(test['t_p'])} | "
+            f"{_p(test['t_p_holm'])} | {val['mean']:+.1f} | "
             f"{_interval(val['t_ci95'])} | {test['n_seeds']} |"
         )
     return "\n".join(lines)
