@@ -242,6 +242,14 @@ def test_loss_flag_names_runs_apart_and_sets_the_objective(tmp_path):
     assert demo.parse_args(["--out", str(tmp_path), "--opd-lr", "2e-3"]).opd_tag("topk") == ""
 
 
+def test_the_readme_names_the_command_of_its_table():
+    """The README's command, demo.py's docstring and its one-seed hint name the same arguments."""
+    readme = (REPO / "README.md").read_text()
+    assert f'make demo DEMO_ARGS="{demo.README_TABLE_ARGS}"' in readme
+    assert f"python examples/toy/demo.py {demo.README_TABLE_ARGS}" in readme
+    assert f"python examples/toy/demo.py {demo.README_TABLE_ARGS}" in demo.__doc__
+
+
 def test_report_pairs_students_by_seed_and_gives_seed_level_intervals(tmp_path):
     """summarise / markdown_tables on made-up evaluations: three seeds, teacher trained once."""
     correct = {"teacher": {1: 0.5}, "opd": {1: 0.5, 2: 0.75, 3: 0.625}, "exopd": {1: 0.75, 2: 0.75, 3: 1.0}}

@@ -42,8 +42,9 @@
 #                  checkpoint and exits 0 when they do, and the job ends COMPLETED (`afterok`
 #                  dependencies hold). The workers inherit the ignored dispositions; gopd-train
 #                  installs its own handlers right after parsing its arguments, so a stop signal
-#                  that comes while they still import is kept for the first step's end. A torchrun older than 2.9 ignores this variable: it survives
-#                  GOPD_CKPT_SIGNAL (ignored) but catches SIGTERM itself (and exits 1).
+#                  that comes while they still import is kept for the first step's end. A torchrun
+#                  older than 2.9 ignores this variable: it survives GOPD_CKPT_SIGNAL (ignored) but
+#                  catches SIGTERM itself (and exits 1).
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT=180  seconds torchrun gives workers to finish after forwarding a
 #                  signal, or after one of them failed, before it kills them.
 

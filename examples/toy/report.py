@@ -79,27 +79,28 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean of ``values`` and its Student-t ``confidence`` interval (needs at least two values)."""
+def _mean_and_standard_error(values: Sequence[float], what: str) -> tuple[float, float]:
+    """Mean of ``values`` and its standard error (sample sd / sqrt(n)); `what` needs n >= 2."""
     n = len(values)
     if n < 2:
-        raise ValueError(f"a t-interval needs at least 2 values, got {n}")
+        raise ValueError(f"{what} needs at least 2 values, got {n}")
     mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``values`` and its Student-t ``confidence`` interval (needs at least two values)."""
+    mean, standard_error = _mean_and_standard_error(values, "a t-interval")
+    half = t_quantile(0.5 + confidence / 2, len(values) - 1) * standard_error
     return mean, mean - half, mean + half
 
 
 def t_test_p(values: Sequence[float]) -> float:
     """Two-sided p-value of Student's one-sample t-test of mean 0 (needs at least two values)."""
-    n = len(values)
-    if n < 2:
-        raise ValueError(f"a t-test needs at least 2 values, got {n}")
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    if sd == 0:
+    mean, standard_error = _mean_and_standard_error(values, "a t-test")
+    if standard_error == 0:
         return 1.0 if mean == 0 else 0.0
-    return 1.0 - t_two_sided_mass(abs(mean) / (sd / math.sqrt(n)), n - 1)
+    return 1.0 - t_two_sided_mass(abs(mean) / standard_error, len(values) - 1)
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
