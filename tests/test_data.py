@@ -22,6 +22,7 @@ from megatron_gopd.data import (
     PromptSampler,
     build_prompt_dataset,
     build_prompt_sampler,
+    end_of_response_ids,
     load_records,
     mixture_counts,
     prompt_to_messages,
@@ -545,3 +546,25 @@ def test_unknown_template_kwarg_is_refused(tokenizer, tmp_path):
     cfg = config(tmp_path, [DataSourceConfig(path=path)], chat_template_kwargs={"enable_thinkng": False})
     with pytest.raises(ValueError, match=r"does not use \['enable_thinkng'\]"):
         build_prompt_dataset(cfg, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# End-of-response ids
+
+
+def test_end_of_response_ids_add_the_generation_config_eos_list(tmp_path):
+    """Llama 3 lists several EOS ids in generation_config.json; every one ends a response."""
+    tokenizer = build_tiny_tokenizer()
+    base = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    assert end_of_response_ids(tokenizer) == sorted(base)
+    assert end_of_response_ids(tokenizer, str(tmp_path)) == sorted(base)  # no generation_config.json
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert end_of_response_ids(tokenizer, str(tmp_path)) == sorted(base | {7, 9})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 11}))
+    assert end_of_response_ids(tokenizer, str(tmp_path)) == sorted(base | {11})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["<eot>"]}))
+    with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id must be a token id"):
+        end_of_response_ids(tokenizer, str(tmp_path))
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"generation_config.json: not a JSON object"):
+        end_of_response_ids(tokenizer, str(tmp_path))

@@ -84,6 +84,22 @@ def test_conversion_layout_is_checked_before_any_rank_starts(tiny_assets, tmp_pa
     assert "starting 3 local ranks" not in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+def test_verify_conversion_checks_the_layout_before_any_rank_starts(tiny_assets):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "verify_conversion.py"), "--tp", "3"]
+        + ["--hf-dir", str(tiny_assets / "hf" / "student"), "--ckpt", str(tiny_assets / "ckpt" / "student")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "num_attention_heads=4 is not divisible by tensor_parallel=3" in result.stderr
+    assert "valid tensor_parallel sizes for this model: 1, 2" in result.stderr
+    assert "Traceback" not in result.stderr and "starting 3 local ranks" not in result.stderr
+
+
 def test_malformed_json_names_the_file(tmp_path):
     (tmp_path / "gopd_checkpoint.json").write_text('{"format_version": 1,')
     with pytest.raises(ValueError, match=r"gopd_checkpoint.json: not valid JSON \(line 1"):
@@ -135,3 +151,24 @@ def test_one_job_per_output_dir_and_stale_locks_recover(tmp_path):
         except OutputDirLockedError:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_local_ranks_get_their_share_of_the_cores(caplog):
+    """`--nproc N` ranks each run cores / N intra-op threads (two ranks at torch's default on 2 cores
+    ran 3.2x slower), unless OMP_NUM_THREADS says otherwise; the start-up log line names the count."""
+    import logging
+
+    from megatron_gopd.process import launch_local_ranks, threads_per_rank
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_rank(2, {}) == (max(1, cores // 2), f"{cores} cores / 2 ranks; set OMP_NUM_THREADS to override")
+    assert threads_per_rank(64, {})[0] == 1
+    assert threads_per_rank(2, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS='many'"):
+        threads_per_rank(2, {"OMP_NUM_THREADS": "many"})
+    check = "import sys, torch; sys.exit(0 if torch.get_num_threads() == int(sys.argv[1]) else 1)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    with caplog.at_level(logging.INFO, logger="megatron_gopd.process"):
+        assert launch_local_ranks(2, ["-c", check, str(max(1, cores // 2))], env=env, master_port=0) == 0
+    assert f"starting 2 local ranks, {max(1, cores // 2)} thread" in caplog.text
+    assert launch_local_ranks(2, ["-c", check, "1"], env={**env, "OMP_NUM_THREADS": "1"}, master_port=0) == 0

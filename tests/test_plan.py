@@ -61,6 +61,8 @@ def _plan_cli(*args: str) -> subprocess.CompletedProcess:
             "megatron_gopd.cli",
             "gopd-train",
             "--plan",
+            "--device",
+            "cuda",
             "--world-size",
             "8",
             "--model-shapes",
@@ -89,3 +91,28 @@ def test_plan_command_prints_the_table_and_refuses_an_oversized_job():
     assert "DOES NOT FIT: training" in too_big.stdout and "micro_batch_tokens" in too_big.stdout
     no_kv = _plan_cli("--config", config, "--device-memory-gb", "80", "rollout.kv_cache_gb=0.5")
     assert no_kv.returncode == 2 and "the KV budget holds no sample" in no_kv.stdout, no_kv.stdout
+
+
+@pytest.mark.slow
+def test_plan_on_cpu_plans_host_memory(tiny_assets, tmp_path):
+    """A CPU job is planned as CPU ranks: each rank's share of this machine's RAM, no CUDA context,
+    the engines' CPU KV default; the tiny 4-rank config fits."""
+    import psutil
+
+    config = tmp_path / "tiny.yaml"
+    text = (CONFIGS / "tiny_multi_teacher.yaml").read_text().replace("outputs/tiny_assets", str(tiny_assets))
+    config.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_gopd.cli", "gopd-train", "--plan", "--device", "cpu"]
+        + ["--config", str(config), "--nproc", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "on 4 CPU ranks" in result.stdout and "DOES NOT FIT" not in result.stdout
+    assert "CUDA context" not in result.stdout and "process runtime" in result.stdout
+    share = psutil.virtual_memory().total / 1e9 / 4
+    assert f"(device {share:.1f} GB)" in result.stdout, result.stdout
+    assert "the CPU default rollout.kv_cache_gb=1.0" in result.stdout

@@ -85,6 +85,16 @@ def test_extraction_policy_and_fallbacks():
     assert extract_final_answer("no digits at all") is None
 
 
+@pytest.mark.parametrize(
+    "response", [r"The answer is \boxed{}", r"I think 5, so \boxed{}", r"\boxed{ }", r"\boxed{4} but \boxed{}"]
+)
+def test_an_empty_last_box_is_no_answer(math_verifier, response):
+    """The model's last box is its final answer even when empty: no fallback rule may find one
+    (it once extracted the literal text after "the answer is", or a number written before)."""
+    assert extract_final_answer(response) is None
+    assert math_verifier({"answer": "5"}, response).reward == 0.0
+
+
 def test_extraction_is_linear_on_adversarial_input():
     text = r"\boxed{" * 40_000 + "1" + "}" * 10  # 280k characters, mostly unclosed boxes
     start = time.monotonic()

@@ -90,6 +90,7 @@ def check_hf_checkpoint(arch: ModelArchitecture, reader: SafetensorsReader) -> N
     """Every tensor `arch` needs is present with its shape; raises CheckpointError listing problems."""
     expected = hf_shapes(arch)
     names = reader.names()
+    _check_tied_flag(arch, reader, names)
     missing = sorted(set(expected) - names)
     if missing:
         raise CheckpointError(
@@ -100,6 +101,25 @@ def check_hf_checkpoint(arch: ModelArchitecture, reader: SafetensorsReader) -> N
     ]
     if wrong:
         raise CheckpointError(f"{reader.dir}: tensor shapes disagree with config.json: " + "; ".join(wrong[:5]))
+
+
+def _check_tied_flag(arch: ModelArchitecture, reader: SafetensorsReader, names: set[str]) -> None:
+    """``tie_word_embeddings`` must agree with the tensors: an untied config needs ``lm_head.weight``;
+    a tied one may carry a copy of the embedding (some exports do) but not a different head, which
+    every loader, transformers included, would silently drop."""
+    config = reader.dir / "config.json"
+    if not arch.tie_word_embeddings and "lm_head.weight" not in names:
+        raise CheckpointError(
+            f"{config}: tie_word_embeddings is false but {reader.dir} has no lm_head.weight; if the head is "
+            "the embedding, set tie_word_embeddings: true"
+        )
+    if arch.tie_word_embeddings and "lm_head.weight" in names:
+        head, embedding = reader.read("lm_head.weight"), reader.read("model.embed_tokens.weight")
+        if head.shape != embedding.shape or not torch.equal(head, embedding):
+            raise CheckpointError(
+                f"{config}: tie_word_embeddings is true but {reader.dir} has an lm_head.weight that differs "
+                "from model.embed_tokens.weight; set tie_word_embeddings: false to use that head, or drop it"
+            )
 
 
 @torch.no_grad()

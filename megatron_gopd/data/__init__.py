@@ -24,7 +24,7 @@ teacher can render them with `render_prompt_ids(teacher_tokenizer, record.messag
 Owns:
     records   field names, accepted formats, `load_records`
     chat      chat templates: `prompt_to_messages`, `render_prompt_text` / `render_prompt_ids`,
-              `template_variables`, `check_template_kwargs`
+              `template_variables`, `check_template_kwargs`, `end_of_response_ids`
     config    `DataConfig`, `DataSourceConfig`
     sources   tokenised sources (`PromptSource`, `tokenize_source`), `DataStats`, `mixture_counts`
     sampler   `PromptRecord`, `PromptDataset`, `PromptSampler`, `build_prompt_sampler`, `shard_for_rank`
@@ -37,6 +37,7 @@ from megatron_gopd.data.chat import (
     RESERVED_TEMPLATE_KWARGS,
     check_template_kwargs,
     encode_texts,
+    end_of_response_ids,
     prompt_to_messages,
     render_prompt_ids,
     render_prompt_text,
@@ -88,6 +89,7 @@ __all__ = [
     "build_prompt_sampler",
     "check_template_kwargs",
     "encode_texts",
+    "end_of_response_ids",
     "load_records",
     "mixture_counts",
     "prompt_to_messages",

@@ -117,3 +117,26 @@ def render_prompt_ids(
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """Token ids of already rendered texts, in one batched call (no BOS/EOS added)."""
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def end_of_response_ids(tokenizer: PreTrainedTokenizerBase, model_dir: Optional[str] = None) -> list[int]:
+    """The token ids that end a response: the tokenizer's eos and pad ids, plus every id of the
+    ``eos_token_id`` in `model_dir`'s ``generation_config.json`` (an int or a list: Llama 3 lists
+    several, e.g. ``<|eot_id|>`` beside ``<|end_of_text|>``; Qwen3 lists ``<|im_end|>`` and
+    ``<|endoftext|>``). A malformed generation config is an error naming the file and field.
+    """
+    import json
+    from pathlib import Path
+
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    path = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            listed = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise ValueError(f"{path}: not a JSON object ({err})") from err
+        listed = [] if listed is None else listed if isinstance(listed, list) else [listed]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in listed):
+            raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {listed!r}")
+        ids.update(listed)
+    return sorted(i for i in ids if i is not None)

@@ -47,7 +47,7 @@ def run_eval(args: Any) -> dict:
     from transformers import AutoTokenizer
 
     from megatron_gopd import platform
-    from megatron_gopd.data import DataConfig, DataSourceConfig, build_prompt_dataset
+    from megatron_gopd.data import DataConfig, DataSourceConfig, build_prompt_dataset, end_of_response_ids
     from megatron_gopd.evaluation.avg_at_k import evaluate
     from megatron_gopd.models import ParallelLayout
     from megatron_gopd.rollout import SamplingParams, VLLMRolloutEngine, build_rollout_engine
@@ -65,13 +65,19 @@ def run_eval(args: Any) -> dict:
         shuffle=False,
     )
     records = all_records(build_prompt_dataset(data, tokenizer))[: args.max_prompts]
-    eos = sorted({i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None})
+    eos = end_of_response_ids(tokenizer, tokenizer_dir)
+    # The longest sample of this evaluation, so engines size their caches (vLLM its max_model_len)
+    # for it rather than for the model's whole context.
+    longest = min(
+        max((len(r.input_ids) for r in records), default=1) + args.max_new_tokens, arch.max_position_embeddings
+    )
     if args.engine == "vllm":
         engine = VLLMRolloutEngine(
             model,
             arch,
             tokenizer_dir,
             eos_token_ids=eos,
+            max_sequence_length=longest,
             max_batch_size=args.max_batch_size,
             kv_cache_gb=args.kv_cache_gb,
             seed=args.seed,
@@ -84,6 +90,7 @@ def run_eval(args: Any) -> dict:
             arch,
             eos_token_ids=eos,
             layout=layout,
+            max_sequence_length=longest,
             kv_cache_gb=args.kv_cache_gb,
             max_batch_size=args.max_batch_size,
         )

@@ -124,7 +124,17 @@ class ModelArchitecture:
                 if value % size:
                     problems.append(f"{field}={value} is not divisible by {size_name}={size}")
         if problems:
-            raise ValueError(f"{self.hf_architecture} cannot be split this way: " + "; ".join(problems))
+            raise ValueError(
+                f"{self.hf_architecture} cannot be split this way: "
+                + "; ".join(problems)
+                + f" (valid tensor_parallel sizes for this model: {', '.join(map(str, self.valid_tp_sizes()))})"
+            )
+
+    def valid_tp_sizes(self, limit: int = 64) -> list[int]:
+        """Tensor-parallel sizes up to `limit` that split the heads, KV heads and MLP evenly (a real
+        model's head counts often rule out 2: SmolLM2-135M has 9 / 3 heads, so only 1 and 3)."""
+        fields = [self.num_attention_heads, self.num_query_groups, self.ffn_hidden_size]
+        return [tp for tp in range(1, limit + 1) if all(value % tp == 0 for value in fields)]
 
 
 def _rope(hf: dict[str, Any], problems: list[str]) -> tuple[float, Optional[float]]:

@@ -36,7 +36,7 @@ from megatron_gopd.rollout.fast_attention import grouped_decode_attention
 from megatron_gopd.rollout.fast_model import decode_step, decoder_weights, rope_tables
 from megatron_gopd.rollout.fast_schedule import _Run, _Sample
 from megatron_gopd.rollout.fast_support import fast_engine_unsupported_reason
-from megatron_gopd.rollout.kv_slots import GB, KVSlots, KVSlotShape, slots_for_budget
+from megatron_gopd.rollout.kv_slots import DEFAULT_CPU_KV_CACHE_GB, GB, KVSlots, KVSlotShape, slots_for_budget
 from megatron_gopd.rollout.megatron_engine import GenerationStats
 from megatron_gopd.rollout.replica import check_same_request
 from megatron_gopd.rollout.sample_rows import (
@@ -47,9 +47,6 @@ from megatron_gopd.rollout.sample_rows import (
 from megatron_gopd.rollout.sampling import UniformStreams, sample_from_logits, sample_seed
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CPU_KV_CACHE_GB = 1.0
-"""KV budget on CPU when none is given (there is no free-memory figure to take a fraction of)."""
 
 
 @dataclasses.dataclass

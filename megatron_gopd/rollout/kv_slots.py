@@ -13,7 +13,11 @@ from typing import Optional
 import torch
 
 GB = 1e9
-"""``kv_cache_gb`` counts decimal gigabytes."""
+"""``kv_cache_gb`` counts decimal gigabytes (every engine and the memory plan)."""
+
+DEFAULT_CPU_KV_CACHE_GB = 1.0
+"""KV-cache size per rank on CPU when ``rollout.kv_cache_gb`` is unset (every engine: CPU engines do
+not size their cache from free memory; vLLM's own CPU default is 4 GB)."""
 
 
 @dataclasses.dataclass(frozen=True)

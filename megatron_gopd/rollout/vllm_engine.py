@@ -42,6 +42,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -60,6 +61,7 @@ from megatron_gopd.rollout.base import (
     check_engine_limits,
     validate_request,
 )
+from megatron_gopd.rollout.kv_slots import DEFAULT_CPU_KV_CACHE_GB, GB
 from megatron_gopd.rollout.megatron_engine import sample_seed
 
 logger = logging.getLogger(__name__)
@@ -68,9 +70,6 @@ __all__ = ["VLLM_CPU_HEAD_DIMS", "VLLMRolloutEngine", "check_vllm_support", "vll
 
 VLLM_CPU_HEAD_DIMS: tuple[int, ...] = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head sizes vLLM's CPU attention kernels take (vllm-cpu 0.32); others fail at the first generate."""
-
-DEFAULT_CPU_KV_CACHE_GB = 1.0
-"""KV-cache size on CPU when none is configured (vLLM's own CPU default is 4 GB)."""
 
 _SEED_RANGE = 2**63
 """vLLM request seeds are signed 64-bit; sample seeds are folded into that range."""
@@ -167,8 +166,9 @@ class VLLMRolloutEngine(RolloutEngine):
         eos_token_ids: tokens that end a sample with finish reason ``eos``.
         max_sequence_length: the longest prompt + response, default ``arch.max_position_embeddings``.
         max_batch_size: vLLM's most sequences decoded together (``max_num_seqs``); None: vLLM's default.
-        kv_cache_gb: KV-cache size in GB; None: `DEFAULT_CPU_KV_CACHE_GB` on CPU, and on GPU what
-            `gpu_memory_utilization` leaves after the weights.
+        kv_cache_gb: KV-cache size in GB (1e9 bytes, as every engine and the memory plan count);
+            None: `DEFAULT_CPU_KV_CACHE_GB` on CPU, and on GPU what `gpu_memory_utilization` leaves
+            after the weights.
         gpu_memory_utilization: fraction of the GPU vLLM may use (weights and KV cache) when
             `kv_cache_gb` is None; the trainer's model and optimizer share the same GPU.
         enforce_eager: no CUDA graphs; None: eager on CPU (no graphs there), graphs on GPU.
@@ -236,7 +236,7 @@ class VLLMRolloutEngine(RolloutEngine):
             enable_sleep_mode=self.sleep_between_steps,
         )
         if kv_cache_gb is not None:
-            options["kv_cache_memory_bytes"] = int(kv_cache_gb * 1024**3)
+            options["kv_cache_memory_bytes"] = int(kv_cache_gb * GB)
         else:
             options["gpu_memory_utilization"] = gpu_memory_utilization
         if max_batch_size is not None:
@@ -279,17 +279,26 @@ class VLLMRolloutEngine(RolloutEngine):
         """Copy the student's current weights into vLLM (collective: every rank calls it).
 
         Streams `bridge.export_hf_weights` (TP shards gathered, HF names) into vLLM's in-place
-        ``reload_weights``, then resets the prefix cache. Sets ``last_sync_seconds``.
+        ``reload_weights``, then resets the prefix cache. Sets ``last_sync_seconds``. A tied output
+        layer, which the reload skips, is rebuilt from the updated embedding; any layer vLLM reports
+        as not loaded, or an output layer that disagrees with the weights, is a RuntimeError
+        (vLLM itself only logs a warning and samples from the stale weights).
         """
         from megatron_gopd.bridge import export_hf_weights
 
         started = time.perf_counter()
         if self._asleep:  # weights first: the KV cache is not needed to load them
             self.llm.wake_up(tags=["weights"])
-        with torch.no_grad(), platform.device_rewrites_paused():
+        with (
+            torch.no_grad(),
+            platform.device_rewrites_paused(),
+            _ReloadWarnings(self.arch.tie_word_embeddings) as warnings,
+        ):
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": export_hf_weights(self.model, self.arch)}
             )
+            checks = self.llm.collective_rpc(_refresh_and_check_output_layer)
+        _raise_on_unloaded_layers(warnings.failed_layers, checks, tied=self.arch.tie_word_embeddings)
         if self._asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
@@ -386,6 +395,110 @@ class VLLMRolloutEngine(RolloutEngine):
         if last in sampling.stop_token_ids:
             return "stop"
         return "length"
+
+
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+_FAILED_LAYER = re.compile(r"^(\w+): Failed to load weights$")
+
+
+class _ReloadWarnings(logging.Filter):
+    """Collects the layers vLLM's in-place reload reports as not loaded (it only logs a warning and
+    keeps the layer's previous weights, which for a sampler means silently wrong tokens).
+
+    With `tied_head` the output layer's report is expected (vLLM skips the tied alias; the sync then
+    rebuilds and checks that layer itself) and kept out of the log; every other report is logged.
+    """
+
+    def __init__(self, tied_head: bool) -> None:
+        super().__init__()
+        self.tied_head = tied_head
+        self.failed_layers: list[str] = []
+        self._logger = logging.getLogger(_RELOAD_LOGGER)
+        self._level = self._logger.level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = _FAILED_LAYER.match(record.getMessage())
+        if not match:
+            return True
+        self.failed_layers.append(match.group(1))
+        return not (self.tied_head and match.group(1) == "ParallelLMHead")
+
+    def __enter__(self) -> "_ReloadWarnings":
+        self._logger.addFilter(self)
+        if not self._logger.isEnabledFor(logging.WARNING):  # VLLM_LOGGING_LEVEL=ERROR must not hide it
+            self._logger.setLevel(logging.WARNING)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeFilter(self)
+        self._logger.setLevel(self._level)
+
+
+def _refresh_and_check_output_layer(worker) -> dict:
+    """Run inside each vLLM worker after ``reload_weights``.
+
+    A tied output layer (``ParallelLMHead`` sharing the embedding's parameter) receives no weights of
+    its own in a reload: vLLM's loader skips the alias, reports the layer as not loaded and keeps what
+    its kernel prepared from the *previous* weights (on CPU a packed GEMM operand built from the dummy
+    start-up weights), while the shared parameter itself is updated. Re-running the layer's
+    ``process_weights_after_loading`` rebuilds that operand from the current weights. Then the head's
+    own GEMM is checked against a plain matmul with the embedding (tied) or its own weight.
+
+    Returns the head's class name, whether it is tied, the relative error of that check, and the
+    class names of modules that hold no parameters of their own (their "not loaded" is harmless:
+    e.g. the rotary cache, a buffer).
+    """
+    import torch.nn.functional as F
+
+    model = worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    parameterless = sorted(
+        {type(m).__name__ for m in model.modules() if not any(True for _ in m.parameters(recurse=False))}
+    )
+    if head is None or not hasattr(head, "quant_method") or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return {"head": None, "tied": False, "error": 0.0, "parameterless": parameterless}
+    # The embedding whose parameter the head shares (vLLM ties by assigning the same Parameter).
+    embedding = next((m for m in model.modules() if m is not head and getattr(m, "weight", None) is head.weight), None)
+    tied = embedding is not None
+    with torch.no_grad():
+        if tied:
+            head.quant_method.process_weights_after_loading(head)
+        reference = embedding.weight if tied else head.weight  # [V/tp, H]
+        probe = torch.randn(2, reference.shape[1], generator=torch.Generator().manual_seed(0))
+        probe = probe.to(device=reference.device, dtype=reference.dtype)  # [2, H]
+        got = head.quant_method.apply(head, probe).float()  # [2, V/tp]
+        want = F.linear(probe, reference).float()  # [2, V/tp]
+        error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+    return {"head": type(head).__name__, "tied": tied, "error": error, "parameterless": parameterless}
+
+
+_HEAD_TOLERANCE = 1e-2
+"""Relative error allowed between vLLM's output-layer GEMM and a plain matmul (bf16 kernels differ
+in accumulation; a stale head is off by O(1))."""
+
+
+def _raise_on_unloaded_layers(failed_layers: list[str], checks: list[dict], *, tied: bool) -> None:
+    """Fail the weight sync when vLLM kept any layer's previous weights (see `_ReloadWarnings`)."""
+    harmless = set().union(*(set(c["parameterless"]) for c in checks))
+    refreshed = {c["head"] for c in checks if c["tied"]}
+    unexplained = sorted({name for name in failed_layers if name not in harmless and name not in refreshed})
+    if unexplained:
+        raise RuntimeError(
+            f"vLLM did not load the student's weights into {', '.join(unexplained)} during the weight "
+            "sync and would sample from stale weights; the HF names the bridge streams do not match "
+            "this vLLM's model (bridge.export_hf_weights vs the vLLM model's load_weights)"
+        )
+    if tied and not refreshed:
+        raise RuntimeError(
+            "the student has tied embeddings (tie_word_embeddings: true) but vLLM's output layer does "
+            "not share the embedding's parameter; refusing to sample from a head the sync does not update"
+        )
+    worst = max((c["error"] for c in checks), default=0.0)
+    if worst > _HEAD_TOLERANCE:
+        raise RuntimeError(
+            f"vLLM's output layer disagrees with the student's weights after the sync (relative error "
+            f"{worst:.3g} > {_HEAD_TOLERANCE}): it would sample from a stale head"
+        )
 
 
 def _vllm_dtype(model) -> str:

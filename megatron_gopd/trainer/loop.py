@@ -34,7 +34,7 @@ from megatron_gopd.batching import MicroBatch, TrainSample, collate, pack_micro_
 from megatron_gopd.checkpointing import HF_SUBDIR, load_model, read_checkpoint_meta
 from megatron_gopd.collectives import agree_on_micro_batch_count, all_reduce_dp
 from megatron_gopd.config import dump_yaml
-from megatron_gopd.data import PromptRecord, build_prompt_sampler, shard_for_rank
+from megatron_gopd.data import PromptRecord, build_prompt_sampler, end_of_response_ids, shard_for_rank
 from megatron_gopd.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits
 from megatron_gopd.models.attention import require_packing_support
 from megatron_gopd.models.output_head import OutputHead
@@ -136,16 +136,21 @@ class Trainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tokenizer = AutoTokenizer.from_pretrained(Path(self.cfg.student.checkpoint) / HF_SUBDIR)
+        self.eos_token_ids = end_of_response_ids(self.tokenizer, Path(self.cfg.student.checkpoint) / HF_SUBDIR)
 
     def _build_engine(self) -> RolloutEngine:
         """The rollout engine `rollout.engine` names, over this rank's student."""
         r, prompt = self.cfg.rollout, self.cfg.data.max_prompt_length
+        # The longest sample the job can produce: engines size their caches (vLLM its max_model_len)
+        # for it instead of the model's whole context.
+        longest = min(prompt + r.max_new_tokens, self.arch.max_position_embeddings) if prompt else None
         if r.engine == "vllm":
             return VLLMRolloutEngine(
                 self.model.module,
                 self.arch,
                 Path(self.cfg.student.checkpoint) / HF_SUBDIR,
-                eos_token_ids=_eos_ids(self.tokenizer),
+                eos_token_ids=self.eos_token_ids,
+                max_sequence_length=longest,
                 max_batch_size=r.max_batch_size,
                 kv_cache_gb=r.kv_cache_gb,
                 gpu_memory_utilization=r.vllm_gpu_memory_utilization,
@@ -153,12 +158,11 @@ class Trainer:
                 sleep_between_steps=r.vllm_sleep_between_steps,
                 seed=self.cfg.seed,
             )
-        longest = min(prompt + r.max_new_tokens, self.arch.max_position_embeddings) if prompt else None
         return build_rollout_engine(
             r.engine,
             self.model.module,
             self.arch,
-            eos_token_ids=_eos_ids(self.tokenizer),
+            eos_token_ids=self.eos_token_ids,
             layout=self.layout,
             max_sequence_length=longest,
             kv_cache_gb=r.kv_cache_gb,
@@ -583,8 +587,3 @@ class Trainer:
             self.pool.close()
         if getattr(self, "engine", None) is not None:
             self.engine.close()
-
-
-def _eos_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    return sorted(i for i in ids if i is not None)

@@ -5,7 +5,8 @@ Answer extraction policy (`extract_final_answer`), first rule that finds somethi
 1. ``boxed``: the content of the last *complete* ``\\boxed{...}`` (or ``\\fbox{...}``), nested
    braces handled, escaped braces ``\\{ \\}`` ignored when matching. An unclosed ``\\boxed{`` at
    the end of a truncated response is skipped, so the last closed one counts. ``\\boxed 5`` (no
-   braces) gives ``5``; an empty last ``\\boxed{}`` finds nothing (the fallbacks apply).
+   braces) gives ``5``. An empty last ``\\boxed{}`` is the response's answer: none (the fallbacks
+   do not apply, so neither "the answer is \\boxed{}" nor a number written before it counts).
 2. ``answer_is`` (fallback): the text after the last "answer is" / "answer:" (case-insensitive) up
    to the end of that line, with surrounding ``$`` and a trailing period removed.
 3. ``last_number`` (fallback): the last number in the response (``-3``, ``1,000``, ``2.5``,
@@ -143,8 +144,8 @@ def extract_final_answer(response: str, fallback: bool = True) -> Optional[Extra
         The answer and the rule that found it, or None when the response has no answer.
     """
     boxed = last_boxed(response)
-    if boxed:
-        return ExtractedAnswer(boxed, "boxed")
+    if boxed is not None:  # the model's last boxed answer is final, even when it is empty
+        return ExtractedAnswer(boxed, "boxed") if boxed else None
     if not fallback:
         return None
     phrase = _answer_after_phrase(response)
