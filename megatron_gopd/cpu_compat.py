@@ -20,7 +20,8 @@
 - ``transformer.utils.get_default_causal_mask`` (also imported by ``fusions.fused_softmax``)
   builds its mask on ``"cuda"``: replaced by a CPU one.
 - MoE: ``moe_utils.te_general_gemm`` is referenced but undefined without Transformer Engine (a
-  NameError in router gating in 0.16.1): defined as None. ``maybe_move_tensor_to_cpu`` converts
+  NameError in router gating in 0.16.1): defined as None, on GPU too (`install_device_independent_fixes`,
+  the one patch that is not CPU-only). ``maybe_move_tensor_to_cpu`` converts
   only CUDA tensors, so the split sizes stay tensors and gloo's ``all_to_all_single`` rejects them:
   CPU tensors become numpy when ``as_numpy=True``.
 - gloo's all_gather / reduce_scatter need equal sizes, which MoE dispatch with expert tensor
@@ -106,6 +107,20 @@ def device_rewrites_paused():
         yield
     finally:
         mode.__enter__()
+
+
+def install_device_independent_fixes() -> None:
+    """Fixes megatron-core needs on every device, GPU included (`platform.init_distributed` applies
+    them in both modes). Idempotent.
+
+    - ``moe_utils.te_general_gemm`` is defined only when Transformer Engine imports, but 0.16.1's
+      router gating references it unguarded: without TE every MoE forward raises NameError (on a
+      GPU too). Defined as None, which is what the code tests for.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def install_cpu_compat() -> None:
@@ -203,8 +218,7 @@ def _patch_megatron_for_cpu() -> None:
 
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None  # referenced unguarded in 0.16.1 when TE is absent
+    install_device_independent_fixes()
     original_move = moe_utils.maybe_move_tensor_to_cpu
 
     def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_gopd.cpu_compat import device_rewrites_paused, install_cpu_compat
+from megatron_gopd.cpu_compat import device_rewrites_paused, install_cpu_compat, install_device_independent_fixes
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     ``python`` run.
     """
     env = read_dist_env()
+    install_device_independent_fixes()
     if cpu_mode():
         install_cpu_compat()
     else:

@@ -111,3 +111,27 @@ def _bad_grid_body(rank: int, world_size: int) -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def test_the_moe_te_guard_is_not_cpu_only():
+    """megatron-core 0.16.1's router gating names ``te_general_gemm``, which exists only when
+    Transformer Engine imports: without TE every MoE forward raised NameError on a GPU too. The guard
+    is a device-independent fix that `init_distributed` installs in both modes."""
+    import inspect
+
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_gopd import platform
+    from megatron_gopd.cpu_compat import install_device_independent_fixes
+
+    saved = moe_utils.__dict__.pop("te_general_gemm", "absent")
+    try:
+        install_device_independent_fixes()
+        assert hasattr(moe_utils, "te_general_gemm")
+        if saved == "absent":
+            assert moe_utils.te_general_gemm is None
+    finally:
+        if saved != "absent":
+            moe_utils.te_general_gemm = saved
+    body = inspect.getsource(platform.init_distributed)
+    assert body.index("install_device_independent_fixes()") < body.index("if cpu_mode():")

@@ -486,3 +486,19 @@ if __name__ == "__main__":
         build_assets(Path(sys.argv[2]))
     elif sys.argv[1] == "ranks":
         _rank_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+
+
+def test_vllm_memory_options_fit_the_start_up_check():
+    """With a fixed KV budget on a GPU, vLLM's start-up check (free >= utilization x total) must pass
+    beside the trainer's models: utilization follows the free memory, never above the configured one;
+    a budget larger than what is free is refused naming the key. GB are 1e9 bytes, as everywhere."""
+    from megatron_gopd.rollout.vllm_engine import vllm_memory_options
+
+    assert vllm_memory_options(None, 0.5, (40e9, 80e9)) == {"gpu_memory_utilization": 0.5}
+    assert vllm_memory_options(0.25, 0.5, None) == {"kv_cache_memory_bytes": 250_000_000}  # CPU
+    options = vllm_memory_options(8.0, 0.5, (20e9, 80e9))  # the trainer holds 60 of 80 GB
+    assert options["kv_cache_memory_bytes"] == 8_000_000_000
+    assert options["gpu_memory_utilization"] * 80e9 <= 20e9 and options["gpu_memory_utilization"] > 0.1
+    assert vllm_memory_options(8.0, 0.1, (70e9, 80e9))["gpu_memory_utilization"] == 0.1
+    with pytest.raises(ValueError, match=r"rollout.kv_cache_gb=30.0 does not fit the 20.0 GB free"):
+        vllm_memory_options(30.0, 0.5, (20e9, 80e9))

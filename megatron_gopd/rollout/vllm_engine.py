@@ -66,7 +66,7 @@ from megatron_gopd.rollout.megatron_engine import sample_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VLLM_CPU_HEAD_DIMS", "VLLMRolloutEngine", "check_vllm_support", "vllm_installed"]
+__all__ = ["VLLM_CPU_HEAD_DIMS", "VLLMRolloutEngine", "check_vllm_support", "vllm_installed", "vllm_memory_options"]
 
 VLLM_CPU_HEAD_DIMS: tuple[int, ...] = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head sizes vLLM's CPU attention kernels take (vllm-cpu 0.32); others fail at the first generate."""
@@ -148,6 +148,37 @@ def check_vllm_support(arch: ModelArchitecture, *, tp: int, pp: int, where: str)
             f"{where}: vLLM cannot split {arch.num_attention_heads} heads / "
             f"{arch.num_query_groups} KV heads over tensor_parallel={tp}"
         )
+
+
+_STARTUP_HEADROOM = 0.9
+"""Share of the GPU's free memory vLLM's start-up check may ask for when the KV cache has a fixed size."""
+
+
+def vllm_memory_options(
+    kv_cache_gb: Optional[float], gpu_memory_utilization: float, gpu_memory: Optional[tuple[int, int]]
+) -> dict:
+    """vLLM's memory arguments for a KV budget.
+
+    `gpu_memory` is ``(free, total)`` bytes of this rank's GPU (``torch.cuda.mem_get_info()``), None
+    on CPU. Without `kv_cache_gb`, vLLM takes `gpu_memory_utilization` of the GPU for its weights and
+    KV cache. With it, the KV cache is exactly ``kv_cache_gb`` GB (``kv_cache_memory_bytes``) and
+    ``gpu_memory_utilization`` only feeds vLLM's start-up check, which refuses to start when the free
+    memory is below utilization x total: beside the trainer's models it never is at vLLM's default
+    (0.92), so it is lowered to what is free (times a headroom), never above the configured one.
+    """
+    if kv_cache_gb is None:
+        return {"gpu_memory_utilization": gpu_memory_utilization}
+    options: dict = {"kv_cache_memory_bytes": int(kv_cache_gb * GB)}
+    if gpu_memory is not None:
+        free, total = gpu_memory
+        needed = kv_cache_gb * GB
+        if free * _STARTUP_HEADROOM < needed:
+            raise ValueError(
+                f"rollout.kv_cache_gb={kv_cache_gb} does not fit the {free / GB:.1f} GB free on this GPU "
+                "beside the trainer's models; lower it"
+            )
+        options["gpu_memory_utilization"] = min(gpu_memory_utilization, free * _STARTUP_HEADROOM / total)
+    return options
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -235,10 +266,8 @@ class VLLMRolloutEngine(RolloutEngine):
             logprobs_mode="processed_logprobs",
             enable_sleep_mode=self.sleep_between_steps,
         )
-        if kv_cache_gb is not None:
-            options["kv_cache_memory_bytes"] = int(kv_cache_gb * GB)
-        else:
-            options["gpu_memory_utilization"] = gpu_memory_utilization
+        memory = torch.cuda.mem_get_info() if self.on_gpu else None
+        options.update(vllm_memory_options(kv_cache_gb, gpu_memory_utilization, memory))
         if max_batch_size is not None:
             options["max_num_seqs"] = max_batch_size
         if dist.is_initialized():
