@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import io
 import json
@@ -204,6 +205,93 @@ def test_a_megatron_core_loader_that_cannot_be_restricted_is_refused(monkeypatch
     strategy = _restricted_load_strategy_classes()[0]()
     with pytest.raises(CheckpointError, match="refusing to load: .* cannot be restricted"):
         strategy.load({}, tmp_path)
+
+
+def _unrestricted_loads(source: str, filename: str) -> list[str]:
+    """Each place in `source` that unpickles without restriction: a `torch.load` without
+    ``weights_only=True``, any other ``weights_only`` than True, a pickle / dill / cloudpickle /
+    joblib / marshal load or Unpickler, `shelve.open`, `numpy.load(allow_pickle=...)`; the one
+    exception is the allow-list unpickler of checkpoint metadata (`checkpointing._MetadataUnpickler`)."""
+    tree = ast.parse(source, filename)
+    aliases: dict[str, str] = {}  # local name -> what it names ("pickle", "torch.load", ...)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+
+    def qualified(expr: ast.expr) -> str:
+        if isinstance(expr, ast.Name):
+            return aliases.get(expr.id, expr.id)
+        if isinstance(expr, ast.Attribute):
+            return f"{qualified(expr.value)}.{expr.attr}"
+        return ""
+
+    pickle_modules = ("pickle", "_pickle", "cPickle", "dill", "cloudpickle")
+    unrestricted = {f"{m}.{f}" for m in pickle_modules for f in ("load", "loads", "Unpickler")}
+    unrestricted |= {"joblib.load", "marshal.load", "marshal.loads", "shelve.open", "torch.serialization.load"}
+    allowed_bases = {("megatron_gopd/checkpointing.py", "_MetadataUnpickler"): "pickle.Unpickler"}
+    allowed = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and (filename, node.name) in allowed_bases:
+            allowed |= {id(b) for b in node.bases if qualified(b) == allowed_bases[(filename, node.name)]}
+
+    found = []
+    for node in ast.walk(tree):
+        where = f"{filename}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.keyword) and node.arg == "weights_only":
+            if not (isinstance(node.value, ast.Constant) and node.value.value is True):
+                found.append(f"{where}: weights_only={ast.unparse(node.value)}")
+        elif isinstance(node, ast.Call) and qualified(node.func) in ("torch.load", "numpy.load"):
+            keywords = {k.arg: k.value for k in node.keywords}
+            if qualified(node.func) == "numpy.load" and "allow_pickle" in keywords:
+                found.append(f"{where}: numpy.load(allow_pickle=...)")
+            elif qualified(node.func) == "torch.load" and not (
+                isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True
+            ):
+                found.append(f"{where}: torch.load without weights_only=True")
+        elif isinstance(node, (ast.Attribute, ast.Name)) and isinstance(node.ctx, ast.Load):
+            if qualified(node) in unrestricted and id(node) not in allowed:
+                found.append(f"{where}: {qualified(node)}")
+    return sorted(found, key=lambda f: int(f.split(":")[1]))
+
+
+def test_no_unrestricted_unpickling_in_the_source_tree():
+    bad = """
+import pickle, torch, dill
+import pickle as pk
+from pickle import loads
+from torch import load
+import numpy as np
+torch.load(f)
+torch.load(f, weights_only=False)
+load(f, map_location="cpu")
+torch.load(f, **kwargs)
+pickle.load(f)
+pk.loads(b)
+loads(b)
+dill.load(f)
+np.load(f, allow_pickle=True)
+class U(pickle.Unpickler): pass
+class _MetadataUnpickler(pickle.Unpickler): pass
+torch.load(f, weights_only=True)
+"""
+    found = _unrestricted_loads(bad, "megatron_gopd/elsewhere.py")
+    lines = [int(f.split(":")[1]) for f in found]
+    assert lines == [7, 8, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], found  # line 8: the call and its keyword
+    # the metadata unpickler is the one exception, and only where it is
+    assert _unrestricted_loads(bad, "megatron_gopd/checkpointing.py") == [
+        f.replace("elsewhere", "checkpointing") for f in found if ":17:" not in f
+    ]
+
+    sources = [
+        p for d in ("megatron_gopd", "tools", "examples", "benchmarks") for p in sorted((REPO / d).rglob("*.py"))
+    ]
+    assert len(sources) > 50
+    found = [f for p in sources for f in _unrestricted_loads(p.read_text(), str(p.relative_to(REPO)))]
+    assert found == [], "unpickling without an allow-list:\n" + "\n".join(found)
 
 
 @pytest.mark.slow
