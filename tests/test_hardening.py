@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import io
 import json
 import os
 import pickle
@@ -31,14 +34,14 @@ class _RunsACommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _convert(*args: str) -> subprocess.CompletedProcess:
+def _convert(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "megatron_gopd.cli", "gopd-convert", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
 
 
@@ -73,6 +76,222 @@ def test_conversion_of_a_crafted_or_truncated_checkpoint_fails_cleanly(tiny_asse
     assert result.returncode == 2, result.stderr[-3000:]
     assert "truncated or corrupt" in result.stderr and str(truncated) in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out2").exists()
+
+
+def _torch_saved(obj) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _with_crafted_shard_item(genuine: Path, crafted: Path, payload: bytes) -> str:
+    """Copy the checkpoint `genuine` to `crafted`, append `payload` to a shard file and point one of
+    its byte items (a linear layer's `_extra_state`, which torch's loader unpickles rather than reads
+    as a tensor) at it; the `.metadata` stays genuine (the same classes, only that item's offset and
+    length differ), so it passes the metadata guard. Returns the item's name."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    shutil.copytree(genuine, crafted)
+    metadata = FileSystemReader(str(crafted)).read_metadata()
+    name = next(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    index = next(i for i in metadata.storage_data if i.fqn == name)
+    info = metadata.storage_data[index]
+    shard = crafted / info.relative_path
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(payload)
+    metadata.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(payload))
+    metadata.storage_meta = None  # as written: the loader fills in its own load id
+    (crafted / ".metadata").write_bytes(pickle.dumps(metadata))
+    return name
+
+
+# torch.load's default (weights_only=True since torch 2.6) can be flipped by the environment: the
+# loaders must not depend on it.
+_UNSAFE_DEFAULT = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+
+
+@pytest.mark.slow
+def test_conversion_of_a_checkpoint_with_a_crafted_shard_item_or_common_file_fails_cleanly(tiny_assets, tmp_path):
+    """A genuine `.metadata` with one shard byte item (or `common.pt`) replaced by a pickle that runs
+    a command: megatron-core's planner unpickled such items with `torch.load(weights_only=False)`."""
+    genuine = tiny_assets / "ckpt" / "student"
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "crafted_shard"
+    item = _with_crafted_shard_item(genuine, crafted, _torch_saved([_RunsACommand(marker)]))
+    check_checkpoint_files(crafted)  # the metadata is genuine
+    result = _convert("mcore-to-hf", "--ckpt", str(crafted), "--out", str(tmp_path / "out1"), env=_UNSAFE_DEFAULT)
+    assert not marker.exists(), "the crafted shard item ran its command"
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{crafted}: refusing to load this checkpoint" in result.stderr, result.stderr[-3000:]
+    assert item in result.stderr and "posix.system" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out1").exists()
+
+    crafted = tmp_path / "crafted_common"
+    shutil.copytree(genuine, crafted)
+    (crafted / "common.pt").write_bytes(_torch_saved({"x": _RunsACommand(marker)}))
+    result = _convert("mcore-to-hf", "--ckpt", str(crafted), "--out", str(tmp_path / "out2"), env=_UNSAFE_DEFAULT)
+    assert not marker.exists(), "the crafted common.pt ran its command"
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{crafted / 'common.pt'}: refusing to load this checkpoint" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out2").exists()
+
+
+def _load_body(rank: int, world_size: int, ckpt: str, skip_metadata_check: bool) -> str:
+    """Load `ckpt` with `load_model`, the loader of every command; with `skip_metadata_check`, as if
+    ``.metadata`` changed after `check_checkpoint_files` read it (the load must read it restricted too)."""
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+    from megatron_gopd import checkpointing, platform
+    from megatron_gopd.models import ParallelLayout
+
+    originals = (mcore_torch.MCoreLoadPlanner, mcore_torch._get_filesystem_reader)
+    check = checkpointing.check_checkpoint_files
+    if skip_metadata_check:
+        checkpointing.check_checkpoint_files = lambda ckpt_dir: None
+    try:
+        platform.init_model_parallel(tp=1, pp=1, ep=1)
+        checkpointing.load_model(ckpt, ParallelLayout())
+        outcome = "loaded"
+    except checkpointing.CheckpointError as err:
+        outcome = f"CheckpointError: {err}"
+    finally:
+        checkpointing.check_checkpoint_files = check
+    # megatron-core's own planner and reader are back once the load is over
+    assert (mcore_torch.MCoreLoadPlanner, mcore_torch._get_filesystem_reader) == originals
+    return outcome
+
+
+@pytest.mark.slow
+def test_crafted_shard_items_and_metadata_are_refused_on_every_rank(tiny_assets, tmp_path):
+    from tests.dist_harness import run_distributed
+
+    genuine = tiny_assets / "ckpt" / "student"
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "crafted_shard"
+    item = _with_crafted_shard_item(genuine, crafted, _torch_saved([_RunsACommand(marker)]))
+    swapped = tmp_path / "swapped_metadata"
+    shutil.copytree(genuine, swapped)
+    (swapped / ".metadata").write_bytes(pickle.dumps(_RunsACommand(marker)))
+
+    results = run_distributed(_load_body, world_size=2, ckpt=str(genuine), skip_metadata_check=False)
+    assert results == ["loaded", "loaded"]
+    results = run_distributed(_load_body, world_size=2, ckpt=str(crafted), skip_metadata_check=False)
+    assert not marker.exists()
+    for result in results:
+        assert result.startswith(f"CheckpointError: {crafted}: refusing to load this checkpoint (shard item"), result
+        assert item in result and "posix.system" in result, result
+    results = run_distributed(_load_body, world_size=2, ckpt=str(swapped), skip_metadata_check=True)
+    assert not marker.exists()
+    for result in results:
+        assert result.startswith(f"CheckpointError: {swapped}: cannot read"), result
+        assert ".metadata: UnpicklingError: refers to posix.system" in result, result
+
+
+def test_a_megatron_core_loader_that_cannot_be_restricted_is_refused(monkeypatch, tmp_path):
+    """If megatron-core's torch_dist `load` stops building its planner and reader from the names that
+    `load_distributed` swaps for restricted ones, loading fails before reading a file."""
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+    from megatron_gopd.checkpointing import _restricted_load_strategy_classes
+
+    def load(self, sharded_state_dict, checkpoint_dir):  # builds its planner some other way
+        raise AssertionError("ran unrestricted")
+
+    monkeypatch.setattr(mcore_torch.TorchDistLoadShardedStrategy, "load", load)
+    strategy = _restricted_load_strategy_classes()[0]()
+    with pytest.raises(CheckpointError, match="refusing to load: .* cannot be restricted"):
+        strategy.load({}, tmp_path)
+
+
+def _unrestricted_loads(source: str, filename: str) -> list[str]:
+    """Each place in `source` that unpickles without restriction: a `torch.load` without
+    ``weights_only=True``, any other ``weights_only`` than True, a pickle / dill / cloudpickle /
+    joblib / marshal load or Unpickler, `shelve.open`, `numpy.load(allow_pickle=...)`; the one
+    exception is the allow-list unpickler of checkpoint metadata (`checkpointing._MetadataUnpickler`)."""
+    tree = ast.parse(source, filename)
+    aliases: dict[str, str] = {}  # local name -> what it names ("pickle", "torch.load", ...)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+
+    def qualified(expr: ast.expr) -> str:
+        if isinstance(expr, ast.Name):
+            return aliases.get(expr.id, expr.id)
+        if isinstance(expr, ast.Attribute):
+            return f"{qualified(expr.value)}.{expr.attr}"
+        return ""
+
+    pickle_modules = ("pickle", "_pickle", "cPickle", "dill", "cloudpickle")
+    unrestricted = {f"{m}.{f}" for m in pickle_modules for f in ("load", "loads", "Unpickler")}
+    unrestricted |= {"joblib.load", "marshal.load", "marshal.loads", "shelve.open", "torch.serialization.load"}
+    allowed_bases = {("megatron_gopd/checkpointing.py", "_MetadataUnpickler"): "pickle.Unpickler"}
+    allowed = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and (filename, node.name) in allowed_bases:
+            allowed |= {id(b) for b in node.bases if qualified(b) == allowed_bases[(filename, node.name)]}
+
+    found = []
+    for node in ast.walk(tree):
+        where = f"{filename}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.keyword) and node.arg == "weights_only":
+            if not (isinstance(node.value, ast.Constant) and node.value.value is True):
+                found.append(f"{where}: weights_only={ast.unparse(node.value)}")
+        elif isinstance(node, ast.Call) and qualified(node.func) in ("torch.load", "numpy.load"):
+            keywords = {k.arg: k.value for k in node.keywords}
+            if qualified(node.func) == "numpy.load" and "allow_pickle" in keywords:
+                found.append(f"{where}: numpy.load(allow_pickle=...)")
+            elif qualified(node.func) == "torch.load" and not (
+                isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True
+            ):
+                found.append(f"{where}: torch.load without weights_only=True")
+        elif isinstance(node, (ast.Attribute, ast.Name)) and isinstance(node.ctx, ast.Load):
+            if qualified(node) in unrestricted and id(node) not in allowed:
+                found.append(f"{where}: {qualified(node)}")
+    return sorted(found, key=lambda f: int(f.split(":")[1]))
+
+
+def test_no_unrestricted_unpickling_in_the_source_tree():
+    bad = """
+import pickle, torch, dill
+import pickle as pk
+from pickle import loads
+from torch import load
+import numpy as np
+torch.load(f)
+torch.load(f, weights_only=False)
+load(f, map_location="cpu")
+torch.load(f, **kwargs)
+pickle.load(f)
+pk.loads(b)
+loads(b)
+dill.load(f)
+np.load(f, allow_pickle=True)
+class U(pickle.Unpickler): pass
+class _MetadataUnpickler(pickle.Unpickler): pass
+torch.load(f, weights_only=True)
+"""
+    found = _unrestricted_loads(bad, "megatron_gopd/elsewhere.py")
+    lines = [int(f.split(":")[1]) for f in found]
+    assert lines == [7, 8, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], found  # line 8: the call and its keyword
+    # the metadata unpickler is the one exception, and only where it is
+    assert _unrestricted_loads(bad, "megatron_gopd/checkpointing.py") == [
+        f.replace("elsewhere", "checkpointing") for f in found if ":17:" not in f
+    ]
+
+    sources = [
+        p for d in ("megatron_gopd", "tools", "examples", "benchmarks") for p in sorted((REPO / d).rglob("*.py"))
+    ]
+    assert len(sources) > 50
+    found = [f for p in sources for f in _unrestricted_loads(p.read_text(), str(p.relative_to(REPO)))]
+    assert found == [], "unpickling without an allow-list:\n" + "\n".join(found)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_gopd.checkpointing import HF_SUBDIR, load_distributed, save_model_checkpoint
+from megatron_gopd.checkpointing import HF_SUBDIR, load_distributed, load_torch_file, save_model_checkpoint
 from megatron_gopd.collectives import all_gather_object, rank
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class TrainCheckpointer:
         self._set_adam_step(trainer_state["adam_step"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.sampler.load_state_dict(trainer_state["data"])
-        rng = torch.load(latest / RNG_STATES_FILE, weights_only=True)[rank()]
+        rng = load_torch_file(latest / RNG_STATES_FILE)[rank()]  # weights_only=True
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         logger.info("resumed from %s (step %d)", latest, trainer_state["step"])
