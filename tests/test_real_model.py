@@ -56,6 +56,19 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def _run_module(*args: str) -> None:
+    """``python -m tests.test_real_model ARGS`` (the asset builder and the one-process programs)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.test_real_model", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_env(),
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+
+
 def _chat_ids(tokenizer, text: str) -> list[int]:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -86,15 +99,7 @@ def build_assets(hf_dir: Path, out: Path) -> None:
 @pytest.fixture(scope="module")
 def assets(real_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real_assets")
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.test_real_model", "assets", str(real_model_dir), str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_env(),
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    _run_module("assets", str(real_model_dir), str(out))
     return out
 
 
@@ -300,18 +305,6 @@ def _write_tiny_tied_qwen3(out: Path) -> None:
             layer.self_attn.o_proj.weight.mul_(10.0)
     model.save_pretrained(out)
     build_tiny_tokenizer(save_dir=str(out))
-
-
-def _run_module(*args: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.test_real_model", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=_env(),
-    )
-    assert result.returncode == 0, result.stderr[-6000:]
 
 
 def test_engines_match_transformers(real_model_dir, assets, tmp_path):
